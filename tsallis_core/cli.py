@@ -1,0 +1,83 @@
+"""The ``tsallis`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import theory
+
+
+def _theory_escape(args: argparse.Namespace) -> int:
+    records = theory.escape_table(args.q, args.p0, args.num_answers)
+    if args.json:
+        print(json.dumps(theory.records_as_dicts(records), indent=2))
+        return 0
+    slopes = theory.slopes_by_q(records)
+    print(f"{'q':>6} {'p0':>10} {'escape_time':>14} {'leading order':>14}")
+    for r in records:
+        print(f"{r.q:>6g} {r.p0:>10.0e} {r.escape_time:>14.6g} {theory.escape_time_asymptotic(r.q, r.p0):>14.6g}")
+    print("\nlog-log slope of escape time against 1/p0 (theory: 1 - q, 0 at q = 1 where time ~ log 1/p0):")
+    for q, slope in slopes.items():
+        print(f"  q={q:g}: slope {slope:.4f} (1-q = {1 - q:g})")
+    from .plots import plot_escape
+
+    print(f"\nplot: {plot_escape(records, slopes, args.plot)}")
+    return 0
+
+
+def _theory_noise(args: argparse.Namespace) -> int:
+    records = [theory.noise_flow(q, share, args.horizon, args.num_answers) for share in args.noise for q in args.q]
+    if args.json:
+        print(json.dumps(theory.records_as_dicts(records), indent=2))
+        return 0
+    print(f"{'q':>6} {'wrong labels':>12} {'p(wrong) at T':>14} {'p(correct) at T':>16} {'p(wrong) limit':>15}")
+    for r in records:
+        print(
+            f"{r.q:>6g} {r.noise_share:>12.0%} {r.mass_on_wrong_label:>14.4f} {r.mass_on_correct:>16.4f}"
+            f" {r.limit_mass_on_wrong_label:>15.4f}"
+        )
+    from .plots import plot_noise
+
+    print(f"\nhorizon T = {args.horizon:g}; plot: {plot_noise(records, args.plot)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tsallis", description="Training reasoning models on the Tsallis loss continuum.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    theory_parser = commands.add_parser("theory", help="gradient-flow theory of J_q on the softmax toy")
+    theory_commands = theory_parser.add_subparsers(dest="theory_command", required=True)
+
+    escape = theory_commands.add_parser("escape", help="escape time from p0 to 1/2 for each q and p0")
+    escape.add_argument("--q", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="q values")
+    escape.add_argument("--p0", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5], help="starting success probabilities")
+    escape.add_argument("--num-answers", type=int, default=None, help="K answers (default round(1/p0): uniform start)")
+    escape.add_argument("--json", action="store_true", help="print a JSON list of {q, p0, escape_time} and nothing else")
+    escape.add_argument("--plot", default="outputs/theory/escape_time.png", help="where to write the PNG plot")
+    escape.set_defaults(func=_theory_escape)
+
+    noise = theory_commands.add_parser("noise", help="probability each q puts on wrong labels")
+    noise.add_argument("--q", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="q values")
+    noise.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.3], help="shares of wrong labels, in (0, 0.5)")
+    noise.add_argument("--horizon", type=float, default=1000.0, help="flow time T at which to read the probabilities")
+    noise.add_argument("--num-answers", type=int, default=10, help="K answers of the shared softmax")
+    noise.add_argument("--json", action="store_true", help="print JSON records and nothing else")
+    noise.add_argument("--plot", default="outputs/theory/noise.png", help="where to write the PNG plot")
+    noise.set_defaults(func=_theory_noise)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"tsallis: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
