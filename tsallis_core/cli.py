@@ -44,6 +44,29 @@ def _theory_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume)
+    summary = {k: round(v, 4) for k, v in result.final_metrics.items() if isinstance(v, float)}
+    print(f"done: {result.output_dir} (model: {result.model_dir}); last step: {json.dumps(summary)}")
+    return 0
+
+
+def _data_synthetic(args: argparse.Namespace) -> int:
+    from .config import parse_overrides
+    from .tasks.synthetic import SyntheticTaskConfig, write_splits
+
+    task = SyntheticTaskConfig.model_validate(parse_overrides(args.overrides))
+    for split, path in write_splits(task, args.out).items():
+        print(f"{split}: {path}")
+    print(f"correct-answer rates of the pre-training corpus by number of terms: "
+          + ", ".join(f"{n}: {c:.3f}" for n, c in task.correct_rates().items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsallis", description="Training reasoning models on the Tsallis loss continuum.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,14 +90,43 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--json", action="store_true", help="print JSON records and nothing else")
     noise.add_argument("--plot", default="outputs/theory/noise.png", help="where to write the PNG plot")
     noise.set_defaults(func=_theory_noise)
+
+    from .config import describe_fields
+
+    train = commands.add_parser(
+        "train", help="train a model (stage sft or rl) from a YAML config with key=value overrides",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (set in the YAML file or as key=value):\n" + "\n".join(describe_fields()),
+    )
+    train.add_argument("--config", help="YAML config file (fields below); omitted: all defaults")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.q=0.5 optim.lr=3e-4")
+    train.set_defaults(func=_train)
+
+    data = commands.add_parser("data", help="prepare datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synthetic = data_commands.add_parser(
+        "synthetic", help="write the synthetic cold-start task (pretrain/train/test JSONL)",
+        epilog="knobs (key=value): seed, p0, min_terms, max_terms, difficulty_spread, num_pretrain, num_train, num_test",
+    )
+    synthetic.add_argument("--out", default="data/synthetic", help="output directory")
+    synthetic.add_argument("overrides", nargs="*", help="task knobs as key=value, e.g. p0=0.01")
+    synthetic.set_defaults(func=_data_synthetic)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from .tracking import TrackingUnreachable
+
     try:
         return args.func(args)
-    except ValueError as error:
+    except (ValueError, TrackingUnreachable) as error:
+        print(f"tsallis: error: {error}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
         print(f"tsallis: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: a small synthetic task and a base model SFT-trained on it once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tsallis(*args: str, cwd: Path | None = None, env: dict | None = None, check: bool = True, timeout: int = 600):
+    """Run the real ``tsallis`` command line in a subprocess."""
+    full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "tsallis_core.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"tsallis {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    """The synthetic task with always-right answers in its corpus (a base model that succeeds often)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    write_splits(SyntheticTaskConfig(seed=0, p0=0.9, min_terms=2, max_terms=3, num_pretrain=4000, num_train=64, num_test=32), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_model(task_dir, tmp_path_factory) -> Path:
+    """A base model: 150 SFT steps of the embedded tiny model, so RL sees mixed rewards."""
+    out = tmp_path_factory.mktemp("base")
+    run_tsallis(
+        "train", "stage=sft", f"output_dir={out}", "steps=150", "checkpoint_every=0", "seed=0",
+        f"data.train_path={task_dir / 'pretrain.jsonl'}", "optim.lr=3e-3", "optim.lr_schedule=cosine",
+        "sft.batch_size=32", "tracking.enabled=false", "engine.threads=2",
+    )
+    return out / "model"
+
+
+def rl_args(base_model: Path, task_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "stage=rl", f"output_dir={out}", f"model.name_or_path={base_model}",
+        f"data.train_path={task_dir / 'train.jsonl'}", "rl.group_size=4", "rl.batch_size=16", "rl.max_new_tokens=24",
+        "optim.lr=1e-3", "seed=3", "engine.threads=1", "tracking.enabled=false", *extra,
+    ]

@@ -1,0 +1,42 @@
+import torch
+
+from tsallis_core.config import ModelConfig
+from tsallis_core.models import load_model, load_tokenizer
+from tsallis_core.rollout import HFRollout, completion_logprobs, hashed_uniform, row_seed, sample_tokens
+
+
+def test_hashed_noise_is_uniform_and_seed_dependent():
+    u = hashed_uniform(torch.arange(2000), 0, 101)
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12**-0.5) < 0.01
+    assert not torch.equal(hashed_uniform(torch.tensor([1]), 0, 50), hashed_uniform(torch.tensor([2]), 0, 50))
+    assert not torch.equal(hashed_uniform(torch.tensor([1]), 0, 50), hashed_uniform(torch.tensor([1]), 1, 50))
+
+
+def test_gumbel_sampling_follows_softmax():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(20000, 3)
+    tokens = sample_tokens(logits, torch.arange(20000), 0, 1.0)
+    freq = torch.bincount(tokens, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.015, rtol=0)
+
+
+def test_rollout_stops_at_eos_and_is_independent_of_batch():
+    tok = load_tokenizer(ModelConfig())
+    model = load_model(ModelConfig(), torch.device("cpu"), seed=0)
+    engine = HFRollout(model, tok, temperature=1.0, max_new_tokens=12)
+    prompts = ["Q: 1+2\n"] * 3 + ["Q: 9+9+9+9\n"] * 3
+    seeds = [row_seed(0, 0, i) for i in range(6)]
+    full = engine.generate(prompts, seeds)
+    alone = engine.generate(prompts[3:], seeds[3:])
+    assert full.texts[3:] == alone.texts
+    eos = tok.eos_token_id
+    for ids, mask in zip(full.completion_ids, full.completion_mask):
+        n = int(mask.sum())
+        assert (ids[:n] == eos).sum() <= 1 and (n == len(ids) or ids[n - 1] == eos)
+    # teacher-forced log-probs are those of the sampling distribution: greedy tokens have the top log-prob
+    greedy = HFRollout(model, tok, temperature=0.0, max_new_tokens=6).generate(prompts[:2], seeds[:2])
+    logprobs = completion_logprobs(model, greedy.prompt_ids, greedy.prompt_mask, greedy.completion_ids, greedy.completion_mask)
+    input_ids = torch.cat([greedy.prompt_ids, greedy.completion_ids], 1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+    top = torch.log_softmax(logits[:, greedy.prompt_ids.shape[1] - 1:-1], -1).max(-1).values
+    torch.testing.assert_close(logprobs, top, atol=1e-4, rtol=0)

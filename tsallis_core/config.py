@@ -1,0 +1,238 @@
+"""Typed, documented, validated configs for ``tsallis train``; YAML files plus ``key=value`` overrides.
+
+Everything is checked here, before any model loads: a bad field raises ConfigError naming the
+field (``rl.group_size``) and what it must be.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .losses import AGGREGATIONS, BASELINES, GRPO_LOSS_TYPES, SCALE_REWARDS
+from .schedules import ConstantQ, QSchedule
+from .tasks.verify import VERIFIERS
+
+EMBEDDED_MODEL = "embedded:tiny"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Section):
+    """LoRA adapters through peft (the KL reference is then the base model with adapters off)."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="module names to adapt")
+
+
+class ModelConfig(_Section):
+    """The policy: any Hugging Face causal LM by local path or hub id, or the embedded tiny model."""
+
+    name_or_path: str = Field(EMBEDDED_MODEL, description=f"local directory, hub id, or {EMBEDDED_MODEL!r} (built from a config that ships, random weights)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name_or_path is a hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    lora: LoraSettings | None = Field(None, description="LoRA adapters (needs peft); None trains all weights")
+
+
+class DataConfig(_Section):
+    """Training data: a JSONL file of rows with ``prompt`` and ``answer`` (and ``completion`` for SFT)."""
+
+    train_path: str = Field("data/synthetic/train.jsonl", description="JSONL training rows")
+    verifier: str = Field("exact", description=f"answer verifier: {', '.join(VERIFIERS)}")
+    shuffle: bool = Field(True, description="shuffle rows each epoch (seeded)")
+
+    @model_validator(mode="after")
+    def _known_verifier(self) -> "DataConfig":
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"verifier must be one of {', '.join(VERIFIERS)}; got {self.verifier!r}")
+        return self
+
+
+class OptimConfig(_Section):
+    """Optimiser and learning-rate schedule."""
+
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (what users run) or sgd (what the gradient-flow theory assumes)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (adamw) or L2 (sgd)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warm-up")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    grad_clip: float | None = Field(1.0, description="clip the global gradient norm to this; None or 0 disables")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step (the step's groups are split evenly)")
+
+
+class RLConfig(_Section):
+    """Reinforcement learning from verified answers: sample a group, verify, weight, step."""
+
+    estimator: Literal["garl", "paft", "grpo"] = Field("garl", description="GARL, PAFT, or the GRPO baseline")
+    q: float | None = Field(None, ge=0.0, le=1.0, description="shortcut for a constant q (overrides q_schedule)")
+    q_schedule: QSchedule = Field(default_factory=lambda: ConstantQ(q=0.75), description="q over steps: constant, step, linear, cosine, adaptive")
+    group_size: int = Field(8, ge=2, description="M: completions sampled per prompt")
+    batch_size: int = Field(64, ge=2, description="completions per optimiser step (prompts per step = batch_size / group_size)")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0: greedy)")
+    max_new_tokens: int = Field(48, ge=1, description="longest completion sampled")
+    baseline: str = Field("loo", description=f"GARL baseline: {', '.join(BASELINES)}")
+    aggregation: str = Field("seq_sum", description=f"token aggregation for GARL and PAFT: {', '.join(AGGREGATIONS)}")
+    updates_per_batch: int = Field(1, ge=1, description="optimiser steps per rollout batch (> 1 uses the clipped ratio)")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip when updates_per_batch > 1 (GARL) and for GRPO")
+    kl_coef: float = Field(0.0, ge=0, description="weight of KL(pi || reference) per token; 0 loads no reference")
+    paft_resample: Literal["multinomial", "expected"] = Field("multinomial", description="PAFT: draw the posterior resample, or use its expectation")
+    grpo_loss_type: str = Field("dapo", description=f"GRPO aggregation as in TRL: {', '.join(GRPO_LOSS_TYPES)}")
+    grpo_scale_rewards: str = Field("group", description=f"GRPO reward scaling as in TRL: {', '.join(SCALE_REWARDS)}")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "RLConfig":
+        if self.batch_size % self.group_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by group_size ({self.group_size})")
+        for name, value, allowed in (
+            ("baseline", self.baseline, BASELINES),
+            ("aggregation", self.aggregation, AGGREGATIONS),
+            ("grpo_loss_type", self.grpo_loss_type, GRPO_LOSS_TYPES),
+            ("grpo_scale_rewards", self.grpo_scale_rewards, SCALE_REWARDS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        return self
+
+    @property
+    def schedule(self) -> QSchedule:
+        return ConstantQ(q=self.q) if self.q is not None else self.q_schedule
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.group_size
+
+
+class SFTConfig(_Section):
+    """Supervised warm-up on ``prompt`` + ``completion`` rows (token-level NLL on the completion)."""
+
+    batch_size: int = Field(64, ge=1, description="rows per optimiser step")
+    max_length: int = Field(128, ge=8, description="longest prompt + completion in tokens (longer rows are an error)")
+
+
+class EngineConfig(_Section):
+    """Where the optimiser runs."""
+
+    backend: Literal["torch", "deepspeed"] = Field("torch", description="plain PyTorch, or DeepSpeed (ZeRO, on GPU or CPU)")
+    deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON (ZeRO stage and options)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking: MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME are honoured."""
+
+    enabled: bool = Field(True, description="log to MLflow")
+    experiment: str | None = Field(None, description="experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'tsallis')")
+    run_name: str | None = Field(None, description="run name (default: from stage, estimator and q)")
+    samples_every: int = Field(25, ge=0, description="log a table of sample completions every K steps (0: never)")
+    log_model: bool = Field(True, description="log the final model so that mlflow can load it")
+
+
+class TrainConfig(_Section):
+    """One training run: ``tsallis train --config FILE.yaml key=value ...``."""
+
+    stage: Literal["sft", "rl"] = Field("rl", description="sft (warm-up on completions) or rl (GARL, PAFT, GRPO)")
+    output_dir: str = Field("outputs/run", description="checkpoints, final model and metrics go here")
+    seed: int = Field(0, description="seed of initialisation, data order and sampling")
+    steps: int = Field(100, ge=1, description="optimiser steps (rollout batches for rl)")
+    checkpoint_every: int = Field(50, ge=0, description="save a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        if self.stage == "rl" and self.rl.prompts_per_step % self.optim.grad_accum:
+            raise ValueError(
+                f"optim.grad_accum ({self.optim.grad_accum}) must divide the prompts per step "
+                f"(rl.batch_size / rl.group_size = {self.rl.prompts_per_step})"
+            )
+        if self.stage == "sft" and self.sft.batch_size % self.optim.grad_accum:
+            raise ValueError(f"optim.grad_accum ({self.optim.grad_accum}) must divide sft.batch_size ({self.sft.batch_size})")
+        return self
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["rl.q=0.5", "model.lora.r=8"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. rl.q=0.5")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets inside {part!r}, which was given a value")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+        lines.append(f"{where or 'config'}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, **fields: Any) -> TrainConfig:
+    """Build a TrainConfig from a YAML file (optional), ``key=value`` overrides, and keyword fields."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a YAML mapping, got {type(loaded).__name__}")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(data, fields)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {_format_error(error)}") from None
+
+
+def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """One line per field, ``section.field (default): description``, for ``--help``."""
+    lines = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        nested = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        key = f"{prefix}{name}"
+        if nested is not None and name not in ("q_schedule",):
+            lines.append(f"{key}: {info.description or (nested.__doc__ or '').strip().splitlines()[0]}")
+            lines.extend(describe_fields(nested, key + "."))
+        else:
+            default = info.get_default(call_default_factory=True)
+            default = default.model_dump() if isinstance(default, BaseModel) else default
+            lines.append(f"  {key} (default {default!r}): {info.description or ''}")
+    return lines

@@ -1,0 +1,187 @@
+"""Optimiser engines behind one small interface: plain PyTorch (AdamW/SGD, DDP) or DeepSpeed (ZeRO 0-3).
+
+The loop calls ``backward(loss)`` and ``step()`` once per micro-batch; the engine scales for
+gradient accumulation and steps the optimiser at the accumulation boundary (DeepSpeed's own
+contract), returning the gradient norm there and None elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import get_scheduler
+
+from .config import ConfigError, OptimConfig
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (torchrun or deepspeed), or (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device is 'cuda' but no CUDA GPU is available (use engine.device=auto or cpu)")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, deepspeed: bool) -> None:
+    """Start the process group when launched with several processes (gloo on CPU, nccl on GPU).
+
+    DeepSpeed wants a process group even alone; a lone process gets a local one-member group.
+    """
+    rank, size = world()
+    if dist.is_initialized() or (size == 1 and not deepspeed):
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    else:
+        dist.init_process_group(backend=backend, rank=rank, world_size=size)
+
+
+def _optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+
+
+class TorchEngine:
+    """Plain PyTorch: AdamW or SGD, an LR schedule, gradient clipping, DDP when several processes run."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+        self.module = model
+        self.cfg = cfg
+        self.model = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() and world()[1] > 1 else model
+        self.optimizer = _optimizer(model.parameters(), cfg)
+        self.scheduler = _scheduler(self.optimizer, cfg, total_steps)
+        self._micro = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self) -> float | None:
+        self._micro += 1
+        if self._micro % self.cfg.grad_accum:
+            return None
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.cfg.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        torch.save(state, directory / "engine.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+
+class DeepSpeedEngine:
+    """DeepSpeed: ZeRO stage from the JSON config; bf16 on GPU; a torch AdamW/SGD as the client optimiser."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, config_path: str, device: torch.device):
+        try:
+            import deepspeed
+        except ImportError:
+            raise ConfigError("engine.backend=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"engine.deepspeed_config {config_path!r} does not exist (see configs/deepspeed/)")
+        ds_config = json.loads(path.read_text())
+        ds_config.update(
+            train_micro_batch_size_per_gpu=1,
+            gradient_accumulation_steps=cfg.grad_accum,
+            train_batch_size=cfg.grad_accum * world()[1],
+            gradient_clipping=cfg.grad_clip or 0.0,
+            steps_per_print=10**9,
+        )
+        bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
+        ds_config["bf16"] = {"enabled": bf16}
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        optimizer = _optimizer(model.parameters(), cfg)
+        scheduler = _scheduler(optimizer, cfg, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+        )
+        self.model = self.engine
+        self.module = self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float | None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag="deepspeed")
+
+    def load(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory), tag="deepspeed")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights for saving (ZeRO-3 shards gathered; every rank must call this)."""
+        if self.stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict()
+
+
+def make_engine(model, optim: OptimConfig, total_steps: int, backend: str, deepspeed_config: str, device: torch.device):
+    if backend == "deepspeed":
+        return DeepSpeedEngine(model, optim, total_steps, deepspeed_config, device)
+    return TorchEngine(model, optim, total_steps)

@@ -1,0 +1,78 @@
+"""Loading and saving policies: Hugging Face causal LMs, the embedded tiny model, LoRA adapters."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import EMBEDDED_MODEL, ConfigError, ModelConfig
+
+EMBEDDED_DIR = Path(__file__).parent / "assets" / "tiny"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Fail early, before anything loads, when the model can be found neither locally nor as a hub id."""
+    if name_or_path == EMBEDDED_MODEL or Path(name_or_path).is_dir():
+        return
+    if Path(name_or_path).exists():
+        raise ConfigError(f"model.name_or_path {name_or_path!r} is a file; it must be a model directory or a hub id")
+    if not HUB_ID.match(name_or_path):
+        raise ConfigError(
+            f"model.name_or_path {name_or_path!r}: no such directory, and not a hub id of the form org/name "
+            f"(use a local model directory, a hub id, or {EMBEDDED_MODEL!r})"
+        )
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    source = str(EMBEDDED_DIR) if config.name_or_path == EMBEDDED_MODEL else config.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=config.revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(config: ModelConfig, device: torch.device, seed: int) -> PreTrainedModel:
+    """The policy on ``device``: built from the embedded config with ``seed``, or ``from_pretrained``."""
+    check_model_source(config.name_or_path)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.name_or_path == EMBEDDED_MODEL:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED_DIR), dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(config.name_or_path, revision=config.revision, dtype=dtype)
+        except OSError as error:
+            raise ConfigError(f"model.name_or_path {config.name_or_path!r} could not be loaded: {error}") from None
+    model.to(device)
+    if config.lora is not None:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("model.lora needs peft: pip install -e '.[lora]'") from None
+        lora = LoraConfig(
+            r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Save weights (safetensors; LoRA merged) and tokenizer so that plain transformers loads them."""
+    out = Path(out_dir)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

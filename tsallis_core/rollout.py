@@ -1,0 +1,146 @@
+"""Rollouts: batched sampling of M completions per prompt with a KV cache, and their log-probs.
+
+Sampling uses the Gumbel-max trick with noise that is a hash of (row seed, position, token):
+a completion depends only on its own seed, not on which other rows share the batch, the
+process that samples it, or any RNG state. So data-parallel runs sample exactly what one
+process would, and a resumed run samples what the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+_MASK32 = 0xFFFFFFFF
+
+
+def row_seed(*parts: object) -> int:
+    """A 32-bit seed from any identifying parts (run seed, step, prompt index, sample index)."""
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
+
+
+def _mix32(x: Tensor) -> Tensor:
+    # a 32-bit integer hash in int64 arithmetic; every product stays below 2^63
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5C6A5A7B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hashed_uniform(seeds: Tensor, position: int, vocab_size: int) -> Tensor:
+    """Uniform (0, 1) noise [N, V] from row seeds [N] (int64), a position and the vocabulary index."""
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    x = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
+    x = _mix32(x ^ ((position * 0x27D4EB2F) & _MASK32)).unsqueeze(1)  # [N, 1]
+    x = _mix32(x ^ ((token * 0x165667B1) & _MASK32))  # [N, V]
+    return (x.to(torch.float64) + 0.5) / 2.0**32
+
+
+def sample_tokens(logits: Tensor, seeds: Tensor, position: int, temperature: float) -> Tensor:
+    """Gumbel-max sampling from softmax(logits / T): logits [N, V], seeds [N] -> tokens [N]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    gumbel = -torch.log(-torch.log(hashed_uniform(seeds, position, logits.shape[-1])))
+    return (logits.double() / temperature + gumbel).argmax(dim=-1)
+
+
+def cache_kwarg(model) -> str:
+    """transformers >= 5.2x calls the KV cache argument ``cache``; older releases ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+@dataclass
+class Rollout:
+    prompt_ids: Tensor  # [N, P] left-padded
+    prompt_mask: Tensor  # [N, P]
+    completion_ids: Tensor  # [N, C] right-padded
+    completion_mask: Tensor  # [N, C] 1 up to and including EOS
+    texts: list[str]  # decoded completions, without EOS
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum().item())
+
+
+class RolloutEngine(Protocol):
+    """What the trainer needs from a sampler (a vLLM engine would implement the same)."""
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> Rollout: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+
+class HFRollout:
+    """Sampling with the training model itself: one prefill, then one cached forward per token."""
+
+    def __init__(self, model, tokenizer, temperature: float, max_new_tokens: int, progress: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.temperature, self.max_new_tokens, self.progress = temperature, max_new_tokens, progress
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # same process, same weights: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]) -> Rollout:
+        """One completion per entry of ``prompts`` (repeat a prompt M times for a group)."""
+        device = next(self.model.parameters()).device
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        n = prompt_ids.shape[0]
+        was_training = self.model.training
+        self.model.eval()
+        cache = {cache_kwarg(self.model): DynamicCache()}
+        attention = prompt_mask
+        positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = self.model(
+            input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+            logits_to_keep=1, **cache,
+        ).logits[:, -1]
+        position = positions[:, -1:]
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens, alive = [], []
+        for t in tqdm(range(self.max_new_tokens), desc="rollout", leave=False, disable=not self.progress):
+            next_tokens = sample_tokens(logits.float(), seeds_t, t, self.temperature)
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+            alive.append(~finished)
+            tokens.append(next_tokens)
+            finished = finished | (next_tokens == eos)
+            if bool(finished.all()) or t == self.max_new_tokens - 1:
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            position = position + 1
+            logits = self.model(
+                input_ids=next_tokens[:, None], attention_mask=attention, position_ids=position, use_cache=True,
+                **cache,
+            ).logits[:, -1]
+        self.model.train(was_training)
+        completion_ids = torch.stack(tokens, dim=1)  # [N, C]
+        completion_mask = torch.stack(alive, dim=1).to(prompt_mask.dtype)
+        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+
+
+def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                        temperature: float = 1.0) -> Tensor:
+    """Per-token log-probs [N, C] of the completions under ``model`` (softmax(logits / T)), in one forward."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    length = completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1).logits
+    logits = logits[:, :-1].float()  # [N, C, V]: position i predicts completion token i
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)

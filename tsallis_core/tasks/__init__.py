@@ -1,0 +1,1 @@
+"""Tasks: prompt/answer records, answer extraction and verifiers."""

@@ -1,0 +1,103 @@
+"""The synthetic cold-start task that ships with the project.
+
+A prompt lists 2-5 digits; a worked completion adds them up step by step and ends in an
+``Answer: NN`` line (two digits, so 100 possible answers); only that line is verified.
+
+    Q: 7+8+9+6                      <- prompt
+    7+8=15;15+9=24;24+6=30          <- reasoning
+    Answer: 30                      <- the only verified part
+
+The cold start is made by training, not by code: the base model is the embedded tiny model
+after SFT on a *pre-training corpus* whose reasoning is always right but whose final answer is
+right only with a rate ``c_n`` and otherwise uniform over 00-99. The model learns that
+mixture, so it samples the right answer with probability about ``c_n + (1 - c_n) / 100``; the
+knob ``p0`` sets the mean of that over prompts (1% means c = 0: answers are pure guesses).
+``difficulty_spread`` makes prompts with more terms rarer successes, so examples differ in
+difficulty (where q's reweighting between examples matters). RL has to discover that the answer
+is the last sum.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NUM_ANSWERS = 100  # answers are 00..99
+
+
+class SyntheticTaskConfig(BaseModel):
+    """Knobs of the synthetic cold-start task (all generation is deterministic from ``seed``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, description="seed of the generator; the same seed gives the same files")
+    p0: float = Field(0.05, ge=0.01, le=0.9, description="target mean starting success rate of the base model (>= 1%: pure guessing)")
+    min_terms: int = Field(2, ge=2, le=5, description="fewest digits in a prompt")
+    max_terms: int = Field(5, ge=2, le=8, description="most digits in a prompt")
+    difficulty_spread: float = Field(2.0, ge=1.0, description="ratio of correct-answer rates between n and n+1 terms")
+    num_pretrain: int = Field(20000, ge=1, description="rows of the pre-training corpus that makes the base model")
+    num_train: int = Field(2000, ge=1, description="RL training prompts")
+    num_test: int = Field(200, ge=1, description="held-out evaluation prompts")
+
+    @model_validator(mode="after")
+    def _terms_ordered(self) -> "SyntheticTaskConfig":
+        if self.min_terms > self.max_terms:
+            raise ValueError(f"min_terms ({self.min_terms}) must not exceed max_terms ({self.max_terms})")
+        return self
+
+    def correct_rates(self) -> dict[int, float]:
+        """Per term count n, the rate ``c_n`` of right answers in the pre-training corpus."""
+        mean_c = max(0.0, (self.p0 - 1.0 / NUM_ANSWERS) / (1.0 - 1.0 / NUM_ANSWERS))
+        terms = range(self.min_terms, self.max_terms + 1)
+        weights = {n: self.difficulty_spread ** -(n - self.min_terms) for n in terms}
+        scale = mean_c * len(weights) / sum(weights.values())
+        return {n: min(1.0, w * scale) for n, w in weights.items()}
+
+
+def make_prompt(digits: list[int]) -> str:
+    return "Q: " + "+".join(map(str, digits)) + "\n"
+
+
+def worked_solution(digits: list[int]) -> tuple[str, str]:
+    """(reasoning, answer) for a list of digits."""
+    steps, total = [], digits[0]
+    for d in digits[1:]:
+        steps.append(f"{total}+{d}={total + d}")
+        total += d
+    return ";".join(steps), f"{total:02d}"
+
+
+def generate(config: SyntheticTaskConfig, split: str) -> list[dict]:
+    """Rows of one split: ``pretrain`` (with completions, answers corrupted at rate 1 - c_n), ``train``, ``test``."""
+    sizes = {"pretrain": config.num_pretrain, "train": config.num_train, "test": config.num_test}
+    if split not in sizes:
+        raise ValueError(f"split must be one of {', '.join(sizes)}; got {split!r}")
+    rng = random.Random(f"{config.seed}-{split}")
+    rates = config.correct_rates()
+    rows = []
+    for i in range(sizes[split]):
+        n = rng.randint(config.min_terms, config.max_terms)
+        digits = [rng.randint(0, 9) for _ in range(n)]
+        reasoning, answer = worked_solution(digits)
+        row = {"id": f"synthetic-{split}-{i:06d}", "prompt": make_prompt(digits), "answer": answer, "difficulty": n}
+        if split == "pretrain":
+            shown = answer if rng.random() < rates[n] else f"{rng.randrange(NUM_ANSWERS):02d}"
+            row["completion"] = f"{reasoning}\nAnswer: {shown}"
+        rows.append(row)
+    return rows
+
+
+def write_splits(config: SyntheticTaskConfig, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in ("pretrain", "train", "test"):
+        paths[split] = out / f"{split}.jsonl"
+        with paths[split].open("w") as f:
+            for row in generate(config, split):
+                f.write(json.dumps(row) + "\n")
+    (out / "task.json").write_text(config.model_dump_json(indent=2))
+    return paths

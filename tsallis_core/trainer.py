@@ -1,0 +1,422 @@
+"""The training loop: SFT warm-up, and RL from verified answers (sample a group, verify, weight, step).
+
+    setup (validate data, load model, engine, tracker; resume) -> train -> save -> clean up
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import load_records
+from .engines import init_distributed, make_engine, pick_device, world
+from .losses import amplification, garl_loss, get_loss, group_success_rate, paft_resample_counts
+from .models import check_model_source, load_model, load_tokenizer, save_model
+from .rollout import HFRollout, completion_logprobs, row_seed
+from .schedules import AdaptiveQ, update_success_ema
+from .tasks.verify import get_verifier
+from .tracking import make_tracker
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good state was checkpointed."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimiser steps (rollout batches for rl) done
+    data_position: int = 0  # rows consumed so far (across epochs)
+    success_ema: float | None = None  # running success rate (adaptive q)
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path | None
+    final_metrics: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+
+
+class RowStream:
+    """Rows in a seeded order per epoch; ``take(position, n)`` is a pure function of the position."""
+
+    def __init__(self, rows: list[dict], seed: int, shuffle: bool):
+        self.rows, self.seed, self.shuffle = rows, seed, shuffle
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.rows)))
+            if self.shuffle:
+                random.Random(f"{self.seed}-epoch-{epoch}").shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def take(self, position: int, count: int) -> list[tuple[int, dict]]:
+        """[(global draw index, row)] for draws position .. position+count-1."""
+        out = []
+        for k in range(position, position + count):
+            epoch, offset = divmod(k, len(self.rows))
+            out.append((k, self.rows[self._order(epoch)[offset]]))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
+
+
+def save_checkpoint(engine, state: TrainerState, output_dir: Path, keep: int) -> Path:
+    rank, _ = world()
+    final = output_dir / "checkpoints" / f"step-{state.step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save(tmp)  # DeepSpeed: every rank writes its shard
+    if rank == 0:
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # atomic: a kill mid-save leaves the previous checkpoint as the latest
+        for old in _checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine, output_dir: Path) -> TrainerState | None:
+    found = _checkpoint_dirs(output_dir)
+    if not found:
+        return None
+    latest = found[-1]
+    engine.load(latest)
+    rng = torch.load(latest / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainerState(**json.loads((latest / "trainer_state.json").read_text()))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_initialized() and world()[1] > 1):
+        return t
+    parts = [torch.empty_like(t) for _ in range(world()[1])]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def _mean_across(value: float) -> float:
+    if not (dist.is_initialized() and world()[1] > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        self.cfg = config
+        self.output_dir = Path(config.output_dir)
+        self.rank, self.world_size = world()
+        # everything that can be checked is checked before any model loads
+        required = ("prompt", "completion") if config.stage == "sft" else ("prompt", "answer")
+        self.rows = load_records(config.data.train_path, required)
+        check_model_source(config.model.name_or_path)
+        per_step = config.sft.batch_size if config.stage == "sft" else config.rl.prompts_per_step
+        if per_step % (self.world_size * config.optim.grad_accum):
+            raise ValueError(
+                f"{'sft.batch_size' if config.stage == 'sft' else 'prompts per step (rl.batch_size / rl.group_size)'} "
+                f"= {per_step} must be divisible by processes x optim.grad_accum = {self.world_size} x {config.optim.grad_accum}"
+            )
+        self.tracker = make_tracker(config.tracking.enabled, config.tracking.experiment, self.rank == 0)
+        if config.engine.threads:
+            torch.set_num_threads(config.engine.threads)
+        self.device = pick_device(config.engine.device)
+        init_distributed(self.device, config.engine.backend == "deepspeed")
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.tokenizer = load_tokenizer(config.model)
+        self.model = load_model(config.model, self.device, config.seed)
+        self.model.train()
+        updates = config.steps * (config.rl.updates_per_batch if config.stage == "rl" else 1)
+        self.engine = make_engine(self.model, config.optim, updates, config.engine.backend, config.engine.deepspeed_config, self.device)
+        self.stream = RowStream(self.rows, config.seed, config.data.shuffle)
+        self.state = TrainerState()
+        if resume:
+            self.state = load_checkpoint(self.engine, self.output_dir) or TrainerState()
+        self.reference = self._reference_model() if config.stage == "rl" and config.rl.kl_coef > 0 else None
+        self.rollout = HFRollout(self.engine.module, self.tokenizer, config.rl.temperature, config.rl.max_new_tokens)
+        self.verify = get_verifier(config.data.verifier)
+        self.history_path = self.output_dir / "history.jsonl"
+
+    def _reference_model(self):
+        if self.cfg.model.lora is not None:
+            return None  # the base model with adapters disabled, no second copy
+        reference = load_model(self.cfg.model.model_copy(update={"lora": None}), self.device, self.cfg.seed)
+        reference.eval().requires_grad_(False)
+        return reference
+
+    # --------------------------------------------------------------------------------- rl step
+
+    def _q(self) -> float:
+        return self.cfg.rl.schedule.q_at(self.state.step, self.state.success_ema)
+
+    def rl_step(self) -> dict[str, float]:
+        cfg, rl = self.cfg, self.cfg.rl
+        started = time.perf_counter()
+        draws = self.stream.take(self.state.data_position, rl.prompts_per_step)
+        per_rank = len(draws) // self.world_size
+        local = draws[self.rank * per_rank:(self.rank + 1) * per_rank]
+        prompts = [row["prompt"] for _, row in local for _ in range(rl.group_size)]
+        seeds = [row_seed(cfg.seed, self.state.step, k, j) for k, _ in local for j in range(rl.group_size)]
+        rollout = self.rollout.generate(prompts, seeds)
+        answers = [row["answer"] for _, row in local for _ in range(rl.group_size)]
+        rewards = torch.tensor([self.verify(t, a) for t, a in zip(rollout.texts, answers)], dtype=torch.float32)
+        sampled = time.perf_counter()
+        q = self._q()
+        batch = [t.to(self.device) for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)]
+        old = self._logprobs(self.engine.module, batch, grad=False) if rl.updates_per_batch > 1 else None
+        ref = self._reference_logprobs(batch) if rl.kl_coef > 0 else None
+        counts = self._paft_counts(rewards, local) if rl.estimator == "paft" and rl.paft_resample == "multinomial" else None
+        groups_per_micro = per_rank // cfg.optim.grad_accum
+        rows_per_micro = groups_per_micro * rl.group_size
+        losses, grad_norm = [], float("nan")
+        for _ in range(rl.updates_per_batch):
+            for m in range(cfg.optim.grad_accum):
+                sl = slice(m * rows_per_micro, (m + 1) * rows_per_micro)
+                micro = [t[sl] for t in batch]
+                logprobs = self._logprobs(self.engine.model, micro, grad=True)
+                out = self._rl_loss(logprobs, micro[3].float(), rewards[sl].to(self.device), q,
+                                    None if old is None else old[sl], None if ref is None else ref[sl],
+                                    None if counts is None else counts[sl])
+                self._check_finite(out.loss)
+                self.engine.backward(out.loss)
+                norm = self.engine.step()
+                grad_norm = norm if norm is not None else grad_norm
+                losses.append(out.loss.item())
+        elapsed = time.perf_counter() - started
+        all_rewards = _all_gather(rewards)
+        tokens = _all_gather(torch.tensor([float(rollout.num_completion_tokens)])).sum().item()
+        p_hat = group_success_rate(all_rewards, rl.group_size)
+        amp = amplification(p_hat, q)
+        active = amp[amp > 0]
+        self.state.success_ema = update_success_ema(
+            self.state.success_ema, all_rewards.mean().item(),
+            rl.schedule.ema_momentum if isinstance(rl.schedule, AdaptiveQ) else 0.9,
+        )
+        if self.rank == 0 and cfg.tracking.samples_every and self.state.step % cfg.tracking.samples_every == 0:
+            shown = min(len(prompts), 2 * rl.group_size)
+            self.tracker.log_samples({"prompt": prompts[:shown], "completion": rollout.texts[:shown],
+                                      "answer": answers[:shown], "reward": rewards[:shown].tolist()}, self.state.step)
+        self.state.data_position += len(draws)
+        return {
+            "success_rate": all_rewards.mean().item(),
+            "frac_zero_success": (p_hat == 0).float().mean().item(),
+            "amp_mean": active.mean().item() if active.numel() else 0.0,
+            "amp_max": amp.max().item(),
+            "loss": _mean_across(sum(losses) / len(losses)),
+            "grad_norm": grad_norm,
+            "lr": self.engine.lr,
+            "q": q,
+            "success_ema": self.state.success_ema,
+            "completion_tokens_per_s": tokens / elapsed,
+            "completion_len": tokens / len(all_rewards),
+            "rollout_s": sampled - started,
+            "step_s": elapsed,
+        }
+
+    def _logprobs(self, model, batch, grad: bool):
+        with torch.set_grad_enabled(grad):
+            return completion_logprobs(model, *batch, temperature=self.cfg.rl.temperature or 1.0)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch):
+        if self.reference is not None:
+            return completion_logprobs(self.reference, *batch, temperature=self.cfg.rl.temperature or 1.0)
+        with self.engine.module.disable_adapter():
+            return completion_logprobs(self.engine.module, *batch, temperature=self.cfg.rl.temperature or 1.0)
+
+    def _paft_counts(self, rewards, local) -> torch.Tensor:
+        m = self.cfg.rl.group_size
+        counts = []
+        for g, (k, _) in enumerate(local):  # one generator per prompt draw: independent of the process layout
+            gen = torch.Generator().manual_seed(row_seed(self.cfg.seed, self.state.step, k, "paft"))
+            counts.append(paft_resample_counts(rewards[g * m:(g + 1) * m], m, m, gen))
+        return torch.cat(counts).to(self.device)
+
+    def _rl_loss(self, logprobs, mask, rewards, q, old, ref, counts):
+        rl = self.cfg.rl
+        if rl.estimator == "garl":
+            clip = rl.clip_eps if rl.updates_per_batch > 1 else None
+            return garl_loss(logprobs, mask, rewards, rl.group_size, q, rl.baseline, rl.aggregation, old, clip, ref, rl.kl_coef)
+        if rl.estimator == "paft":
+            return get_loss("paft")(logprobs, mask, rewards, rl.group_size, q, counts, rl.aggregation)
+        return get_loss("grpo")(logprobs, mask, rewards, rl.group_size, rl.grpo_loss_type, rl.grpo_scale_rewards, old,
+                                rl.clip_eps, None, ref, rl.kl_coef, rl.max_new_tokens)
+
+    # --------------------------------------------------------------------------------- sft step
+
+    def sft_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        draws = self.stream.take(self.state.data_position, cfg.sft.batch_size)
+        per_rank = len(draws) // self.world_size
+        local = draws[self.rank * per_rank:(self.rank + 1) * per_rank]
+        batch = self._sft_batch([row for _, row in local])
+        rows_per_micro = per_rank // cfg.optim.grad_accum
+        losses, grad_norm = [], float("nan")
+        for m in range(cfg.optim.grad_accum):
+            micro = [t[m * rows_per_micro:(m + 1) * rows_per_micro] for t in batch]
+            logprobs = completion_logprobs(self.engine.model, *micro)
+            out = get_loss("sft")(logprobs, micro[3].float())
+            self._check_finite(out.loss)
+            self.engine.backward(out.loss)
+            norm = self.engine.step()
+            grad_norm = norm if norm is not None else grad_norm
+            losses.append(out.loss.item())
+        tokens = _all_gather(batch[3].sum().reshape(1).float().cpu()).sum().item()
+        self.state.data_position += len(draws)
+        loss = _mean_across(sum(losses) / len(losses))
+        return {"loss": loss, "grad_norm": grad_norm, "lr": self.engine.lr,
+                "tokens_per_s": tokens / (time.perf_counter() - started)}
+
+    def _sft_batch(self, rows: list[dict]):
+        tok = self.tokenizer
+        prompts = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        tok.padding_side = "right"
+        completions = tok([r["completion"] + tok.eos_token for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        tok.padding_side = "left"
+        total = prompts["attention_mask"].sum(1) + completions["attention_mask"].sum(1)
+        too_long = [r.get("id", "?") for r, n in zip(rows, total.tolist()) if n > self.cfg.sft.max_length]
+        if too_long:
+            raise ValueError(f"rows {too_long[:5]} are longer than sft.max_length={self.cfg.sft.max_length} tokens; raise it")
+        return [t.to(self.device) for t in (prompts["input_ids"], prompts["attention_mask"],
+                                            completions["input_ids"], completions["attention_mask"])]
+
+    # --------------------------------------------------------------------------------- driver
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            where = save_checkpoint(self.engine, self.state, self.output_dir, self.cfg.keep_checkpoints)
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.state.step}; stopped. The last good state is saved in {where} "
+                f"(lower optim.lr or check the data, then --resume)"
+            )
+
+    def _run_name(self) -> str:
+        if self.cfg.tracking.run_name:
+            return self.cfg.tracking.run_name
+        if self.cfg.stage == "sft":
+            return "sft"
+        schedule = self.cfg.rl.schedule
+        q = f"q{schedule.q:g}" if hasattr(schedule, "q") else schedule.kind
+        return f"{self.cfg.rl.estimator}-{q}-seed{self.cfg.seed}"
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        history = self._read_history()
+        self.tracker.start(cfg.model_dump(mode="json"), self._run_name(), {"stage": cfg.stage}, run_id=self.state.mlflow_run_id)
+        self.state.mlflow_run_id = self.tracker.run_id
+        step_fn = self.rl_step if cfg.stage == "rl" else self.sft_step
+        bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.stage, disable=self.rank != 0, dynamic_ncols=True)
+        status = "FAILED"
+        try:
+            while self.state.step < cfg.steps:
+                metrics = step_fn()
+                self.state.step += 1
+                metrics["step"] = self.state.step
+                history.append(metrics)
+                if self.rank == 0:
+                    with self.history_path.open("a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step" and math.isfinite(v)}, self.state.step)
+                bar.set_postfix(self._postfix(metrics))
+                bar.update(1)
+                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.steps:
+                    save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
+            save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
+            model_dir = self._save_final()
+            status = "FINISHED"
+        finally:
+            bar.close()
+            self.tracker.end(status)
+        final = history[-1] if history else {}
+        if self.rank == 0:
+            (self.output_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+        return TrainResult(self.output_dir, model_dir, final, history)
+
+    def _postfix(self, metrics: dict) -> dict:
+        if self.cfg.stage == "sft":
+            return {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+        return {"success": f"{metrics['success_rate']:.3f}", "q": f"{metrics['q']:.2f}",
+                "tok/s": f"{metrics['completion_tokens_per_s']:.0f}"}
+
+    def _read_history(self) -> list[dict]:
+        """Per-step metrics so far; on resume, the lines past the checkpoint are dropped (they will be redone)."""
+        if not self.history_path.is_file() or self.rank != 0:
+            return []
+        rows = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["step"] <= self.state.step]
+        self.history_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows
+
+    def _save_final(self) -> Path | None:
+        state_dict = self.engine.full_state_dict()
+        model_dir = self.output_dir / "model"
+        if self.rank == 0:
+            module = self.engine.module
+            if hasattr(module, "merge_and_unload"):
+                save_model(module, self.tokenizer, model_dir)
+            else:
+                module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(model_dir)
+            if self.cfg.tracking.log_model:
+                self.tracker.log_model(model_dir)
+        _barrier()
+        return model_dir
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Run one training stage from a validated config (the Python form of ``tsallis train``)."""
+    return Trainer(config, resume=resume).train()
