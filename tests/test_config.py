@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import run_tsallis
+
 from tsallis_core.config import ConfigError, load_config, parse_overrides
 from tsallis_core.data import DatasetError, load_records
 
@@ -49,6 +49,16 @@ def test_missing_model_path(tmp_path):
     result = run_tsallis("train", f"data.train_path={data}", "model.name_or_path=./no/such/model", "tracking.enabled=false",
                          check=False)
     assert result.returncode == 2 and "model.name_or_path './no/such/model': no such directory" in result.stderr
+
+
+def test_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 1+1\n", "answer": "02"}) + "\n")
+    result = run_tsallis("train", f"data.train_path={data}", "model.name_or_path=tsallis-test/not-a-model",
+                         "tracking.enabled=false", f"output_dir={tmp_path / 'out'}", env={"HF_HUB_OFFLINE": "1"},
+                         check=False)
+    assert result.returncode == 2
+    assert "model.name_or_path 'tsallis-test/not-a-model' could not be loaded" in result.stderr
 
 
 def test_missing_empty_and_malformed_datasets(tmp_path):

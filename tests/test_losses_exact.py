@@ -5,8 +5,15 @@ import math
 
 import pytest
 import torch
+from tiny_policy import (
+    SEQUENCES,
+    expected_estimate,
+    make_params,
+    sequence_jacobian,
+    success_probability,
+    token_logprobs,
+)
 
-from tiny_policy import SEQUENCES, expected_estimate, make_params, sequence_jacobian, success_probability, token_logprobs
 from tsallis_core.losses import garl_loss, ln_q, paft_loss, paft_resample_counts, sft_loss
 
 # completions 101, 111 and 011 are correct: P = 0.548 at the seed below (M P >> 1 by M = 8,

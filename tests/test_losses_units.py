@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from tsallis_core.losses import (
-    aggregate, amplification, garl_loss, get_loss, grpo_loss, j_q, ln_q, paft_loss, sft_loss,
+    aggregate,
+    amplification,
+    garl_loss,
+    get_loss,
+    grpo_loss,
+    j_q,
+    ln_q,
+    paft_loss,
+    sft_loss,
 )
 
 

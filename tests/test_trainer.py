@@ -9,10 +9,10 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, rl_args, run_tsallis
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, rl_args, run_tsallis
 from tsallis_core.config import load_config
 from tsallis_core.trainer import TrainingDiverged, train
 
@@ -133,3 +133,17 @@ def test_lora_with_kl_uses_the_adapter_free_base_as_reference(base_model, task_d
                          "model.lora.target_modules=[q_proj, v_proj]"))
     model = AutoModelForCausalLM.from_pretrained(out / "model")  # merged: plain transformers loads it
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_deepspeed_zero3_gathers_full_weights_for_saving(base_model, task_dir, tmp_path):
+    """ZeRO-3 partitions parameters; the saved model must still hold the full, trained weights."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra")
+    args = ["steps=2", "rl.estimator=paft", "rl.q=1", "checkpoint_every=0"]
+    plain = tmp_path / "plain"
+    run_tsallis(*rl_args(base_model, task_dir, plain, *args))
+    z3 = tmp_path / "z3"
+    run_tsallis(*rl_args(base_model, task_dir, z3, *args), "engine.backend=deepspeed",
+                f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero3.json'}", env={"DS_ACCELERATOR": "cpu"})
+    a, b = weights(plain / "model"), weights(z3 / "model")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

@@ -62,7 +62,7 @@ def _data_synthetic(args: argparse.Namespace) -> int:
     task = SyntheticTaskConfig.model_validate(parse_overrides(args.overrides))
     for split, path in write_splits(task, args.out).items():
         print(f"{split}: {path}")
-    print(f"correct-answer rates of the pre-training corpus by number of terms: "
+    print("correct-answer rates of the pre-training corpus by number of terms: "
           + ", ".join(f"{n}: {c:.3f}" for n, c in task.correct_rates().items()))
     return 0
 

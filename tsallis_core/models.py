@@ -35,7 +35,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     source = str(EMBEDDED_DIR) if config.name_or_path == EMBEDDED_MODEL else config.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=config.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=config.revision)
+    except OSError as error:
+        raise ConfigError(f"model.name_or_path {config.name_or_path!r} could not be loaded: {error}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -110,7 +110,7 @@ class HFRollout:
         position = positions[:, -1:]
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         tokens, alive = [], []
-        for t in tqdm(range(self.max_new_tokens), desc="rollout", leave=False, disable=not self.progress):
+        for t in tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, **({} if self.progress else {"disable": True})):
             next_tokens = sample_tokens(logits.float(), seeds_t, t, self.temperature)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             alive.append(~finished)

@@ -42,6 +42,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 class NullTracker:
     run_id: str | None = None
+    model_uri: str | None = None
 
     def start(self, params: dict, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -82,13 +83,19 @@ class MlflowTracker(NullTracker):
 
     def log_model(self, model_dir: str | Path) -> None:
         """Log the saved model with MLflow's transformers flavour, loadable with mlflow.transformers.load_model."""
+        import torch
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.mlflow.transformers.log_model(
+        # explicit requirements: MLflow's inference imports torchvision, which a text model does not need
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
+        info = self.mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            pip_requirements=requirements,
         )
+        self.model_uri = info.model_uri
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -122,6 +121,15 @@ def load_checkpoint(engine, output_dir: Path) -> TrainerState | None:
     return TrainerState(**json.loads((latest / "trainer_state.json").read_text()))
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: GPU memory allocated on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -181,7 +189,8 @@ class Trainer:
         if resume:
             self.state = load_checkpoint(self.engine, self.output_dir) or TrainerState()
         self.reference = self._reference_model() if config.stage == "rl" and config.rl.kl_coef > 0 else None
-        self.rollout = HFRollout(self.engine.module, self.tokenizer, config.rl.temperature, config.rl.max_new_tokens)
+        self.rollout = HFRollout(self.engine.module, self.tokenizer, config.rl.temperature, config.rl.max_new_tokens,
+                                 progress=self.rank == 0)
         self.verify = get_verifier(config.data.verifier)
         self.history_path = self.output_dir / "history.jsonl"
 
@@ -359,12 +368,14 @@ class Trainer:
         self.tracker.start(cfg.model_dump(mode="json"), self._run_name(), {"stage": cfg.stage}, run_id=self.state.mlflow_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
         step_fn = self.rl_step if cfg.stage == "rl" else self.sft_step
-        bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.stage, disable=self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
+                   **({"disable": True} if self.rank else {}))  # rank 0: TQDM_DISABLE=1 still switches it off
         status = "FAILED"
         try:
             while self.state.step < cfg.steps:
                 metrics = step_fn()
                 self.state.step += 1
+                metrics["peak_memory_gb"] = peak_memory_gb(self.device)
                 metrics["step"] = self.state.step
                 history.append(metrics)
                 if self.rank == 0:
@@ -384,6 +395,9 @@ class Trainer:
         final = history[-1] if history else {}
         if self.rank == 0:
             (self.output_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+            if self.tracker.run_id:
+                (self.output_dir / "mlflow.json").write_text(json.dumps(
+                    {"tracking_uri": self.tracker.uri, "run_id": self.tracker.run_id, "model_uri": self.tracker.model_uri}, indent=2))
         return TrainResult(self.output_dir, model_dir, final, history)
 
     def _postfix(self, metrics: dict) -> dict:

@@ -1,6 +1,6 @@
 """The synthetic cold-start task that ships with the project.
 
-A prompt lists 2-5 digits; a worked completion adds them up step by step and ends in an
+A prompt lists 2-5 digits from 1-9; a worked completion adds them up step by step and ends in an
 ``Answer: NN`` line (two digits, so 100 possible answers); only that line is verified.
 
     Q: 7+8+9+6                      <- prompt
@@ -8,13 +8,17 @@ A prompt lists 2-5 digits; a worked completion adds them up step by step and end
     Answer: 30                      <- the only verified part
 
 The cold start is made by training, not by code: the base model is the embedded tiny model
-after SFT on a *pre-training corpus* whose reasoning is always right but whose final answer is
-right only with a rate ``c_n`` and otherwise uniform over 00-99. The model learns that
-mixture, so it samples the right answer with probability about ``c_n + (1 - c_n) / 100``; the
-knob ``p0`` sets the mean of that over prompts (1% means c = 0: answers are pure guesses).
-``difficulty_spread`` makes prompts with more terms rarer successes, so examples differ in
-difficulty (where q's reweighting between examples matters). RL has to discover that the answer
-is the last sum.
+after SFT on a *pre-training corpus* whose reasoning steps and answers are always consistent
+(the answer is the last running total written) but whose reasoning is complete only at a rate
+``c_n`` (n terms); otherwise it stops after a uniformly chosen number of steps ``k < n - 1``
+and answers that partial total, which is wrong. The model learns when to stop, so it
+completes (and succeeds) with probability about ``c_n``; the knob ``p0`` sets the mean of
+``c_n`` over prompts. RL has to learn to finish the sum: "think to the end".
+
+Measured on a first design (complete reasoning, answer right at rate c, else uniform over
+00-99): a small model never found the rare right answers in the noise and guessed uniformly
+whatever c was (1.2% success at a 5% target, after 600 and after 1500 SFT steps), so the knob
+did not work; stopping early is a decision the model learns at every step, and it does.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-NUM_ANSWERS = 100  # answers are 00..99
-
 
 class SyntheticTaskConfig(BaseModel):
     """Knobs of the synthetic cold-start task (all generation is deterministic from ``seed``)."""
@@ -34,11 +36,11 @@ class SyntheticTaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="seed of the generator; the same seed gives the same files")
-    p0: float = Field(0.05, ge=0.01, le=0.9, description="target mean starting success rate of the base model (>= 1%: pure guessing)")
+    p0: float = Field(0.05, gt=0.0, le=1.0, description="target mean starting success rate of the base model (share of complete reasoning)")
     min_terms: int = Field(2, ge=2, le=5, description="fewest digits in a prompt")
     max_terms: int = Field(5, ge=2, le=8, description="most digits in a prompt")
-    difficulty_spread: float = Field(2.0, ge=1.0, description="ratio of correct-answer rates between n and n+1 terms")
-    num_pretrain: int = Field(20000, ge=1, description="rows of the pre-training corpus that makes the base model")
+    difficulty_spread: float = Field(2.0, ge=1.0, description="ratio of complete-reasoning rates between n and n+1 terms")
+    num_pretrain: int = Field(38400, ge=1, description="rows of the pre-training corpus that makes the base model")
     num_train: int = Field(2000, ge=1, description="RL training prompts")
     num_test: int = Field(200, ge=1, description="held-out evaluation prompts")
 
@@ -49,8 +51,8 @@ class SyntheticTaskConfig(BaseModel):
         return self
 
     def correct_rates(self) -> dict[int, float]:
-        """Per term count n, the rate ``c_n`` of right answers in the pre-training corpus."""
-        mean_c = max(0.0, (self.p0 - 1.0 / NUM_ANSWERS) / (1.0 - 1.0 / NUM_ANSWERS))
+        """Per term count n, the rate ``c_n`` of complete reasoning (right answers) in the pre-training corpus."""
+        mean_c = self.p0
         terms = range(self.min_terms, self.max_terms + 1)
         weights = {n: self.difficulty_spread ** -(n - self.min_terms) for n in terms}
         scale = mean_c * len(weights) / sum(weights.values())
@@ -61,10 +63,10 @@ def make_prompt(digits: list[int]) -> str:
     return "Q: " + "+".join(map(str, digits)) + "\n"
 
 
-def worked_solution(digits: list[int]) -> tuple[str, str]:
-    """(reasoning, answer) for a list of digits."""
+def worked_solution(digits: list[int], num_steps: int | None = None) -> tuple[str, str]:
+    """(reasoning, answer) after ``num_steps`` of the n-1 additions (all by default)."""
     steps, total = [], digits[0]
-    for d in digits[1:]:
+    for d in digits[1:] if num_steps is None else digits[1:num_steps + 1]:
         steps.append(f"{total}+{d}={total + d}")
         total += d
     return ";".join(steps), f"{total:02d}"
@@ -80,12 +82,13 @@ def generate(config: SyntheticTaskConfig, split: str) -> list[dict]:
     rows = []
     for i in range(sizes[split]):
         n = rng.randint(config.min_terms, config.max_terms)
-        digits = [rng.randint(0, 9) for _ in range(n)]
+        digits = [rng.randint(1, 9) for _ in range(n)]  # no zeros: a partial total is never the final one
         reasoning, answer = worked_solution(digits)
         row = {"id": f"synthetic-{split}-{i:06d}", "prompt": make_prompt(digits), "answer": answer, "difficulty": n}
         if split == "pretrain":
-            shown = answer if rng.random() < rates[n] else f"{rng.randrange(NUM_ANSWERS):02d}"
-            row["completion"] = f"{reasoning}\nAnswer: {shown}"
+            if rng.random() >= rates[n]:  # stop early: a consistent but wrong partial total
+                reasoning, answer = worked_solution(digits, rng.randrange(n - 1))
+            row["completion"] = f"{reasoning}\nAnswer: {answer}"
         rows.append(row)
     return rows
 

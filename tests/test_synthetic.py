@@ -1,0 +1,52 @@
+import pytest
+
+from tsallis_core.tasks.synthetic import SyntheticTaskConfig, generate, worked_solution, write_splits
+from tsallis_core.tasks.verify import exact_match_reward, extract_answer
+
+
+def test_generation_is_deterministic_and_splits_differ(tmp_path):
+    cfg = SyntheticTaskConfig(num_pretrain=50, num_train=20, num_test=10)
+    assert generate(cfg, "train") == generate(cfg, "train")
+    assert generate(cfg, "train") != generate(cfg, "test")
+    assert generate(cfg, "train") != generate(cfg.model_copy(update={"seed": 1}), "train")
+    paths = write_splits(cfg, tmp_path)
+    assert sum(1 for _ in paths["pretrain"].open()) == 50 and (tmp_path / "task.json").is_file()
+
+
+def test_worked_solution_and_partial_totals():
+    assert worked_solution([7, 8, 9, 6]) == ("7+8=15;15+9=24;24+6=30", "30")
+    assert worked_solution([7, 8, 9, 6], 1) == ("7+8=15", "15")
+    assert worked_solution([2, 6], 0) == ("", "02")
+
+
+@pytest.mark.parametrize("p0", [0.01, 0.05, 0.2])
+def test_p0_sets_the_share_of_complete_reasoning_in_the_corpus(p0):
+    cfg = SyntheticTaskConfig(p0=p0, num_pretrain=40000)
+    rates = cfg.correct_rates()
+    assert sum(rates.values()) / len(rates) == pytest.approx(p0)
+    assert rates[2] > rates[3] > rates[4] > rates[5]  # more terms, rarer success
+    rows = generate(cfg, "pretrain")
+    right = [exact_match_reward(r["completion"], r["answer"]) for r in rows]
+    by_n = {n: [x for x, r in zip(right, rows) if r["difficulty"] == n] for n in rates}
+    for n, xs in by_n.items():  # binomial tolerance: 4 standard deviations; an early stop is never right
+        assert abs(sum(xs) / len(xs) - rates[n]) < 4 * (rates[n] * (1 - rates[n]) / len(xs)) ** 0.5 + 1e-3
+    # every completion is self-consistent: its answer is its last running total
+    for r in rows[:200]:
+        reasoning, answer = r["completion"].split("\nAnswer: ")
+        assert answer == (reasoning.rsplit("=", 1)[1].zfill(2) if reasoning else r["prompt"][3:4].zfill(2))
+
+
+def test_extract_and_verify():
+    assert extract_answer("7+8=15\nAnswer: 15") == "15"
+    assert extract_answer("Answer: 3\nmore\nAnswer: 15 ") == "15"  # the last Answer: line wins
+    assert extract_answer("no answer here") is None
+    assert exact_match_reward("x\nAnswer: 15", "15") == 1.0
+    assert exact_match_reward("x\nAnswer: 16", "15") == 0.0
+    assert exact_match_reward("x", "15") == 0.0
+
+
+def test_bad_task_knobs():
+    with pytest.raises(ValueError, match="min_terms"):
+        SyntheticTaskConfig(min_terms=5, max_terms=3)
+    with pytest.raises(ValueError, match="split must be one of"):
+        generate(SyntheticTaskConfig(), "dev")

@@ -1,0 +1,74 @@
+"""MLflow tracking against a real ``mlflow server`` on 127.0.0.1."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import rl_args, run_tsallis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).read()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_run_logs_config_metrics_samples_and_a_loadable_model(mlflow_server, base_model, task_dir, tmp_path):
+    import mlflow
+
+    out = tmp_path / "tracked"
+    args = [a for a in rl_args(base_model, task_dir, out, "steps=2", "tracking.samples_every=1") if a != "tracking.enabled=false"]
+    run_tsallis(*args, env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "test-tracking"})
+    info = json.loads((out / "mlflow.json").read_text())
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "test-tracking"
+    assert run.data.params["rl.estimator"] == "garl" and run.data.params["rl.group_size"] == "4"
+    for key in ("success_rate", "frac_zero_success", "amp_mean", "amp_max", "loss", "grad_norm", "lr", "q",
+                "completion_tokens_per_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/step_000000.json", "samples/step_000001.json"} <= artifacts
+    components = mlflow.transformers.load_model(info["model_uri"], return_type="components")
+    assert components["model"].num_parameters() > 0 and components["tokenizer"].eos_token == "<eos>"
+
+
+def test_unreachable_server_fails_at_once_in_one_line(base_model, task_dir, tmp_path):
+    out = tmp_path / "never"
+    args = [a for a in rl_args(base_model, task_dir, out, "steps=2") if a != "tracking.enabled=false"]
+    started = time.time()
+    result = run_tsallis(*args, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"}, check=False)
+    assert result.returncode == 2 and time.time() - started < 60
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1 and "is unreachable" in lines[0] and "tracking.enabled=false" in lines[0]
+    assert not (out / "history.jsonl").exists()
