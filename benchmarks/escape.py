@@ -59,7 +59,7 @@ def measure_p0(model_dir: Path, data: Path, prompts: int = 256, samples: int = 8
 
     from tsallis_core.data import load_records
     from tsallis_core.rollout import HFRollout, row_seed
-    from tsallis_core.tasks.verify import exact_match_reward
+    from tsallis_core.tasks.verify import exact_reward
 
     cached = model_dir.parent / "p0.json"
     if cached.is_file():
@@ -76,7 +76,7 @@ def measure_p0(model_dir: Path, data: Path, prompts: int = 256, samples: int = 8
                                    [row_seed("p0", i, k) for k in range(len(batch) * samples)])
             for j, r in enumerate(batch):
                 by_n.setdefault(r["difficulty"], []).extend(
-                    exact_match_reward(t, r["answer"]) for t in out.texts[j * samples:(j + 1) * samples])
+                    exact_reward(t, r["answer"]) for t in out.texts[j * samples:(j + 1) * samples])
     rewards = [x for xs in by_n.values() for x in xs]
     result = {"p0": sum(rewards) / len(rewards), "by_terms": {n: sum(v) / len(v) for n, v in sorted(by_n.items())},
               "samples": len(rewards)}

@@ -1,7 +1,7 @@
 import pytest
 
 from tsallis_core.tasks.synthetic import SyntheticTaskConfig, generate, worked_solution, write_splits
-from tsallis_core.tasks.verify import exact_match_reward, extract_answer
+from tsallis_core.tasks.verify import exact_reward, extract_answer
 
 
 def test_generation_is_deterministic_and_splits_differ(tmp_path):
@@ -26,7 +26,7 @@ def test_p0_sets_the_share_of_complete_reasoning_in_the_corpus(p0):
     assert sum(rates.values()) / len(rates) == pytest.approx(p0)
     assert rates[2] > rates[3] > rates[4] > rates[5]  # more terms, rarer success
     rows = generate(cfg, "pretrain")
-    right = [exact_match_reward(r["completion"], r["answer"]) for r in rows]
+    right = [exact_reward(r["completion"], r["answer"]) for r in rows]
     by_n = {n: [x for x, r in zip(right, rows) if r["difficulty"] == n] for n in rates}
     for n, xs in by_n.items():  # binomial tolerance: 4 standard deviations; an early stop is never right
         assert abs(sum(xs) / len(xs) - rates[n]) < 4 * (rates[n] * (1 - rates[n]) / len(xs)) ** 0.5 + 1e-3
@@ -40,9 +40,9 @@ def test_extract_and_verify():
     assert extract_answer("7+8=15\nAnswer: 15") == "15"
     assert extract_answer("Answer: 3\nmore\nAnswer: 15 ") == "15"  # the last Answer: line wins
     assert extract_answer("no answer here") is None
-    assert exact_match_reward("x\nAnswer: 15", "15") == 1.0
-    assert exact_match_reward("x\nAnswer: 16", "15") == 0.0
-    assert exact_match_reward("x", "15") == 0.0
+    assert exact_reward("x\nAnswer: 15", "15") == 1.0
+    assert exact_reward("x\nAnswer: 16", "15") == 0.0
+    assert exact_reward("x", "15") == 0.0
 
 
 def test_bad_task_knobs():

@@ -58,7 +58,7 @@ def test_run_logs_config_metrics_samples_and_a_loadable_model(mlflow_server, bas
                 "completion_tokens_per_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/step_000000.json", "samples/step_000001.json"} <= artifacts
+    assert {"samples/step_000001.json", "samples/step_000002.json"} <= artifacts
     components = mlflow.transformers.load_model(info["model_uri"], return_type="components")
     assert components["model"].num_parameters() > 0 and components["tokenizer"].eos_token == "<eos>"
 

@@ -1,7 +1,9 @@
 """The training loop for real: tiny runs of the embedded model on the synthetic task."""
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,8 @@ from conftest import REPO, rl_args, run_tsallis
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tsallis_core.config import load_config
+from tsallis_core.config import OptimConfig, load_config
+from tsallis_core.engines import TorchEngine
 from tsallis_core.trainer import TrainingDiverged, train
 
 
@@ -39,9 +42,11 @@ def test_rl_run_logs_diagnostics_and_saves_a_loadable_model(base_model, task_dir
     run_tsallis(*rl_args(base_model, task_dir, out, f"rl.estimator={estimator}", "rl.q=0.75", "steps=3"))
     rows = history(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("success_rate", "frac_zero_success", "amp_mean", "amp_max", "loss", "grad_norm", "lr", "q",
-                "completion_tokens_per_s"):
+    for key in ("success_rate", "frac_zero_success", "loss", "grad_norm", "lr", "completion_tokens_per_s", "peak_memory_gb",
+                "attenuation_mean" if estimator == "paft" else "clip_frac"):
         assert key in rows[0]
+    amplified = ("q", "amp_mean", "amp_max")  # GRPO has no q
+    assert all((key in rows[0]) == (estimator != "grpo") for key in amplified)
     assert 0 < sum(r["success_rate"] for r in rows) / 3 < 1  # the base model gives mixed rewards
     model = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers loads the result
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -116,21 +121,44 @@ def test_deepspeed_two_processes_on_cpu_matches_plain_torch(base_model, task_dir
     assert (ds / "checkpoints" / "step-000003" / "deepspeed").is_dir()
 
 
-def test_nan_loss_stops_with_the_step_and_a_checkpoint(base_model, task_dir, tmp_path):
+def test_nan_stops_the_run_and_names_the_step_and_the_checkpoint(base_model, task_dir, tmp_path):
     """float16 weights and SGD at lr 1e4 without clipping overflow after one step; the next loss is NaN."""
     cfg = load_config(None, rl_args(base_model, task_dir, tmp_path / "nan", "steps=5", "optim.optimizer=sgd",
                                     "optim.lr=1e4", "optim.grad_clip=0", "model.dtype=float16", "rl.estimator=garl",
-                                    "rl.q=1")[1:])
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step \d; stopped. The last good state is saved in"):
+                                    "rl.q=1", "checkpoint_every=1")[1:])
+    with pytest.raises(TrainingDiverged) as error:
         train(cfg)
-    assert list((tmp_path / "nan" / "checkpoints").glob("step-*"))
+    message = str(error.value)
+    assert re.search(r"(loss|gradient norm) is (nan|inf|-inf) at step \d", message), message
+    assert re.search(r"checkpoints/step-\d{6}", message)  # the newest checkpoint (or the state before a skipped update)
+
+
+def test_a_non_finite_gradient_skips_the_update():
+    model = torch.nn.Linear(2, 1)
+    engine = TorchEngine(model, OptimConfig(lr=0.1, grad_clip=0), total_steps=10)
+    before = model.weight.detach().clone()
+    (model(torch.tensor([[float("inf"), 1.0]])).sum()).backward()
+    assert not math.isfinite(engine.step())
+    assert torch.equal(model.weight, before) and model.weight.grad is None
+
+
+def test_a_used_output_dir_needs_resume(base_model, task_dir, tmp_path):
+    run_tsallis(*rl_args(base_model, task_dir, tmp_path, "steps=1"))
+    again = run_tsallis(*rl_args(base_model, task_dir, tmp_path, "steps=1"), check=False)
+    assert again.returncode == 2 and "holds checkpoints of an earlier run: pass --resume" in again.stderr
 
 
 def test_lora_with_kl_uses_the_adapter_free_base_as_reference(base_model, task_dir, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
-    run_tsallis(*rl_args(base_model, task_dir, out, "steps=2", "rl.kl_coef=0.05", "model.lora.r=4",
+    run_tsallis(*rl_args(base_model, task_dir, out, "steps=4", "rl.kl_coef=0.05", "model.lora.r=4",
                          "model.lora.target_modules=[q_proj, v_proj]"))
+    # LoRA's B starts at zero: until the first update the policy is the reference and the KL is zero;
+    # after it, the reference (adapters off) and the policy differ
+    rows = history(out)
+    first_update = next(i for i, r in enumerate(rows) if r["grad_norm"] > 0)
+    assert all(r["kl"] == pytest.approx(0.0, abs=1e-7) for r in rows[:first_update + 1])
+    assert rows[first_update + 1]["kl"] > 0
     model = AutoModelForCausalLM.from_pretrained(out / "model")  # merged: plain transformers loads it
     assert not any("lora" in name for name, _ in model.named_parameters())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import theory
 
@@ -67,6 +68,87 @@ def _data_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_prepare(args: argparse.Namespace) -> int:
+    from .tasks.reasoning import SOURCES, load_native, to_records
+
+    tokenizer = None
+    if args.tokenizer:
+        from .config import ModelConfig
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer))
+    rows, source = load_native(args.dataset, args.path, args.hub_id, args.hub_config, args.split, args.revision)
+    records, report = to_records(args.dataset, rows, source, args.bad_rows, tokenizer, args.max_context_tokens)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"{report.kept} of {report.rows} rows from {source} -> {out}; skipped {len(report.skipped)}, "
+          f"contexts truncated {report.truncated}; verify with data.verifier={SOURCES[args.dataset].verifier}")
+    for line in report.skipped[:20]:
+        print(f"  skipped {line}")
+    return 0
+
+
+def _load_for_eval(args: argparse.Namespace):
+    from .config import ModelConfig
+    from .data import load_records
+    from .engines import pick_device
+    from .models import load_model, load_tokenizer
+
+    rows = load_records(args.data)[: args.limit or None]  # bad rows are reported before the model loads
+    model_cfg = ModelConfig(name_or_path=args.model)
+    device = pick_device("auto")
+    return load_model(model_cfg, device, args.seed).eval(), load_tokenizer(model_cfg), rows
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import sample_and_score, summarize, write_json
+
+    model, tokenizer, rows = _load_for_eval(args)
+    results = sample_and_score(model, tokenizer, rows, args.n, args.verifier, args.temperature, args.max_new_tokens, args.seed)
+    metrics = summarize(results, args.k)
+    path = write_json({"model": args.model, "data": args.data, "verifier": args.verifier, "temperature": args.temperature,
+                       "metrics": metrics}, args.out)
+    if args.track:
+        from .tracking import MlflowTracker
+
+        tracker = MlflowTracker()
+        tracker.start(vars(args) | {"func": None}, run_name=f"evaluate-{Path(args.model).name}", tags={"stage": "evaluate"})
+        tracker.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=0)
+        tracker.log_artifact(path)
+        tracker.end()
+    print(json.dumps(metrics, indent=2))
+    print(f"metrics: {path}")
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .evaluate import diagnose, sample_and_score, write_json
+
+    model, tokenizer, rows = _load_for_eval(args)
+    results = sample_and_score(model, tokenizer, rows, args.m, args.verifier, args.temperature, args.max_new_tokens, args.seed)
+    d = diagnose(results, args.verifier)
+    write_json(asdict(d), args.out)
+    print(f"p0 (one sample succeeds): {d.p0:.4f}; prompts with no success in {d.group_size} samples: {d.frac_zero_success:.1%}")
+    print(f"recommendation: estimator={d.estimator} q={d.q:g} group_size>={d.suggested_group_size} ({d.reason})")
+    print(f"  tsallis train --config configs/rl.yaml rl.estimator={d.estimator} rl.q={d.q:g} "
+          f"rl.group_size={max(d.suggested_group_size, 2)}")
+    return 0
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--model", required=True, help="model directory, hub id, or embedded:tiny")
+    parser.add_argument("--data", default="data/synthetic/test.jsonl", help="JSONL rows with prompt and answer (aliases optional)")
+    parser.add_argument("--verifier", default="exact", help="exact, finqa, em or f1")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N rows (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=out, help="where to write the JSON result")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsallis", description="Training reasoning models on the Tsallis loss continuum.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.q=0.5 optim.lr=3e-4")
     train.set_defaults(func=_train)
 
+    evaluate = commands.add_parser("evaluate", help="pass@k, maj@k, accuracy, EM and F1 from n samples per prompt")
+    _add_eval_arguments(evaluate, "outputs/eval/metrics.json")
+    evaluate.add_argument("--n", type=int, default=16, help="samples per prompt")
+    evaluate.add_argument("--k", type=int, nargs="+", default=[1, 4, 16], help="k values for pass@k and maj@k")
+    evaluate.add_argument("--track", action="store_true", help="also log the metrics to MLflow")
+    evaluate.set_defaults(func=_evaluate)
+
+    diag = commands.add_parser("diagnose", help="estimate p0 and recommend an estimator, q and group size")
+    _add_eval_arguments(diag, "outputs/eval/diagnosis.json")
+    diag.add_argument("--m", type=int, default=8, help="samples per prompt (the group size to diagnose)")
+    diag.set_defaults(func=_diagnose)
+
     data = commands.add_parser("data", help="prepare datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synthetic = data_commands.add_parser(
@@ -112,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--out", default="data/synthetic", help="output directory")
     synthetic.add_argument("overrides", nargs="*", help="task knobs as key=value, e.g. p0=0.01")
     synthetic.set_defaults(func=_data_synthetic)
+
+    prepare = data_commands.add_parser(
+        "prepare", help="FinQA / HotPotQA / MuSiQue -> JSONL records with prompts (hub or local files)")
+    prepare.add_argument("--dataset", required=True, choices=["finqa", "hotpotqa", "musique"])
+    prepare.add_argument("--path", help="local JSON/JSONL/Parquet file in the dataset's native schema (instead of the hub)")
+    prepare.add_argument("--hub-id", help="hub dataset id (default: see docs/datasets.md)")
+    prepare.add_argument("--hub-config", help="hub config name (HotPotQA: distractor)")
+    prepare.add_argument("--split", help="split (default: the dataset's evaluation split)")
+    prepare.add_argument("--revision", help="hub revision: branch, tag or commit")
+    prepare.add_argument("--tokenizer", help="model whose tokenizer measures context length and gives the chat template")
+    prepare.add_argument("--max-context-tokens", type=int, help="truncate contexts to this many tokens")
+    prepare.add_argument("--bad-rows", choices=["skip", "fail"], default="skip", help="skip and report, or fail")
+    prepare.add_argument("--out", required=True, help="output JSONL")
+    prepare.set_defaults(func=_data_prepare)
     return parser
 
 

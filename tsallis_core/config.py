@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -66,10 +66,11 @@ class OptimConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (what users run) or sgd (what the gradient-flow theory assumes)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (adamw) or L2 (sgd)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warm-up")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
-    grad_clip: float | None = Field(1.0, description="clip the global gradient norm to this; None or 0 disables")
+    grad_clip: float | None = Field(1.0, ge=0.0, description="clip the global gradient norm to this; None or 0 disables")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step (the step's groups are split evenly)")
 
 
@@ -94,6 +95,8 @@ class RLConfig(_Section):
 
     @model_validator(mode="after")
     def _checks(self) -> "RLConfig":
+        if self.kl_coef and self.estimator == "paft":
+            raise ValueError("kl_coef applies to garl and grpo; PAFT has no KL term (set kl_coef=0)")
         if self.batch_size % self.group_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by group_size ({self.group_size})")
         for name, value, allowed in (

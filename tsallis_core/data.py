@@ -14,7 +14,7 @@ def load_records(path: str | Path, required: tuple[str, ...] = ("prompt", "answe
     """Rows of a JSONL file, each a dict with string fields ``required`` (row numbers are 0-based)."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"dataset file {path} does not exist (data.train_path / data.eval_path)")
+        raise DatasetError(f"dataset file {path} does not exist (check data.train_path or --data)")
     rows, problems = [], []
     with path.open() as f:
         for index, line in enumerate(f):

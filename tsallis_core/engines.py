@@ -97,6 +97,9 @@ class TorchEngine:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not torch.isfinite(norm):  # skip the update: the weights stay as they were
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -107,6 +110,8 @@ class TorchEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: Path) -> None:
+        if world()[0] != 0:  # every rank holds the same state
+            return
         directory.mkdir(parents=True, exist_ok=True)
         state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict()}

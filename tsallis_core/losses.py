@@ -183,20 +183,18 @@ def _masked_mean(x: Tensor, mask: Tensor) -> float:
     return ((x * mask).sum() / mask.sum().clamp_min(1.0)).item()
 
 
-def _group_diagnostics(rewards: Tensor, group_size: int) -> dict[str, float]:
+def group_diagnostics(rewards: Tensor, group_size: int, q: float | None = None) -> dict[str, float]:
+    """Success rate, share of groups with no success and (given q) the mean and max amplification.
+
+    The mean amplification is over groups with a success (the others contribute nothing).
+    """
     p_hat = group_success_rate(rewards, group_size)
-    return {
-        "success_rate": rewards.mean().item(),
-        "frac_zero_success": (p_hat == 0).float().mean().item(),
-    }
-
-
-def _amp_diagnostics(amp: Tensor) -> dict[str, float]:
-    active = amp[amp > 0]
-    return {
-        "amp_mean": active.mean().item() if active.numel() else 0.0,
-        "amp_max": amp.max().item(),
-    }
+    diag = {"success_rate": rewards.mean().item(), "frac_zero_success": (p_hat == 0).float().mean().item()}
+    if q is not None:
+        amp = amplification(p_hat, q)
+        active = amp[amp > 0]
+        diag.update(amp_mean=active.mean().item() if active.numel() else 0.0, amp_max=amp.max().item())
+    return diag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +230,7 @@ def garl_loss(
     advantages = amp.repeat_interleave(group_size) * (rewards - group_baseline(rewards, group_size, baseline))  # [N]
     return _policy_gradient_loss(
         logprobs, mask, advantages.detach(), aggregation, None, old_logprobs, clip_eps, clip_eps, ref_logprobs,
-        kl_coef, {**_group_diagnostics(rewards, group_size), **_amp_diagnostics(amp), "q": q},
+        kl_coef, {**group_diagnostics(rewards, group_size, q), "q": q},
     )
 
 
@@ -305,8 +303,7 @@ def paft_loss(
     per_token = -seq_weight.unsqueeze(1) * logprobs
     loss = aggregate(per_token, mask, aggregation)
     diag = {
-        **_group_diagnostics(rewards, group_size),
-        **_amp_diagnostics(amplification(p_hat, q)),
+        **group_diagnostics(rewards, group_size, q),
         "q": q,
         "attenuation_mean": attenuation[p_hat > 0].mean().item() if (p_hat > 0).any() else 0.0,
         "loss": loss.item(),
@@ -361,7 +358,7 @@ def grpo_loss(
     high = clip_eps if clip_eps_high is None else clip_eps_high
     return _policy_gradient_loss(
         logprobs, mask, advantages, aggregation, max_length, old_logprobs, clip_eps, high, ref_logprobs, kl_coef,
-        _group_diagnostics(rewards, group_size),
+        group_diagnostics(rewards, group_size),
     )
 
 

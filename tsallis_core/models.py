@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .config import EMBEDDED_MODEL, ConfigError, ModelConfig
 
 EMBEDDED_DIR = Path(__file__).parent / "assets" / "tiny"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # org/name, or a bare legacy name such as gpt2
 
 
 def check_model_source(name_or_path: str) -> None:
@@ -22,7 +22,7 @@ def check_model_source(name_or_path: str) -> None:
         raise ConfigError(f"model.name_or_path {name_or_path!r} is a file; it must be a model directory or a hub id")
     if not HUB_ID.match(name_or_path):
         raise ConfigError(
-            f"model.name_or_path {name_or_path!r}: no such directory, and not a hub id of the form org/name "
+            f"model.name_or_path {name_or_path!r}: no such directory, and not a hub id (org/name) "
             f"(use a local model directory, a hub id, or {EMBEDDED_MODEL!r})"
         )
 

@@ -2,8 +2,10 @@
 
 Sampling uses the Gumbel-max trick with noise that is a hash of (row seed, position, token):
 a completion depends only on its own seed, not on which other rows share the batch, the
-process that samples it, or any RNG state. So data-parallel runs sample exactly what one
-process would, and a resumed run samples what the uninterrupted run did.
+process that samples it, or any RNG state. So data-parallel runs sample what one process
+would, and a resumed run samples what the uninterrupted run did, up to floating-point effects
+of batch shape and padding on the logits (exact in float32 on CPU in our tests; on GPU in
+bf16 an occasional near-tie token can differ).
 """
 
 from __future__ import annotations
@@ -82,12 +84,22 @@ class RolloutEngine(Protocol):
 class HFRollout:
     """Sampling with the training model itself: one prefill, then one cached forward per token."""
 
-    def __init__(self, model, tokenizer, temperature: float, max_new_tokens: int, progress: bool = False):
+    def __init__(self, model, tokenizer, temperature: float, max_new_tokens: int, progress: bool = False,
+                 sync_ranks: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.max_new_tokens, self.progress = temperature, max_new_tokens, progress
+        self.sync_ranks = sync_ranks  # ZeRO-3 gathers weights in every forward: all ranks must decode equally long
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same process, same weights: nothing to copy
+
+    def _all_finished(self, finished: Tensor) -> bool:
+        done = torch.tensor([float(finished.all())], device=finished.device)
+        if self.sync_ranks:
+            import torch.distributed as dist
+
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return bool(done.item())
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> Rollout:
@@ -116,7 +128,7 @@ class HFRollout:
             alive.append(~finished)
             tokens.append(next_tokens)
             finished = finished | (next_tokens == eos)
-            if bool(finished.all()) or t == self.max_new_tokens - 1:
+            if self._all_finished(finished) or t == self.max_new_tokens - 1:
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             position = position + 1

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import load_records
 from .engines import init_distributed, make_engine, pick_device, world
-from .losses import amplification, garl_loss, get_loss, group_success_rate, paft_resample_counts
+from .losses import garl_loss, group_diagnostics, grpo_loss, paft_loss, paft_resample_counts, sft_loss
 from .models import check_model_source, load_model, load_tokenizer, save_model
 from .rollout import HFRollout, completion_logprobs, row_seed
 from .schedules import AdaptiveQ, update_success_ema
@@ -80,7 +80,8 @@ class RowStream:
 
 def _checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
+    found = root.glob("step-*") if root.is_dir() else []
+    return sorted(p for p in found if p.suffix == "" and (p / "trainer_state.json").is_file())
 
 
 def save_checkpoint(engine, state: TrainerState, output_dir: Path, keep: int) -> Path:
@@ -91,7 +92,8 @@ def save_checkpoint(engine, state: TrainerState, output_dir: Path, keep: int) ->
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    engine.save(tmp)  # DeepSpeed: every rank writes its shard
+    engine.save(tmp)  # DeepSpeed: every rank writes its shard; plain PyTorch: rank 0
+    _barrier()
     if rank == 0:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -135,20 +137,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_initialized() and world()[1] > 1):
-        return t
+def _distributed() -> bool:
+    return dist.is_initialized() and world()[1] > 1
+
+
+def _all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate ``t`` from every rank (on ``device``: nccl takes no CPU tensors); returned on the CPU."""
+    if not _distributed():
+        return t.cpu()
+    t = t.to(device).contiguous()
     parts = [torch.empty_like(t) for _ in range(world()[1])]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    dist.all_gather(parts, t)
+    return torch.cat(parts).cpu()
 
 
-def _mean_across(value: float) -> float:
-    if not (dist.is_initialized() and world()[1] > 1):
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+def _mean_across(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean over ranks of each value (every rank passes the same keys)."""
+    if not _distributed() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / world()[1]
+    return dict(zip(values, (t / world()[1]).tolist()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +175,13 @@ class Trainer:
         self.rows = load_records(config.data.train_path, required)
         check_model_source(config.model.name_or_path)
         per_step = config.sft.batch_size if config.stage == "sft" else config.rl.prompts_per_step
+        if not resume and _checkpoint_dirs(self.output_dir):
+            raise ConfigError(
+                f"output_dir {self.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                f"or choose another output_dir"
+            )
         if per_step % (self.world_size * config.optim.grad_accum):
-            raise ValueError(
+            raise ConfigError(
                 f"{'sft.batch_size' if config.stage == 'sft' else 'prompts per step (rl.batch_size / rl.group_size)'} "
                 f"= {per_step} must be divisible by processes x optim.grad_accum = {self.world_size} x {config.optim.grad_accum}"
             )
@@ -185,12 +199,12 @@ class Trainer:
         updates = config.steps * (config.rl.updates_per_batch if config.stage == "rl" else 1)
         self.engine = make_engine(self.model, config.optim, updates, config.engine.backend, config.engine.deepspeed_config, self.device)
         self.stream = RowStream(self.rows, config.seed, config.data.shuffle)
+        self.reference = self._reference_model() if config.stage == "rl" and config.rl.kl_coef > 0 else None
         self.state = TrainerState()
         if resume:
             self.state = load_checkpoint(self.engine, self.output_dir) or TrainerState()
-        self.reference = self._reference_model() if config.stage == "rl" and config.rl.kl_coef > 0 else None
         self.rollout = HFRollout(self.engine.module, self.tokenizer, config.rl.temperature, config.rl.max_new_tokens,
-                                 progress=self.rank == 0)
+                                 progress=self.rank == 0, sync_ranks=getattr(self.engine, "stage", 0) == 3 and _distributed())
         self.verify = get_verifier(config.data.verifier)
         self.history_path = self.output_dir / "history.jsonl"
 
@@ -215,8 +229,9 @@ class Trainer:
         prompts = [row["prompt"] for _, row in local for _ in range(rl.group_size)]
         seeds = [row_seed(cfg.seed, self.state.step, k, j) for k, _ in local for j in range(rl.group_size)]
         rollout = self.rollout.generate(prompts, seeds)
-        answers = [row["answer"] for _, row in local for _ in range(rl.group_size)]
-        rewards = torch.tensor([self.verify(t, a) for t, a in zip(rollout.texts, answers)], dtype=torch.float32)
+        golds = [(row["answer"], row.get("aliases", [])) for _, row in local for _ in range(rl.group_size)]
+        rewards = torch.tensor([self.verify(t, a, al) for t, (a, al) in zip(rollout.texts, golds)], dtype=torch.float32)
+        answers = [a for a, _ in golds]
         sampled = time.perf_counter()
         q = self._q()
         batch = [t.to(self.device) for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)]
@@ -225,7 +240,8 @@ class Trainer:
         counts = self._paft_counts(rewards, local) if rl.estimator == "paft" and rl.paft_resample == "multinomial" else None
         groups_per_micro = per_rank // cfg.optim.grad_accum
         rows_per_micro = groups_per_micro * rl.group_size
-        losses, grad_norm = [], float("nan")
+        diagnostics: list[dict[str, float]] = []
+        grad_norm = float("nan")
         for _ in range(rl.updates_per_batch):
             for m in range(cfg.optim.grad_accum):
                 sl = slice(m * rows_per_micro, (m + 1) * rows_per_micro)
@@ -236,33 +252,31 @@ class Trainer:
                                     None if counts is None else counts[sl])
                 self._check_finite(out.loss)
                 self.engine.backward(out.loss)
-                norm = self.engine.step()
-                grad_norm = norm if norm is not None else grad_norm
-                losses.append(out.loss.item())
+                grad_norm = self._step(grad_norm)
+                diagnostics.append(out.diagnostics)
         elapsed = time.perf_counter() - started
-        all_rewards = _all_gather(rewards)
-        tokens = _all_gather(torch.tensor([float(rollout.num_completion_tokens)])).sum().item()
-        p_hat = group_success_rate(all_rewards, rl.group_size)
-        amp = amplification(p_hat, q)
-        active = amp[amp > 0]
+        all_rewards = _all_gather(rewards, self.device)
+        tokens = _all_gather(torch.tensor([float(rollout.num_completion_tokens)]), self.device).sum().item()
+        # loss-side diagnostics (loss, clip_frac, kl, attenuation_mean), averaged over micro-batches and ranks
+        keys = [k for k in diagnostics[0] if k in ("loss", "clip_frac", "kl", "attenuation_mean")]
+        loss_diag = _mean_across({k: sum(d[k] for d in diagnostics) / len(diagnostics) for k in keys}, self.device)
         self.state.success_ema = update_success_ema(
             self.state.success_ema, all_rewards.mean().item(),
             rl.schedule.ema_momentum if isinstance(rl.schedule, AdaptiveQ) else 0.9,
         )
-        if self.rank == 0 and cfg.tracking.samples_every and self.state.step % cfg.tracking.samples_every == 0:
+        step = self.state.step + 1  # metrics and samples are numbered 1..steps
+        if self.rank == 0 and cfg.tracking.samples_every and step % cfg.tracking.samples_every == 0:
             shown = min(len(prompts), 2 * rl.group_size)
             self.tracker.log_samples({"prompt": prompts[:shown], "completion": rollout.texts[:shown],
-                                      "answer": answers[:shown], "reward": rewards[:shown].tolist()}, self.state.step)
+                                      "answer": answers[:shown], "reward": rewards[:shown].tolist()}, step)
         self.state.data_position += len(draws)
+        uses_q = rl.estimator != "grpo"  # GRPO has no q: no q, no amplification logged
         return {
-            "success_rate": all_rewards.mean().item(),
-            "frac_zero_success": (p_hat == 0).float().mean().item(),
-            "amp_mean": active.mean().item() if active.numel() else 0.0,
-            "amp_max": amp.max().item(),
-            "loss": _mean_across(sum(losses) / len(losses)),
+            **group_diagnostics(all_rewards, rl.group_size, q if uses_q else None),
+            **loss_diag,
             "grad_norm": grad_norm,
             "lr": self.engine.lr,
-            "q": q,
+            **({"q": q} if uses_q else {}),
             "success_ema": self.state.success_ema,
             "completion_tokens_per_s": tokens / elapsed,
             "completion_len": tokens / len(all_rewards),
@@ -271,15 +285,15 @@ class Trainer:
         }
 
     def _logprobs(self, model, batch, grad: bool):
+        """Log-probs of the sampling distribution softmax(logits / T) (T = 1 for greedy sampling)."""
         with torch.set_grad_enabled(grad):
             return completion_logprobs(model, *batch, temperature=self.cfg.rl.temperature or 1.0)
 
-    @torch.no_grad()
     def _reference_logprobs(self, batch):
         if self.reference is not None:
-            return completion_logprobs(self.reference, *batch, temperature=self.cfg.rl.temperature or 1.0)
+            return self._logprobs(self.reference, batch, grad=False)
         with self.engine.module.disable_adapter():
-            return completion_logprobs(self.engine.module, *batch, temperature=self.cfg.rl.temperature or 1.0)
+            return self._logprobs(self.engine.module, batch, grad=False)
 
     def _paft_counts(self, rewards, local) -> torch.Tensor:
         m = self.cfg.rl.group_size
@@ -295,9 +309,10 @@ class Trainer:
             clip = rl.clip_eps if rl.updates_per_batch > 1 else None
             return garl_loss(logprobs, mask, rewards, rl.group_size, q, rl.baseline, rl.aggregation, old, clip, ref, rl.kl_coef)
         if rl.estimator == "paft":
-            return get_loss("paft")(logprobs, mask, rewards, rl.group_size, q, counts, rl.aggregation)
-        return get_loss("grpo")(logprobs, mask, rewards, rl.group_size, rl.grpo_loss_type, rl.grpo_scale_rewards, old,
-                                rl.clip_eps, None, ref, rl.kl_coef, rl.max_new_tokens)
+            return paft_loss(logprobs, mask, rewards, rl.group_size, q, resample_counts=counts, aggregation=rl.aggregation)
+        return grpo_loss(logprobs, mask, rewards, rl.group_size, loss_type=rl.grpo_loss_type,
+                         scale_rewards=rl.grpo_scale_rewards, old_logprobs=old, clip_eps=rl.clip_eps, ref_logprobs=ref,
+                         kl_coef=rl.kl_coef, max_completion_length=rl.max_new_tokens)
 
     # --------------------------------------------------------------------------------- sft step
 
@@ -313,15 +328,14 @@ class Trainer:
         for m in range(cfg.optim.grad_accum):
             micro = [t[m * rows_per_micro:(m + 1) * rows_per_micro] for t in batch]
             logprobs = completion_logprobs(self.engine.model, *micro)
-            out = get_loss("sft")(logprobs, micro[3].float())
+            out = sft_loss(logprobs, micro[3].float())
             self._check_finite(out.loss)
             self.engine.backward(out.loss)
-            norm = self.engine.step()
-            grad_norm = norm if norm is not None else grad_norm
+            grad_norm = self._step(grad_norm)
             losses.append(out.loss.item())
-        tokens = _all_gather(batch[3].sum().reshape(1).float().cpu()).sum().item()
+        tokens = _all_gather(batch[3].sum().reshape(1).float(), self.device).sum().item()
         self.state.data_position += len(draws)
-        loss = _mean_across(sum(losses) / len(losses))
+        loss = _mean_across({"loss": sum(losses) / len(losses)}, self.device)["loss"]
         return {"loss": loss, "grad_norm": grad_norm, "lr": self.engine.lr,
                 "tokens_per_s": tokens / (time.perf_counter() - started)}
 
@@ -341,15 +355,30 @@ class Trainer:
     # --------------------------------------------------------------------------------- driver
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-        if dist.is_initialized() and self.world_size > 1:
+        """Stop on a NaN/inf loss. Nothing is saved: the weights that made it may be bad already."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        if _distributed():
             dist.all_reduce(bad)
         if bad.item():
+            found = _checkpoint_dirs(self.output_dir)
+            latest = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.state.step + 1}; stopped, {latest} "
+                f"(resume from it with --resume and a lower optim.lr, or check the data)"
+            )
+
+    def _step(self, last_norm: float) -> float:
+        """One engine step; a non-finite gradient norm (update skipped by the engine) saves and stops."""
+        norm = self.engine.step()
+        if norm is None:
+            return last_norm
+        if not math.isfinite(norm):
             where = save_checkpoint(self.engine, self.state, self.output_dir, self.cfg.keep_checkpoints)
             raise TrainingDiverged(
-                f"loss is {loss.item()} at step {self.state.step}; stopped. The last good state is saved in {where} "
-                f"(lower optim.lr or check the data, then --resume)"
+                f"gradient norm is {norm} at step {self.state.step + 1}; the update was skipped and the last good "
+                f"state saved in {where} (lower optim.lr, then --resume)"
             )
+        return norm
 
     def _run_name(self) -> str:
         if self.cfg.tracking.run_name:
@@ -403,8 +432,8 @@ class Trainer:
     def _postfix(self, metrics: dict) -> dict:
         if self.cfg.stage == "sft":
             return {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-        return {"success": f"{metrics['success_rate']:.3f}", "q": f"{metrics['q']:.2f}",
-                "tok/s": f"{metrics['completion_tokens_per_s']:.0f}"}
+        shown = {"success": f"{metrics['success_rate']:.3f}", "tok/s": f"{metrics['completion_tokens_per_s']:.0f}"}
+        return shown | ({"q": f"{metrics['q']:.2f}"} if "q" in metrics else {})
 
     def _read_history(self) -> list[dict]:
         """Per-step metrics so far; on resume, the lines past the checkpoint are dropped (they will be redone)."""

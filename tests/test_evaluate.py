@@ -1,0 +1,63 @@
+import json
+import math
+
+import pytest
+
+from conftest import run_tsallis
+from tsallis_core.evaluate import PromptResult, maj_at_k, majority_vote, pass_at_k, recommend, summarize
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(10, 0, 1) == 0.0 and pass_at_k(10, 10, 5) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 2) == pytest.approx(1 - math.comb(7, 2) / math.comb(10, 2))
+    assert pass_at_k(4, 3, 2) == 1.0  # n - c < k: every k-subset holds a success
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_majority_vote_normalises_and_breaks_ties_by_first_seen():
+    assert majority_vote(["The Beatles", "beatles", "Stones"]) == 0
+    assert majority_vote(["b", "a", "a", "b"]) == 0  # 2-2 tie: "b" was seen first
+    assert majority_vote([None, "x"]) == 1 and majority_vote([None, None]) is None
+    assert maj_at_k(["12", "13", "13"], [1.0, 0.0, 0.0], 3) == 0.0
+    assert maj_at_k(["12", "13", "13"], [1.0, 0.0, 0.0], 1) == 1.0
+
+
+def test_summarize():
+    results = [PromptResult("a", ["1", "1", "2", None], [1.0, 1.0, 0.0, 0.0], [1, 1, 0, 0], [1, 1, 0, 0]),
+               PromptResult("b", ["3", "4", "4", "4"], [1.0, 0.0, 0.0, 0.0], [1, 0, 0, 0], [1, 0, 0, 0])]
+    m = summarize(results, [1, 4])
+    assert m["accuracy"] == pytest.approx((0.5 + 0.25) / 2)
+    assert m["pass@4"] == 1.0 and m["maj@4"] == pytest.approx(0.5)  # "1" wins for a, "4" (wrong) for b
+    with pytest.raises(ValueError, match="between 1 and the samples per prompt"):
+        summarize(results, [8])
+
+
+@pytest.mark.parametrize(
+    ("p0", "verifier", "estimator", "q"),
+    [(0.6, "exact", "garl", 0.0), (0.1, "finqa", "garl", 0.5), (0.01, "em", "paft", 0.75), (0.001, "f1", "paft", 1.0)],
+)
+def test_recommendation_rule(p0, verifier, estimator, q):
+    d = recommend(p0, 0.5, 8, verifier)
+    assert (d.estimator, d.q) == (estimator, q)
+    assert (1 - p0) ** d.suggested_group_size <= 0.5 or d.suggested_group_size == 64
+
+
+def test_no_success_at_all_is_called_out():
+    d = recommend(0.0, 1.0, 8, "exact")
+    assert d.q == 1.0 and d.suggested_group_size == 64 and "no success at all" in d.reason
+
+
+def test_evaluate_and_diagnose_on_the_embedded_default(task_dir, base_model, tmp_path):
+    out = tmp_path / "metrics.json"
+    run_tsallis("evaluate", "--model", str(base_model), "--data", str(task_dir / "test.jsonl"), "--n", "4", "--k", "1", "4",
+                "--limit", "8", "--max-new-tokens", "24", "--out", str(out))
+    metrics = json.loads(out.read_text())["metrics"]
+    assert {"accuracy", "em", "f1", "pass@1", "pass@4", "maj@1", "maj@4"} <= metrics.keys()
+    assert metrics["pass@4"] >= metrics["pass@1"] - 1e-12
+    diag = tmp_path / "diag.json"
+    result = run_tsallis("diagnose", "--model", "embedded:tiny", "--data", str(task_dir / "test.jsonl"), "--m", "2",
+                         "--limit", "4", "--max-new-tokens", "8", "--out", str(diag))
+    assert json.loads(diag.read_text())["p0"] == 0.0  # random weights never answer
+    assert "recommendation: estimator=garl q=1" in result.stdout

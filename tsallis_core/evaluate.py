@@ -1,0 +1,143 @@
+"""Evaluation (pass@k, maj@k, accuracy, EM, F1) and the cold-start diagnosis, from sampled completions."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks.verify import exact_match_score, extract_answer, f1_score, get_verifier, normalize_answer
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: ``1 - C(n-c, k) / C(n, k)`` (Chen et al. 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers: Sequence[str | None]) -> int | None:
+    """Index of the sample whose normalised answer is most frequent; ties go to the answer seen first."""
+    keys = [normalize_answer(a) if a is not None else None for a in answers]
+    counts = Counter(k for k in keys if k is not None and k != "")
+    if not counts:
+        return None
+    first = {k: keys.index(k) for k in counts}
+    best = max(counts, key=lambda k: (counts[k], -first[k]))
+    return first[best]
+
+
+def maj_at_k(answers: Sequence[str | None], rewards: Sequence[float], k: int) -> float:
+    """Reward of the majority answer among the first k samples (0 when none has an answer)."""
+    winner = majority_vote(answers[:k])
+    return 0.0 if winner is None else float(rewards[winner])
+
+
+@dataclass
+class PromptResult:
+    id: str
+    answers: list[str | None]
+    rewards: list[float]
+    em: list[float]
+    f1: list[float]
+
+
+def sample_and_score(model, tokenizer, rows: list[dict], num_samples: int, verifier: str, temperature: float,
+                     max_new_tokens: int, seed: int, prompts_per_batch: int = 8) -> list[PromptResult]:
+    """num_samples completions per row (seeded), each verified; a progress bar over the rows."""
+    from .rollout import HFRollout, row_seed
+
+    verify = get_verifier(verifier)
+    rollout = HFRollout(model, tokenizer, temperature, max_new_tokens)
+    results = []
+    with torch.no_grad(), tqdm(total=len(rows), desc="evaluate", unit="prompt") as bar:
+        for start in range(0, len(rows), prompts_per_batch):
+            batch = rows[start:start + prompts_per_batch]
+            out = rollout.generate([r["prompt"] for r in batch for _ in range(num_samples)],
+                                   [row_seed(seed, "eval", start + i, j) for i in range(len(batch)) for j in range(num_samples)])
+            for i, row in enumerate(batch):
+                texts = out.texts[i * num_samples:(i + 1) * num_samples]
+                golds = [row["answer"], *row.get("aliases", [])]
+                answers = [extract_answer(t) for t in texts]
+                results.append(PromptResult(
+                    id=str(row.get("id", start + i)), answers=answers,
+                    rewards=[verify(t, row["answer"], row.get("aliases", [])) for t in texts],
+                    em=[0.0 if a is None else max(exact_match_score(a, g) for g in golds) for a in answers],
+                    f1=[0.0 if a is None else max(f1_score(a, g) for g in golds) for a in answers],
+                ))
+            bar.update(len(batch))
+    return results
+
+
+def summarize(results: list[PromptResult], ks: Sequence[int]) -> dict[str, float]:
+    """pass@k and maj@k for each k, mean accuracy, EM and F1 over all samples."""
+    n = len(results[0].rewards)
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad:
+        raise ValueError(f"k must be between 1 and the samples per prompt ({n}); got {bad}")
+    metrics = {"accuracy": sum(sum(r.rewards) / n for r in results) / len(results),
+               "em": sum(sum(r.em) / n for r in results) / len(results),
+               "f1": sum(sum(r.f1) / n for r in results) / len(results),
+               "prompts": float(len(results)), "samples_per_prompt": float(n)}
+    for k in ks:
+        metrics[f"pass@{k}"] = sum(pass_at_k(n, int(sum(x >= 1.0 for x in r.rewards)), k) for r in results) / len(results)
+        metrics[f"maj@{k}"] = sum(maj_at_k(r.answers, r.rewards, k) for r in results) / len(results)
+    return metrics
+
+
+@dataclass
+class Diagnosis:
+    p0: float  # mean success rate of one sample
+    frac_zero_success: float  # share of prompts with no success among M samples
+    group_size: int
+    estimator: str
+    q: float
+    suggested_group_size: int
+    reason: str
+
+
+def recommend(p0: float, frac_zero_success: float, group_size: int, verifier: str) -> Diagnosis:
+    """The paper's practical guide (TSALLIS.md) as a rule.
+
+    q: near 0 for warm starts (p0 >= 0.3), 0.5 for the middle (0.05 <= p0 < 0.3), 0.75 for cold
+    starts (0.005 <= p0 < 0.05), 1 for the hardest (p0 < 0.005). Estimator: GARL for structured,
+    low-variance answers (numeric or exact match), PAFT for open-ended QA (em, f1) and stability.
+    Group size: the smallest M with at most half the groups empty, ``(1 - p0)^M <= 1/2``
+    (the estimators' bias grows as the success count per group shrinks), capped at 64.
+    """
+    if p0 >= 0.3:
+        q, regime = 0.0, "warm start: RLVR-like q near 0 is stable and best"
+    elif p0 >= 0.05:
+        q, regime = 0.5, "intermediate: q around 0.5 trades escape speed against noise"
+    elif p0 >= 0.005:
+        q, regime = 0.75, "cold start: amplified q = 0.75 escapes where GRPO stalls"
+    else:
+        q, regime = 1.0, "hard cold start: q near 1 (log-likelihood) escapes fastest; expect noise memorisation"
+    estimator = "paft" if verifier in ("em", "f1") else "garl"
+    needed = 64 if p0 <= 0 else min(64, max(2, math.ceil(math.log(0.5) / math.log1p(-min(p0, 0.999)))))
+    reason = f"{regime}; {estimator.upper()} for {'open-ended' if estimator == 'paft' else 'structured'} answers"
+    if p0 == 0:
+        reason += "; no success at all: RL gets no signal, warm up with SFT first or sample more"
+    return Diagnosis(p0, frac_zero_success, group_size, estimator, q, needed, reason)
+
+
+def diagnose(results: list[PromptResult], verifier: str) -> Diagnosis:
+    m = len(results[0].rewards)
+    p0 = sum(sum(r.rewards) / m for r in results) / len(results)
+    zero = sum(1 for r in results if max(r.rewards) == 0) / len(results)
+    return recommend(p0, zero, m, verifier)
+
+
+def write_json(payload: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
