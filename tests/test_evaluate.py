@@ -2,8 +2,8 @@ import json
 import math
 
 import pytest
-
 from conftest import run_tsallis
+
 from tsallis_core.evaluate import PromptResult, maj_at_k, majority_vote, pass_at_k, recommend, summarize
 
 

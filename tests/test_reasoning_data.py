@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_tsallis
+
 from tsallis_core.config import ModelConfig
 from tsallis_core.data import DatasetError
 from tsallis_core.models import load_tokenizer

@@ -3,8 +3,16 @@
 import pytest
 
 from tsallis_core.tasks.verify import (
-    em_reward, exact_reward, extract_answer, f1_reward, f1_score, finqa_match, finqa_reward, get_verifier,
-    normalize_answer, parse_number,
+    em_reward,
+    exact_reward,
+    extract_answer,
+    f1_reward,
+    f1_score,
+    finqa_match,
+    finqa_reward,
+    get_verifier,
+    normalize_answer,
+    parse_number,
 )
 
 
