@@ -61,3 +61,17 @@ def test_evaluate_and_diagnose_on_the_embedded_default(task_dir, base_model, tmp
                          "--limit", "4", "--max-new-tokens", "8", "--out", str(diag))
     assert json.loads(diag.read_text())["p0"] == 0.0  # random weights never answer
     assert "recommendation: estimator=garl q=1" in result.stdout
+
+
+def test_evaluate_logs_to_mlflow(task_dir, base_model, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_tsallis("evaluate", "--model", str(base_model), "--data", str(task_dir / "test.jsonl"), "--n", "2", "--k", "1",
+                "--limit", "4", "--max-new-tokens", "24", "--out", str(tmp_path / "m.json"), "--track",
+                env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "eval-test"})
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["eval-test"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.tags["stage"] == "evaluate"
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert runs[0].data.metrics["pass_at_1"] == pytest.approx(metrics["pass@1"])
