@@ -163,15 +163,22 @@ def test_lora_with_kl_uses_the_adapter_free_base_as_reference(base_model, task_d
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_deepspeed_zero3_gathers_full_weights_for_saving(base_model, task_dir, tmp_path):
-    """ZeRO-3 partitions parameters; the saved model must still hold the full, trained weights."""
+def test_deepspeed_zero3_two_processes_gathers_full_weights(base_model, task_dir, tmp_path):
+    """ZeRO-3 over 2 CPU processes: parameters are partitioned, the ranks decode in step (rollouts of
+    different lengths would deadlock the per-forward gathers), and the saved model holds the full weights."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra")
     args = ["steps=2", "rl.estimator=paft", "rl.q=1", "checkpoint_every=0"]
     plain = tmp_path / "plain"
     run_tsallis(*rl_args(base_model, task_dir, plain, *args))
     z3 = tmp_path / "z3"
-    run_tsallis(*rl_args(base_model, task_dir, z3, *args), "engine.backend=deepspeed",
-                f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero3.json'}", env={"DS_ACCELERATOR": "cpu"})
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "tsallis_core.cli", *rl_args(base_model, task_dir, z3, *args), "engine.backend=deepspeed",
+         f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero3.json'}"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
     a, b = weights(plain / "model"), weights(z3 / "model")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
