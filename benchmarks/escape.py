@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 SETTINGS = ["grpo", "garl:0", "garl:0.5", "garl:0.75", "garl:1", "paft:0", "paft:0.5", "paft:0.75", "paft:1"]
 # AdamW is scale-free; under SGD the gradient scale differs by estimator (GRPO's token mean is ~25x
 # smaller than the seq_sum of GARL/PAFT here), so its grid sits higher
-LR_GRID = {"adamw": [1e-4, 3e-4], "sgd": [0.01, 0.03], "sgd-grpo": [0.3, 1.0]}
+LR_GRID = {"adamw": [1e-4, 3e-4], "sgd": [0.003, 0.01, 0.03], "sgd-grpo": [0.3, 1.0]}
 
 
 def lr_grid(optimizer: str, setting: str) -> list[float]:
