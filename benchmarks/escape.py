@@ -54,29 +54,22 @@ def make_base(p0: float, out: Path, seed: int, base_steps: int) -> Path:
 
 def measure_p0(model_dir: Path, data: Path, prompts: int = 256, samples: int = 8) -> dict:
     """Sampled success rate of a base model on training prompts (temperature 1), overall and by difficulty."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tsallis_core.data import load_records
-    from tsallis_core.rollout import HFRollout, row_seed
-    from tsallis_core.tasks.verify import exact_reward
+    from tsallis_core.evaluate import sample_and_score
 
     cached = model_dir.parent / "p0.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
-    rollout = HFRollout(model, tokenizer, temperature=1.0, max_new_tokens=40)
     rows = load_records(data)[:prompts]
+    results = sample_and_score(model, tokenizer, rows, samples, "exact", temperature=1.0, max_new_tokens=40, seed=0,
+                               prompts_per_batch=16)
     by_n: dict[int, list[float]] = {}
-    with torch.no_grad():
-        for i in range(0, len(rows), 16):
-            batch = rows[i:i + 16]
-            out = rollout.generate([r["prompt"] for r in batch for _ in range(samples)],
-                                   [row_seed("p0", i, k) for k in range(len(batch) * samples)])
-            for j, r in enumerate(batch):
-                by_n.setdefault(r["difficulty"], []).extend(
-                    exact_reward(t, r["answer"]) for t in out.texts[j * samples:(j + 1) * samples])
+    for row, result in zip(rows, results):
+        by_n.setdefault(row["difficulty"], []).extend(result.rewards)
     rewards = [x for xs in by_n.values() for x in xs]
     result = {"p0": sum(rewards) / len(rewards), "by_terms": {n: sum(v) / len(v) for n, v in sorted(by_n.items())},
               "samples": len(rewards)}

@@ -26,6 +26,23 @@ def run_tsallis(*args: str, cwd: Path | None = None, env: dict | None = None, ch
     return result
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``tsallis`` on 2 CPU processes with torch.distributed.run (gloo)."""
+    full_env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "tsallis_core.cli", *args], env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="session")
 def task_dir(tmp_path_factory) -> Path:
     """The synthetic task with always-right answers in its corpus (a base model that succeeds often)."""

@@ -1,26 +1,19 @@
 """MLflow tracking against a real ``mlflow server`` on 127.0.0.1."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
-from conftest import rl_args, run_tsallis
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, rl_args, run_tsallis
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
@@ -67,7 +60,7 @@ def test_unreachable_server_fails_at_once_in_one_line(base_model, task_dir, tmp_
     out = tmp_path / "never"
     args = [a for a in rl_args(base_model, task_dir, out, "steps=2") if a != "tracking.enabled=false"]
     started = time.time()
-    result = run_tsallis(*args, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"}, check=False)
+    result = run_tsallis(*args, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}, check=False)
     assert result.returncode == 2 and time.time() - started < 60
     lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
     assert len(lines) == 1 and "is unreachable" in lines[0] and "tracking.enabled=false" in lines[0]

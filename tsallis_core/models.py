@@ -71,11 +71,15 @@ def load_model(config: ModelConfig, device: torch.device, seed: int) -> PreTrain
     return model
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Save weights (safetensors; LoRA merged) and tokenizer so that plain transformers loads them."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+               state_dict: dict | None = None) -> Path:
+    """Save weights (safetensors; LoRA merged) and tokenizer so that plain transformers loads them.
+
+    ``state_dict``: full weights gathered by the engine (ZeRO-3); ignored for LoRA, which merges in place.
+    """
     out = Path(out_dir)
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+        model, state_dict = model.merge_and_unload(), None
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

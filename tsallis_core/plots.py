@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .theory import EscapeRecord, NoiseRecord  # noqa: E402
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_escape(records: list[EscapeRecord], slopes: dict[float, float], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for q, slope in slopes.items():
@@ -22,12 +31,7 @@ def plot_escape(records: list[EscapeRecord], slopes: dict[float, float], path: s
     ax.set_title("Gradient flow of J_q on the softmax toy")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_noise(records: list[NoiseRecord], path: str | Path) -> Path:
@@ -41,9 +45,4 @@ def plot_noise(records: list[NoiseRecord], path: str | Path) -> Path:
     ax.set_title("Memorisation of wrong labels (solid: at horizon, dashed: limit)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

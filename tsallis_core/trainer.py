@@ -448,12 +448,7 @@ class Trainer:
         state_dict = self.engine.full_state_dict()
         model_dir = self.output_dir / "model"
         if self.rank == 0:
-            module = self.engine.module
-            if hasattr(module, "merge_and_unload"):
-                save_model(module, self.tokenizer, model_dir)
-            else:
-                module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
-                self.tokenizer.save_pretrained(model_dir)
+            save_model(self.engine.module, self.tokenizer, model_dir, state_dict)
             if self.cfg.tracking.log_model:
                 self.tracker.log_model(model_dir)
         _barrier()

@@ -20,9 +20,12 @@ SPECIAL = ["<pad>", "<eos>", "<unk>"]
 WORDS = ["Answer:", "Q:"]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """The character tokenizer; ``vocab_size`` pads it with filler tokens (to give a model a real LM-head size)."""
     chars = [c for c in string.printable if c not in "\x0b\x0c\r\t"]
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS + chars)}
+    tokens = SPECIAL + WORDS + chars
+    tokens += [f"<filler{i}>" for i in range((vocab_size or len(tokens)) - len(tokens))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"Answer:|Q:|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
