@@ -138,6 +138,23 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from . import sweep
+
+    runs = sweep.select_runs(sweep.find_run_dirs(args.runs), args.evals, args.estimators, args.q, args.seeds)
+    champion = sweep.pick_champion(runs, args.metric)
+    registered = sweep.register_champion(champion, args.register_as, args.metric) if args.register_as else None
+    paths = sweep.write_report(runs, champion, args.out, args.metric, args.escape_threshold, registered)
+    if args.sweep:
+        parent = sweep.log_sweep(runs, args.sweep, args.out, champion, args.metric)
+        print(f"MLflow: sweep {args.sweep!r} is parent run {parent} with {len(runs)} nested runs")
+    print(paths["report"].read_text().split("\n\n")[1])
+    if registered:
+        print(f"registered {registered['name']} version {registered['version']}: {registered['decision']}")
+    print(f"report: {paths['report']}")
+    return 0
+
+
 def _add_eval_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--model", required=True, help="model directory, hub id, or embedded:tiny")
     parser.add_argument("--data", default="data/synthetic/test.jsonl", help="JSONL rows with prompt and answer (aliases optional)")
@@ -197,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--m", type=int, default=8, help="samples per prompt (the group size to diagnose)")
     diag.set_defaults(func=_diagnose)
 
+    report = commands.add_parser(
+        "report", help="the q-sweep report: table, plots, MLflow parent run, registry champion",
+        description="Collect trained runs and their evaluations, pick the champion by --metric, register it in "
+                    "MLflow under --register-as with the alias 'champion', and write report.md, CSVs and PNG plots.")
+    report.add_argument("--runs", nargs="+", required=True, help="training output directories, or directories holding them")
+    report.add_argument("--evals", required=True, help="directory of the evaluation JSONs, one <run name>.json per run")
+    report.add_argument("--out", default="outputs/report", help="where the report goes")
+    report.add_argument("--metric", default="maj@8", help="evaluation metric that picks the champion (higher is better)")
+    report.add_argument("--estimators", nargs="*", help="keep only the sweep runs of these estimators (GRPO runs are kept)")
+    report.add_argument("--q", nargs="*", type=float, help="keep only the sweep runs with these q values")
+    report.add_argument("--seeds", nargs="*", type=int, help="keep only the runs with these seeds")
+    report.add_argument("--escape-threshold", type=float, default=0.5, help="success rate that counts as escaped")
+    report.add_argument("--register-as", default="", help="registered model name for the champion ('' : no registration)")
+    report.add_argument("--sweep", default="", help="sweep name: log to its MLflow parent run ('': no MLflow logging)")
+    report.set_defaults(func=_report)
+
     data = commands.add_parser("data", help="prepare datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synthetic = data_commands.add_parser(
@@ -231,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, TrackingUnreachable) as error:
+    except (ValueError, TrackingUnreachable, FileNotFoundError) as error:
         print(f"tsallis: error: {error}", file=sys.stderr)
         return 2
     except ValidationError as error:

@@ -142,6 +142,7 @@ class TrackingConfig(_Section):
     run_name: str | None = Field(None, description="run name (default: from stage, estimator and q)")
     samples_every: int = Field(25, ge=0, description="log a table of sample completions every K steps (0: never)")
     log_model: bool = Field(True, description="log the final model so that mlflow can load it")
+    sweep: str | None = Field(None, description="sweep name: nest the run under that sweep's parent run (created when missing)")
 
 
 class TrainConfig(_Section):
@@ -150,7 +151,7 @@ class TrainConfig(_Section):
     stage: Literal["sft", "rl"] = Field("rl", description="sft (warm-up on completions) or rl (GARL, PAFT, GRPO)")
     output_dir: str = Field("outputs/run", description="checkpoints, final model and metrics go here")
     seed: int = Field(0, description="seed of initialisation, data order and sampling")
-    steps: int = Field(100, ge=1, description="optimiser steps (rollout batches for rl)")
+    steps: int = Field(100, ge=0, description="optimiser steps (rollout batches for rl); 0 (sft only): no training, the starting model is saved as it is")
     checkpoint_every: int = Field(50, ge=0, description="save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -163,6 +164,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":
+        if self.steps == 0 and self.stage == "rl":
+            raise ValueError("steps must be at least 1 for stage rl (steps=0 is for skipping an SFT warm-up)")
         if self.stage == "rl" and self.rl.prompts_per_step % self.optim.grad_accum:
             raise ValueError(
                 f"optim.grad_accum ({self.optim.grad_accum}) must divide the prompts per step "

@@ -394,7 +394,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         history = self._read_history()
-        self.tracker.start(cfg.model_dump(mode="json"), self._run_name(), {"stage": cfg.stage}, run_id=self.state.mlflow_run_id)
+        self.tracker.start(cfg.model_dump(mode="json"), self._run_name(), {"stage": cfg.stage}, run_id=self.state.mlflow_run_id,
+                           sweep=cfg.tracking.sweep)
         self.state.mlflow_run_id = self.tracker.run_id
         step_fn = self.rl_step if cfg.stage == "rl" else self.sft_step
         bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
