@@ -119,7 +119,7 @@ def select_runs(run_dirs: dict[Path, bool], evals_dir: str | Path, estimators: l
             for seed in seeds or [0]:
                 if not any(e == estimator and v is not None and math.isclose(v, q) and s == seed for e, v, s in identities.values()):
                     raise SweepError(f"no trained run for estimator={estimator} q={q:g} seed={seed} among "
-                                     f"{', '.join(str(d) for d in run_dirs) or 'no directories'}")
+                                     f"{', '.join(d.name for d in run_dirs) or 'no run directories'}")
     kept = [load_run(d, Path(evals_dir) / f"{d.name}.json") for d, identity in identities.items()
             if run_dirs[d] or in_grid(*identity)]
     if not kept:

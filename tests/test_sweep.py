@@ -1,0 +1,91 @@
+"""The sweep report's pure parts: escape steps, champion choice, grid selection, file errors, report files."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tsallis_core.sweep import (
+    SweepError, find_run_dirs, final_success, load_run, pick_champion, select_runs, steps_to_escape, write_report,
+)
+
+
+def fake_run(root: Path, name: str, estimator: str, q: float | None, seed: int, rates: list[float], metrics: dict) -> Path:
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    rl = {"estimator": estimator, "q": q, "q_schedule": {"kind": "constant", "q": 0.75}}
+    (run / "config.yaml").write_text(json.dumps({"stage": "rl", "seed": seed, "rl": rl}))
+    (run / "history.jsonl").write_text("".join(json.dumps({"step": i + 1, "success_rate": r}) + "\n" for i, r in enumerate(rates)))
+    (root / "evals").mkdir(exist_ok=True)
+    (root / "evals" / f"{name}.json").write_text(json.dumps({"metrics": metrics}))
+    return run
+
+
+@pytest.fixture
+def sweep_dir(tmp_path) -> Path:
+    slow, fast = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 0.9]
+    fake_run(tmp_path, "garl-q0.0-s0", "garl", 0.0, 0, slow, {"maj@4": 0.2, "pass@4": 0.5})
+    fake_run(tmp_path, "garl-q1.0-s0", "garl", 1.0, 0, fast, {"maj@4": 0.6, "pass@4": 0.9})
+    fake_run(tmp_path, "paft-q0.0-s0", "paft", 0.0, 0, slow, {"maj@4": 0.1, "pass@4": 0.3})
+    fake_run(tmp_path, "paft-q1.0-s0", "paft", 1.0, 0, slow, {"maj@4": 0.6, "pass@4": 0.8})
+    fake_run(tmp_path, "grpo-s0", "grpo", None, 0, [0.0] * 7, {"maj@4": 0.0, "pass@4": 0.1})
+    fake_run(tmp_path, "garl-q0.5-s0", "garl", 0.5, 0, slow, {"maj@4": 0.9, "pass@4": 0.9})  # left from an older grid
+    return tmp_path
+
+
+def test_steps_to_escape_is_the_first_step_whose_moving_average_reaches_the_threshold():
+    history = [{"step": i + 1, "success_rate": r} for i, r in enumerate([0.0, 0.2, 0.4, 0.6, 0.8])]
+    assert steps_to_escape(history, 0.5, window=2) == 4  # (0.4 + 0.6) / 2
+    assert steps_to_escape(history, 0.5, window=5) is None  # the mean of all five is 0.4
+    assert steps_to_escape(history, 0.4, window=5) == 5
+    assert final_success(history, window=2) == pytest.approx(0.7)
+
+
+def test_grid_selection_keeps_grid_runs_grpo_and_named_runs_and_skips_stale_ones(sweep_dir):
+    dirs = find_run_dirs([sweep_dir / "runs"])
+    runs = select_runs(dirs, sweep_dir / "evals", ["garl", "paft"], [0.0, 1.0], [0])
+    assert sorted(r.name for r in runs) == ["garl-q0.0-s0", "garl-q1.0-s0", "grpo-s0", "paft-q0.0-s0", "paft-q1.0-s0"]
+    named = select_runs(find_run_dirs([sweep_dir / "runs", sweep_dir / "runs/garl-q0.5-s0"]), sweep_dir / "evals",
+                        ["garl"], [0.0], [0])
+    assert sorted(r.name for r in named) == ["garl-q0.0-s0", "garl-q0.5-s0", "grpo-s0"]
+    with pytest.raises(SweepError, match="no trained run for estimator=paft q=0.5 seed=0"):
+        select_runs(dirs, sweep_dir / "evals", ["paft"], [0.5], [0])
+
+
+def test_champion_is_the_best_metric_then_the_earliest_escape(sweep_dir):
+    runs = select_runs(find_run_dirs([sweep_dir / "runs"]), sweep_dir / "evals", ["garl", "paft"], [0.0, 1.0], [0])
+    assert pick_champion(runs, "maj@4").name == "garl-q1.0-s0"  # ties paft-q1.0 on maj@4, escapes earlier
+    assert pick_champion(runs, "pass@4").name == "garl-q1.0-s0"
+    with pytest.raises(SweepError, match="metric 'maj@16' is not in the evaluation of .*it has: maj@4, pass@4"):
+        pick_champion(runs, "maj@16")
+
+
+def test_missing_or_corrupt_files_are_named_with_the_stage_that_writes_them(sweep_dir):
+    run = sweep_dir / "runs/garl-q1.0-s0"
+    with pytest.raises(SweepError, match=r"nowhere\.json is missing: tsallis evaluate writes it"):
+        load_run(run, sweep_dir / "nowhere.json")
+    (run / "history.jsonl").write_text('{"step": 1, "success_rate": 0.1}\n{"step": 2,\n')
+    with pytest.raises(SweepError, match="history.jsonl line 2 is not valid JSON"):
+        load_run(run, sweep_dir / "evals/garl-q1.0-s0.json")
+    with pytest.raises(SweepError, match="not a training output directory"):
+        find_run_dirs([sweep_dir / "absent"])
+
+
+def test_report_has_the_table_the_plot_data_and_the_dvc_metrics(sweep_dir, tmp_path):
+    runs = select_runs(find_run_dirs([sweep_dir / "runs"]), sweep_dir / "evals", ["garl", "paft"], [0.0, 1.0], [0])
+    champion = pick_champion(runs, "maj@4")
+    paths = write_report(runs, champion, tmp_path / "report", "maj@4", escape_threshold=0.5)
+    text = paths["report"].read_text()
+    assert "Champion by `maj@4`: **garl-q1.0-s0**" in text
+    row = next(line for line in text.splitlines() if line.startswith("| paft-q1.0-s0 |"))
+    assert "| 0 |" in row  # maj@4 equal to the champion's: a gap of 0
+    grpo = next(line for line in text.splitlines() if line.startswith("| grpo-s0 |"))
+    assert "| -0.6 |" in grpo
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["champion"] == "garl-q1.0-s0" and metrics["runs"]["grpo-s0"]["maj@4"] == 0.0
+    assert metrics["runs"]["garl-q1.0-s0"]["final_success"] == pytest.approx(4.5 / 7)  # fewer than 10 steps: all
+    curves = paths["curves"].read_text().splitlines()
+    assert curves[0] == "series,step,success_rate" and len(curves) == 1 + 5 * 7
+    assert paths["final_by_q"].read_text().splitlines()[0].startswith("series,q,run,champion_metric")
+    for key in ("success_png", "escape_png", "final_png"):
+        assert paths[key].stat().st_size > 10_000
