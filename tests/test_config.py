@@ -29,6 +29,7 @@ def test_overrides_and_yaml(tmp_path):
         (["optim.grad_accum=3"], "optim.grad_accum (3) must divide the prompts per step"),
         (["nonsense=1"], "nonsense: Extra inputs are not permitted"),
         (["rl.q"], "must look like key=value"),
+        (["steps=0"], "steps must be at least 1 for stage rl"),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):

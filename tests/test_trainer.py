@@ -131,6 +131,16 @@ def test_a_used_output_dir_needs_resume(base_model, task_dir, tmp_path):
     assert again.returncode == 2 and "holds checkpoints of an earlier run: pass --resume" in again.stderr
 
 
+def test_sft_with_zero_steps_saves_the_starting_model_unchanged(base_model, task_dir, tmp_path):
+    """warmup.steps: 0 in params.yaml skips the warm-up: the model passes through as it is."""
+    from safetensors.torch import load_file
+
+    run_tsallis("train", "stage=sft", f"output_dir={tmp_path}", "steps=0", f"model.name_or_path={base_model}",
+                f"data.train_path={task_dir / 'pretrain.jsonl'}", "tracking.enabled=false")
+    before, after = load_file(base_model / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_lora_with_kl_uses_the_adapter_free_base_as_reference(base_model, task_dir, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
