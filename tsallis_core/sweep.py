@@ -143,17 +143,10 @@ def final_success(history: list[dict], window: int = 10) -> float:
 
 
 def pick_champion(runs: list[SweepRun], metric: str) -> SweepRun:
-    """The run with the highest ``metric`` (ties: the earlier escape, then the name)."""
+    """The run with the highest ``metric`` (ties: the higher final training success, then the first name)."""
     if not runs:
         raise SweepError("the sweep has no runs to compare")
-    for run in runs:
-        run.metric(metric)
-
-    def key(run: SweepRun):
-        escape = steps_to_escape(run.history, 0.5)
-        return (run.metric(metric), -(escape if escape is not None else math.inf), [-ord(c) for c in run.name])
-
-    return max(runs, key=key)
+    return min(runs, key=lambda run: (-run.metric(metric), -final_success(run.history), run.name))
 
 
 def sweep_table(runs: list[SweepRun], champion: SweepRun, metric: str, escape_threshold: float) -> list[dict]:
