@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from tsallis_core.sweep import (
-    SweepError, find_run_dirs, final_success, load_run, pick_champion, select_runs, steps_to_escape, write_report,
+    SweepError,
+    final_success,
+    find_run_dirs,
+    load_run,
+    pick_champion,
+    select_runs,
+    steps_to_escape,
+    write_report,
 )
 
 
