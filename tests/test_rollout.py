@@ -40,3 +40,23 @@ def test_rollout_stops_at_eos_and_is_independent_of_batch():
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
     top = torch.log_softmax(logits[:, greedy.prompt_ids.shape[1] - 1:-1], -1).max(-1).values
     torch.testing.assert_close(logprobs, top, atol=1e-4, rtol=0)
+
+
+def test_shared_prompt_logprobs_and_gradients_equal_one_plain_forward():
+    """Groups share their prompt's forward (a KV cache copied per row); the numbers are those of a plain forward."""
+    tok = load_tokenizer(ModelConfig())
+    model = load_model(ModelConfig(), torch.device("cpu"), seed=0)
+    prompts = ["Q: 1+2\n"] * 3 + ["Q: 9+9+9+9\n"] * 3
+    r = HFRollout(model, tok, temperature=1.0, max_new_tokens=10).generate(prompts, [row_seed(1, i) for i in range(6)])
+    r.completion_mask[0, 4:] = 0  # a row that ended early: right padding in the completions
+    shared = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    shared_grads = torch.autograd.grad((shared * r.completion_mask).sum(), list(model.parameters()))
+    input_ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    attention = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0)).logits
+    plain = torch.log_softmax(logits[:, r.prompt_ids.shape[1] - 1:-1], -1).gather(-1, r.completion_ids[..., None])[..., 0]
+    plain_grads = torch.autograd.grad((plain * r.completion_mask).sum(), list(model.parameters()))
+    mask = r.completion_mask.bool()
+    torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=0)
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

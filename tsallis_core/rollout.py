@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 _MASK32 = 0xFFFFFFFF
 
@@ -56,7 +57,8 @@ def sample_tokens(logits: Tensor, seeds: Tensor, position: int, temperature: flo
 
 def cache_kwarg(model) -> str:
     """transformers >= 5.2x calls the KV cache argument ``cache``; older releases ``past_key_values``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(model, "module", model)  # under DDP or DeepSpeed
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
@@ -71,6 +73,30 @@ class Rollout:
     @property
     def num_completion_tokens(self) -> int:
         return int(self.completion_mask.sum().item())
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer written into buffers sized for the whole rollout (no grad).
+
+    ``DynamicLayer`` concatenates, copying the whole cache at every token (on CPU each copy is a
+    fresh allocation, and that was a third of a decode step). Attention sees the same keys and
+    values, as views of the buffers.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int):
+        super().__init__()
+        shape = (*keys.shape[:-2], capacity, keys.shape[-1])
+        self._keys, self._values = keys.new_empty(shape), values.new_empty(shape)
+        self.device, self.is_initialized, self.length = keys.device, True, 0
+        self.update(keys, values)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        end = self.length + key_states.shape[-2]
+        self._keys[..., self.length:end, :] = key_states
+        self._values[..., self.length:end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
+        return self.keys, self.values
 
 
 class RolloutEngine(Protocol):
@@ -103,24 +129,33 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> Rollout:
-        """One completion per entry of ``prompts`` (repeat a prompt M times for a group)."""
+        """One completion per entry of ``prompts`` (repeat a prompt M times for a group).
+
+        Each distinct prompt is prefilled once and its KV cache copied to every row that repeats it,
+        into buffers that hold the whole rollout (``PreallocatedLayer``).
+        On a GPU the loop asks whether every row has finished only every 8 tokens (each check is a
+        host-device round trip) and trims the columns decoded after that: the same output.
+        """
         device = next(self.model.parameters()).device
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+        distinct = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        index = torch.tensor([distinct[p] for p in prompts], device=device)  # [N] row -> distinct prompt
+        enc = self.tokenizer(list(distinct), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        n = prompt_ids.shape[0]
+        check_every = 1 if device.type == "cpu" else 8
         was_training = self.model.training
         self.model.eval()
-        cache = {cache_kwarg(self.model): DynamicCache()}
-        attention = prompt_mask
-        positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
         logits = self.model(
-            input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-            logits_to_keep=1, **cache,
-        ).logits[:, -1]
-        position = positions[:, -1:]
-        finished = torch.zeros(n, dtype=torch.bool, device=device)
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions, use_cache=True,
+            logits_to_keep=1, **{cache_kwarg(self.model): cache},
+        ).logits[index, -1]  # [N, V]
+        capacity = enc["input_ids"].shape[1] + self.max_new_tokens
+        cache.layers = [PreallocatedLayer(layer.keys[index], layer.values[index], capacity) for layer in cache.layers]
+        prompt_ids, prompt_mask, position = enc["input_ids"][index], enc["attention_mask"][index], positions[index, -1:]
+        attention = prompt_mask
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         tokens, alive = [], []
         for t in tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, **({} if self.progress else {"disable": True})):
             next_tokens = sample_tokens(logits.float(), seeds_t, t, self.temperature)
@@ -128,30 +163,53 @@ class HFRollout:
             alive.append(~finished)
             tokens.append(next_tokens)
             finished = finished | (next_tokens == eos)
-            if self._all_finished(finished) or t == self.max_new_tokens - 1:
+            if t == self.max_new_tokens - 1 or ((t + 1) % check_every == 0 and self._all_finished(finished)):
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             position = position + 1
             logits = self.model(
                 input_ids=next_tokens[:, None], attention_mask=attention, position_ids=position, use_cache=True,
-                **cache,
+                **{cache_kwarg(self.model): cache},
             ).logits[:, -1]
         self.model.train(was_training)
-        completion_ids = torch.stack(tokens, dim=1)  # [N, C]
-        completion_mask = torch.stack(alive, dim=1).to(prompt_mask.dtype)
+        completion_mask = torch.stack(alive, dim=1).to(prompt_mask.dtype)  # [N, C]
+        length = int(completion_mask.any(0).sum())  # up to the token where every row had finished
+        completion_ids, completion_mask = torch.stack(tokens, dim=1)[:, :length], completion_mask[:, :length]
         texts = self.tokenizer.batch_decode(completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True)
         return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
 
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                         temperature: float = 1.0) -> Tensor:
-    """Per-token log-probs [N, C] of the completions under ``model`` (softmax(logits / T)), in one forward."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    positions = (attention.cumsum(-1) - 1).clamp_min(0)
-    length = completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1).logits
-    logits = logits[:, :-1].float()  # [N, C, V]: position i predicts completion token i
+    """Per-token log-probs [N, C] of the completions under ``model`` (softmax(logits / T)).
+
+    Rows that repeat a prompt (a group) share its forward: the distinct prompts run once, with
+    their KV cache, and the completions of all rows run in one more forward that attends to it
+    (copied per row; gradients flow back through the copy). The same function of the weights as
+    one forward over prompt + completion, without computing each prompt M times.
+    """
+    n, p, length = *prompt_ids.shape, completion_ids.shape[1]
+    distinct, index = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == n:  # nothing shared: one forward over prompt + completion
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention = torch.cat([prompt_mask, completion_mask], dim=1)
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1).logits
+        logits = logits[:, :-1]  # [N, C, V]: position i predicts completion token i
+    else:
+        shared_ids, shared_mask = distinct[:, :p], distinct[:, p:]
+        cache = DynamicCache()
+        kwargs = {cache_kwarg(model): cache, "use_cache": True}
+        positions = (shared_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions, logits_to_keep=1,
+                       **kwargs).logits[index]  # [N, 1, V]: predicts completion token 0
+        if length > 1:
+            cache.batch_select_indices(index)
+            attention = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+            positions = (attention.cumsum(-1) - 1).clamp_min(0)[:, p:]
+            rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions, **kwargs).logits
+            logits = torch.cat([logits, rest], dim=1)  # [N, C, V]
+    logits = logits.float()
     if temperature not in (0, 1):
         logits = logits / temperature
     picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
