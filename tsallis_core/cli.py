@@ -89,26 +89,13 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_eval(args: argparse.Namespace):
-    from .config import ModelConfig
-    from .data import load_records
-    from .engines import pick_device
-    from .models import load_model, load_tokenizer
-
-    rows = load_records(args.data)[: args.limit or None]  # bad rows are reported before the model loads
-    model_cfg = ModelConfig(name_or_path=args.model)
-    device = pick_device("auto")
-    return load_model(model_cfg, device, args.seed).eval(), load_tokenizer(model_cfg), rows
-
-
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import sample_and_score, summarize, write_json
+    from .evaluate import evaluate_model, write_json
 
-    model, tokenizer, rows = _load_for_eval(args)
-    results = sample_and_score(model, tokenizer, rows, args.n, args.verifier, args.temperature, args.max_new_tokens, args.seed)
-    metrics = summarize(results, args.k)
-    path = write_json({"model": args.model, "data": args.data, "verifier": args.verifier, "temperature": args.temperature,
-                       "metrics": metrics}, args.out)
+    record = evaluate_model(args.model, args.data, args.n, args.k, args.verifier, args.temperature, args.max_new_tokens,
+                            args.seed, args.limit)
+    metrics = record["metrics"]
+    path = write_json(record, args.out)
     if args.track:
         from .tracking import MlflowTracker
 
@@ -125,9 +112,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .evaluate import diagnose, sample_and_score, write_json
+    from .evaluate import diagnose, load_for_eval, sample_and_score, write_json
 
-    model, tokenizer, rows = _load_for_eval(args)
+    model, tokenizer, rows = load_for_eval(args.model, args.data, args.limit, args.seed)
     results = sample_and_score(model, tokenizer, rows, args.m, args.verifier, args.temperature, args.max_new_tokens, args.seed)
     d = diagnose(results, args.verifier)
     write_json(asdict(d), args.out)
@@ -153,6 +140,73 @@ def _report(args: argparse.Namespace) -> int:
         print(f"registered {registered['name']} version {registered['version']}: {registered['decision']}")
     print(f"report: {paths['report']}")
     return 0
+
+
+def _pipeline_settings(args: argparse.Namespace, local: bool = False):
+    from .kubeflow import load_settings, pipeline_module
+
+    module = pipeline_module()
+    overrides = [*([f"cluster.image={args.image}"] if args.image else []), *args.overrides]
+    settings = module.local_settings(args.params, overrides) if local else load_settings(args.params, overrides)
+    return module, settings
+
+
+def _pipeline_compile(args: argparse.Namespace) -> int:
+    module, settings = _pipeline_settings(args)
+    path = module.compile_pipeline(settings, args.out)
+    runs = settings.sweep.items()
+    print(f"{path}: {len(runs)} training runs ({', '.join(r['run_name'] for r in runs)}), parallelism "
+          f"{settings.parallelism or 'unlimited'}, image {settings.cluster.image}, {settings.cluster.num_nodes} node(s) x "
+          f"{settings.cluster.gpus_per_node} GPU(s) per run")
+    return 0
+
+
+def _pipeline_submit(args: argparse.Namespace) -> int:
+    from .kubeflow import parse_params
+
+    module, settings = _pipeline_settings(args)
+    run_id = module.submit(settings, args.host, parse_params(args.param), args.experiment, args.run_name, args.namespace)
+    print(f"submitted run {run_id} to {args.host} (experiment {args.experiment!r})")
+    return 0
+
+
+def _pipeline_run_local(args: argparse.Namespace) -> int:
+    from .kubeflow import parse_params
+
+    module, settings = _pipeline_settings(args, local=True)
+    report = module.run_local(settings, args.workdir, parse_params(args.param))
+    print(f"report: {report}")
+    return 0
+
+
+def _add_pipeline_commands(commands) -> None:
+    pipeline = commands.add_parser(
+        "pipeline", help="the Kubeflow cold-start sweep: compile, submit, run locally",
+        description="Settings come from params.yaml plus key=value overrides (sweep.q=[0.5,1.0], "
+                    "sweep.estimators=[garl], parallelism=2, cluster.gpus_per_node=8, cluster.num_nodes=2, ...; "
+                    "see tsallis_core/kubeflow.py); --param name=value sets a run-time parameter (train_steps=30).")
+    sub = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    for name, func, help_text in (
+        ("compile", _pipeline_compile, "write the pipeline YAML"),
+        ("submit", _pipeline_submit, "compile and submit a run to Kubeflow Pipelines (kfp.Client)"),
+        ("run-local", _pipeline_run_local, "run the whole pipeline here (kfp.local, SubprocessRunner) on small settings"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--params", default="params.yaml", help="params.yaml whose sections give the defaults")
+        cmd.add_argument("--image", help="image of every step (default: $TSALLIS_IMAGE or the released image)")
+        cmd.add_argument("overrides", nargs="*", help="settings as key=value, e.g. sweep.q=[0.25,0.75]")
+        cmd.set_defaults(func=func)
+        if name == "compile":
+            cmd.add_argument("--out", default="outputs/kubeflow/cold_start_sweep.yaml", help="where to write the YAML")
+        else:
+            cmd.add_argument("--param", action="append", default=[], help="run-time parameter name=value (repeatable)")
+        if name == "submit":
+            cmd.add_argument("--host", required=True, help="Kubeflow Pipelines API, e.g. http://localhost:8080")
+            cmd.add_argument("--experiment", default="tsallis", help="Kubeflow experiment")
+            cmd.add_argument("--run-name", help="run name (default: Kubeflow's)")
+            cmd.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
+        if name == "run-local":
+            cmd.add_argument("--workdir", default="outputs/kubeflow-local", help="where the steps' outputs go")
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser, out: str) -> None:
@@ -253,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--bad-rows", choices=["skip", "fail"], default="skip", help="skip and report, or fail")
     prepare.add_argument("--out", required=True, help="output JSONL")
     prepare.set_defaults(func=_data_prepare)
+    _add_pipeline_commands(commands)
     return parser
 
 

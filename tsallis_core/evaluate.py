@@ -136,6 +136,29 @@ def diagnose(results: list[PromptResult], verifier: str) -> Diagnosis:
     return recommend(p0, zero, m, verifier)
 
 
+def load_for_eval(model: str, data: str | Path, limit: int = 0, seed: int = 0):
+    """(model in eval mode, tokenizer, rows): the rows first, so that bad rows are reported before the model loads."""
+    from .config import ModelConfig
+    from .data import load_records
+    from .engines import pick_device
+    from .models import load_model, load_tokenizer
+
+    rows = load_records(str(data))[: limit or None]
+    model_cfg = ModelConfig(name_or_path=model)
+    return load_model(model_cfg, pick_device("auto"), seed).eval(), load_tokenizer(model_cfg), rows
+
+
+def evaluate_model(model: str, data: str | Path, n: int, ks: Sequence[int] | None = None, verifier: str = "exact",
+                   temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0, limit: int = 0) -> dict:
+    """``tsallis evaluate`` as a function: n samples per row of ``data`` from ``model``, scored (pass@k and maj@k
+    for each k, by default 1 and n). Returns the JSON record that the command writes
+    (``{model, data, verifier, temperature, metrics}``)."""
+    net, tokenizer, rows = load_for_eval(model, data, limit, seed)
+    results = sample_and_score(net, tokenizer, rows, n, verifier, temperature, max_new_tokens, seed)
+    metrics = summarize(results, sorted(set(ks or [1, n])))
+    return {"model": str(model), "data": str(data), "verifier": verifier, "temperature": temperature, "metrics": metrics}
+
+
 def write_json(payload: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

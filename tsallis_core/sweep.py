@@ -127,6 +127,22 @@ def select_runs(run_dirs: dict[Path, bool], evals_dir: str | Path, estimators: l
     return kept
 
 
+def load_runs(run_roots: list[str | Path], evaluation_roots: list[str | Path]) -> list[SweepRun]:
+    """Runs gathered from separate places (Kubeflow passes one artifact per run): every training output
+    directory in ``run_roots`` (as find_run_dirs finds them), each with its ``<name>.json`` from one of the
+    ``evaluation_roots`` directories."""
+    evaluations = {path.stem: path for root in map(Path, evaluation_roots) for path in sorted(root.glob("*.json"))}
+    runs = []
+    for run_dir in find_run_dirs(run_roots):
+        if run_dir.name not in evaluations:
+            raise SweepError(f"no evaluation {run_dir.name}.json for the run {run_dir} in "
+                             f"{', '.join(map(str, evaluation_roots)) or 'no directories'}: evaluate it first")
+        runs.append(load_run(run_dir, evaluations[run_dir.name]))
+    if not runs:
+        raise SweepError(f"no training runs in {', '.join(map(str, run_roots)) or 'no directories'}")
+    return runs
+
+
 def steps_to_escape(history: list[dict], threshold: float, window: int = 5) -> int | None:
     """First step at which the moving average of the success rate over ``window`` steps reaches ``threshold``."""
     rates = [row["success_rate"] for row in history]
@@ -212,14 +228,14 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
     summary = {"champion": champion.name, metric: champion.metric(metric),
                "runs": {r.name: {metric: r.metric(metric), "final_success": final_success(r.history)} for r in runs}}
     if registered:
-        summary["registered_version"] = registered["alias_version"]
+        summary["registered_version"] = int(registered["alias_version"])
     paths["metrics"] = out / "metrics.json"
     paths["metrics"].write_text(json.dumps(summary, indent=2))
 
     registry = ""
     if registered:
-        registry = (f"Registry: `{registered['name']}` version {registered['version']} holds this champion; the alias "
-                    f"`{CHAMPION_ALIAS}` points at version {registered['alias_version']} ({registered['decision']}); "
+        registry = (f"Registry: `{registered['name']}` version {int(registered['version'])} holds this champion; the alias "
+                    f"`{CHAMPION_ALIAS}` points at version {int(registered['alias_version'])} ({registered['decision']}); "
                     f"load it with `mlflow.transformers.load_model(\"{registered['model_uri']}\")`.\n\n")
     text = (
         f"# q-sweep report\n\nChampion by `{metric}`: **{champion.name}** ({champion.label}, "

@@ -1,0 +1,36 @@
+# The project's image: every Kubeflow step and every TrainJob node runs it (README, section Kubeflow).
+#   docker build -t REGISTRY/tsallis:TAG . && docker push REGISTRY/tsallis:TAG
+#   export TSALLIS_IMAGE=REGISTRY/tsallis:TAG   # then: tsallis pipeline compile / submit
+# CUDA 12.8 + cuDNN 9 with torch 2.7.1 (Python 3.11); the host needs only the NVIDIA driver.
+FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DS_BUILD_OPS=0 \
+    TQDM_DISABLE=1 \
+    TSALLIS_HOME=/app \
+    HF_HOME=/cache/huggingface
+
+WORKDIR /app
+
+# Dependencies first, pinned: this big layer is rebuilt only when docker/requirements.txt changes.
+COPY docker/requirements.txt docker/requirements.txt
+RUN pip install --no-cache-dir -r docker/requirements.txt
+
+# The package with its DeepSpeed and Kubeflow extras (already satisfied by the pins above), the configs that
+# `tsallis train --config configs/...` reads, and the pipeline sources for `tsallis pipeline` in the image.
+COPY pyproject.toml README.md ./
+COPY tsallis_core/ tsallis_core/
+RUN pip install --no-cache-dir --constraint docker/requirements.txt ".[deepspeed,kubeflow]"
+COPY configs/ configs/
+COPY components/ components/
+COPY pipelines/ pipelines/
+
+# Non-root; the model and dataset cache (HF_HOME) is the PVC mounted at /cache.
+RUN useradd --create-home --uid 1000 tsallis && mkdir -p /cache/huggingface && chown -R tsallis /cache
+USER 1000
+VOLUME ["/cache"]
+
+CMD ["tsallis", "--help"]

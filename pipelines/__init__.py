@@ -1,0 +1,1 @@
+"""The Kubeflow pipelines of the project (cold_start_sweep.py)."""

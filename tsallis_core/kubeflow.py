@@ -1,0 +1,211 @@
+"""Settings of the Kubeflow cold-start sweep, checked before a pipeline is compiled.
+
+The pipeline itself is ``pipelines/cold_start_sweep.py`` and its steps are ``components/stages.py``; both read
+these settings. Two kinds of values: the *build-time* ones here (the q grid, estimators, parallelism and where
+training runs: image, GPUs, nodes, Kubernetes settings), which shape the compiled YAML, and the *run-time*
+parameters of the pipeline (the knobs of params.yaml: data, warm-up, training, evaluation, report), which
+``tsallis pipeline submit --param key=value`` changes per run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .config import ConfigError, _format_error, _merge, parse_overrides
+
+IMAGE_REPOSITORY = "ghcr.io/tsallis-pipeline/tsallis"
+ESTIMATORS = ("garl", "paft", "grpo")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_image() -> str:
+    """The project's image: ``$TSALLIS_IMAGE``, else ``ghcr.io/tsallis-pipeline/tsallis:<package version>``."""
+    from . import __version__
+
+    return os.environ.get("TSALLIS_IMAGE") or f"{IMAGE_REPOSITORY}:{__version__}"
+
+
+def resolve_path(path: str) -> str:
+    """A repository file (``configs/rl.yaml``) as given when it exists, else under ``$TSALLIS_HOME`` (the image
+    sets it to where it keeps ``configs/``), else under the checkout that holds this package."""
+    for candidate in (Path(path), Path(os.environ.get("TSALLIS_HOME", REPO_ROOT)) / path, REPO_ROOT / path):
+        if candidate.exists():
+            return str(candidate)
+    return path  # load_config names the missing file
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SweepGrid(_Section):
+    """The ParallelFor of the pipeline: every estimator at every q and seed (GRPO, which has no q, once per seed)."""
+
+    estimators: list[str] = Field(["garl", "paft"], description=f"estimators swept over q: {', '.join(ESTIMATORS)}")
+    q: list[float] = Field([0.0, 0.5, 1.0], description="the q grid, each in [0, 1]")
+    seeds: list[int] = Field([0], description="seeds of every run")
+    baseline: bool = Field(True, description="also train the GRPO baseline once per seed (dvc.yaml's stage baseline)")
+
+    @field_validator("estimators")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = [e for e in value if e not in ESTIMATORS]
+        if unknown:
+            raise ValueError(f"unknown estimator {', '.join(map(repr, unknown))}; choose from {', '.join(ESTIMATORS)}")
+        if not value:
+            raise ValueError(f"the estimator list is empty; give at least one of {', '.join(ESTIMATORS)}")
+        return value
+
+    @field_validator("q")
+    @classmethod
+    def _in_unit_interval(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("the q grid is empty; give at least one q in [0, 1], e.g. sweep.q=[0.5,1.0]")
+        bad = [q for q in value if not (math.isfinite(q) and 0.0 <= q <= 1.0)]
+        if bad:
+            raise ValueError(f"every q must be in [0, 1]; got {', '.join(map(str, bad))}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seed(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("the seed list is empty; give at least one seed, e.g. sweep.seeds=[0]")
+        return value
+
+    def items(self) -> list[dict[str, Any]]:
+        """One dict per training run, named as dvc.yaml names its output directories (garl-q0.5-s0, grpo-s0)."""
+        runs = [{"run_name": f"{e}-q{q}-s{s}", "estimator": e, "q": float(q), "seed": s}
+                for e in self.estimators if e != "grpo" for q in self.q for s in self.seeds]
+        if self.baseline or "grpo" in self.estimators:
+            runs += [{"run_name": f"grpo-s{s}", "estimator": "grpo", "q": 0.0, "seed": s} for s in self.seeds]
+        return runs
+
+
+class ClusterSettings(_Section):
+    """Where the training steps run on Kubernetes (the local run ignores all of it)."""
+
+    image: str = Field(default_factory=default_image, description="image of every step ($TSALLIS_IMAGE)")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs of a training pod; > 1: torchrun + DeepSpeed across them; 0: CPU")
+    num_nodes: int = Field(1, ge=1, description="> 1: each run is a Kubeflow Trainer TrainJob on this many nodes")
+    accelerator_type: str = Field("nvidia.com/gpu", description="the accelerator resource of training pods")
+    deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="ZeRO config when training on > 1 GPU")
+    cpu: str = Field("8", description="CPU request and limit of a training pod")
+    memory: str = Field("64Gi", description="memory request and limit of a training pod")
+    node_selector: dict[str, str] = Field({"nvidia.com/gpu.present": "true"}, description="labels of GPU nodes")
+    tolerations: list[dict[str, str]] = Field([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                                              description="tolerations of the GPU nodes' taints")
+    cache_pvc: str = Field("tsallis-cache", description="PVC of the model and dataset cache (HF_HOME); ReadWriteMany for TrainJobs")
+    cache_path: str = Field("/cache", description="where the cache PVC is mounted")
+    shm_size: str = Field("16Gi", description="size of the in-memory /dev/shm")
+    mlflow_secret: str = Field("mlflow-credentials", description="Secret with MLFLOW_TRACKING_URI (and _USERNAME, _PASSWORD)")
+    trainer_runtime: str = Field("torch-distributed", description="Kubeflow Trainer runtime of the TrainJobs")
+    trainjob_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long the launcher waits for a TrainJob")
+
+
+class DataParams(_Section):
+    seed: int = 0
+    p0: float = Field(0.05, gt=0.0, le=1.0)
+    num_train: int = Field(2000, ge=1)
+    num_test: int = Field(100, ge=1)
+    num_pretrain: int = Field(38400, ge=1)
+
+
+class WarmupParams(_Section):
+    model: str = "embedded:tiny"
+    steps: int = Field(600, ge=0, description="0 skips the warm-up (the model passes through unchanged)")
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class TrainParams(_Section):
+    model_config = ConfigDict(extra="ignore")  # params.yaml's estimator, q, seed belong to DVC's single experiment
+
+    steps: int = Field(60, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    group_size: int = Field(8, ge=2)
+    batch_size: int = Field(64, ge=2)
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, ge=0)
+
+
+class EvaluateParams(_Section):
+    n: int = Field(8, ge=1)
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    seed: int = 0
+
+
+class ReportParams(_Section):
+    metric: str = "maj@8"
+    escape_threshold: float = 0.25
+    registered_model: str = "tsallis-synthetic"
+    sweep: str = "synthetic-cold-start"
+    experiment: str = "tsallis"
+
+
+class PipelineSettings(_Section):
+    """Everything ``tsallis pipeline compile`` needs: params.yaml's sections plus the fields below."""
+
+    platform: Literal["kubernetes", "local"] = Field("kubernetes", description="local: no GPU or Kubernetes settings (kfp.local)")
+    parallelism: int = Field(4, ge=0, description="training runs at once (0: no limit)")
+    sweep: SweepGrid = Field(default_factory=SweepGrid)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    data: DataParams = Field(default_factory=DataParams)
+    warmup: WarmupParams = Field(default_factory=WarmupParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    report: ReportParams = Field(default_factory=ReportParams)
+
+    def runtime_defaults(self) -> dict[str, Any]:
+        """The pipeline's run-time parameters and their defaults, ``section_field`` (e.g. ``train_steps``)."""
+        return {f"{section}_{name}": value for section in ("data", "warmup", "train", "evaluate", "report")
+                for name, value in getattr(self, section).model_dump().items()}
+
+
+def load_settings(params: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None,
+                  **fields: Any) -> PipelineSettings:
+    """PipelineSettings from params.yaml (skipped when None or missing), ``key=value`` overrides
+    (``sweep.q=[0.5,1.0]``, ``cluster.gpus_per_node=8``, ``platform=local``) and keyword fields.
+
+    A bad value raises ConfigError naming the field, before anything is compiled."""
+    data: dict[str, Any] = {}
+    if params is not None and Path(params).is_file():
+        loaded = yaml.safe_load(Path(params).read_text()) or {}
+        data = {k: v for k, v in loaded.items() if k in PipelineSettings.model_fields}
+    data = _merge(_merge(data, parse_overrides(overrides or [])), fields)
+    try:
+        return PipelineSettings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid pipeline settings: {_format_error(error)}") from None
+
+
+def pipeline_module():
+    """``pipelines/cold_start_sweep.py`` of the checkout (the pipeline and components live next to the package,
+    as dvc.yaml does): found from the working directory or from this package's checkout."""
+    import importlib
+    import sys
+
+    for root in (Path.cwd(), REPO_ROOT):
+        if (root / "pipelines" / "cold_start_sweep.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("pipelines.cold_start_sweep")
+    raise FileNotFoundError("pipelines/cold_start_sweep.py not found: run `tsallis pipeline` in a checkout of tsallis-pipeline")
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """``["train_steps=5", "report_metric=maj@4"]`` -> run-time parameters, values parsed as YAML scalars."""
+    params = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r} must look like name=value, e.g. train_steps=30")
+        params[key] = yaml.safe_load(raw)
+    return params
