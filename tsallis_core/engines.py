@@ -21,7 +21,7 @@ from .config import ConfigError, OptimConfig
 
 def world() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment (torchrun or deepspeed), or (0, 1)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def pick_device(name: str) -> torch.device:
@@ -29,7 +29,7 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError("engine.device is 'cuda' but no CUDA GPU is available (use engine.device=auto or cpu)")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _free_port() -> int:

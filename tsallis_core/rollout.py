@@ -146,10 +146,11 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         cache = DynamicCache()
+        cache_arg = {cache_kwarg(self.model): cache}
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
         logits = self.model(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions, use_cache=True,
-            logits_to_keep=1, **{cache_kwarg(self.model): cache},
+            logits_to_keep=1, **cache_arg,
         ).logits[index, -1]  # [N, V]
         capacity = enc["input_ids"].shape[1] + self.max_new_tokens
         cache.layers = [PreallocatedLayer(layer.keys[index], layer.values[index], capacity) for layer in cache.layers]
@@ -157,7 +158,8 @@ class HFRollout:
         attention = prompt_mask
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         tokens, alive = [], []
-        for t in tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, **({} if self.progress else {"disable": True})):
+        steps = tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, disable=not self.progress)
+        for t in steps:
             next_tokens = sample_tokens(logits.float(), seeds_t, t, self.temperature)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             alive.append(~finished)
@@ -169,7 +171,7 @@ class HFRollout:
             position = position + 1
             logits = self.model(
                 input_ids=next_tokens[:, None], attention_mask=attention, position_ids=position, use_cache=True,
-                **{cache_kwarg(self.model): cache},
+                **cache_arg,
             ).logits[:, -1]
         self.model.train(was_training)
         completion_mask = torch.stack(alive, dim=1).to(prompt_mask.dtype)  # [N, C]
