@@ -158,8 +158,7 @@ class HFRollout:
         attention = prompt_mask
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         tokens, alive = [], []
-        steps = tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, disable=not self.progress)
-        for t in steps:
+        for t in tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, **({} if self.progress else {"disable": True})):
             next_tokens = sample_tokens(logits.float(), seeds_t, t, self.temperature)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             alive.append(~finished)
