@@ -13,23 +13,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TSALLIS_HOME=/app \
     HF_HOME=/cache/huggingface
 
+# Non-root user uid 1000; /app (where steps write outputs/) and the cache mount point belong to it.
+RUN useradd --create-home --uid 1000 tsallis && mkdir -p /app /cache/huggingface && chown -R tsallis /app /cache
 WORKDIR /app
 
 # Dependencies first, pinned: this big layer is rebuilt only when docker/requirements.txt changes.
-COPY docker/requirements.txt docker/requirements.txt
+COPY --chown=1000 docker/requirements.txt docker/requirements.txt
 RUN pip install --no-cache-dir -r docker/requirements.txt
 
 # The package with its DeepSpeed and Kubeflow extras (already satisfied by the pins above), the configs that
 # `tsallis train --config configs/...` reads, and the pipeline sources for `tsallis pipeline` in the image.
-COPY pyproject.toml README.md ./
-COPY tsallis_core/ tsallis_core/
+COPY --chown=1000 pyproject.toml README.md ./
+COPY --chown=1000 tsallis_core/ tsallis_core/
 RUN pip install --no-cache-dir --constraint docker/requirements.txt ".[deepspeed,kubeflow]"
-COPY configs/ configs/
-COPY components/ components/
-COPY pipelines/ pipelines/
+COPY --chown=1000 configs/ configs/
+COPY --chown=1000 components/ components/
+COPY --chown=1000 pipelines/ pipelines/
 
-# Non-root; the model and dataset cache (HF_HOME) is the PVC mounted at /cache.
-RUN useradd --create-home --uid 1000 tsallis && mkdir -p /cache/huggingface && chown -R tsallis /cache
+# The model and dataset cache (HF_HOME) is the PVC mounted at /cache (writable by uid 1000: README, Kubeflow).
 USER 1000
 VOLUME ["/cache"]
 

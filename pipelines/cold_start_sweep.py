@@ -120,12 +120,23 @@ def compile_pipeline(settings: PipelineSettings, out: str | Path) -> Path:
 
 
 def check_params(settings: PipelineSettings, params: dict[str, Any]) -> dict[str, Any]:
-    """Run-time parameters by name (``train_steps``); an unknown name is an error that lists the known ones."""
+    """Run-time parameters by name (``train_steps``), each converted to the type of its default (``train_lr=1e-4``,
+    which YAML reads as a string, becomes 0.0001); an unknown name or a value of the wrong kind is an error."""
+    from pydantic import TypeAdapter, ValidationError
+
     known = settings.runtime_defaults()
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise ValueError(f"unknown pipeline parameter {', '.join(unknown)}; known: {', '.join(known)}")
-    return params
+    typed = {}
+    for name, value in params.items():
+        default = known[name]
+        try:
+            typed[name] = TypeAdapter(type(default)).validate_python(value)
+        except ValidationError:
+            raise ValueError(f"pipeline parameter {name}={value!r}: expected {type(default).__name__}, "
+                             f"like its default {default!r}") from None
+    return typed
 
 
 def submit(settings: PipelineSettings, host: str, params: dict[str, Any], experiment: str = "tsallis",
@@ -136,7 +147,7 @@ def submit(settings: PipelineSettings, host: str, params: dict[str, Any], experi
 
     import kfp
 
-    check_params(settings, params)
+    params = check_params(settings, params)
     with tempfile.TemporaryDirectory() as tmp:
         path = compile_pipeline(settings, package or Path(tmp) / "pipeline.yaml")
         client = kfp.Client(host=host, namespace=namespace)

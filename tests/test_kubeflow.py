@@ -16,7 +16,7 @@ from conftest import REPO, free_port
 
 pytest.importorskip("kfp", reason="kfp is in the test extra")
 
-from pipelines.cold_start_sweep import compile_pipeline, local_settings, run_local
+from pipelines.cold_start_sweep import check_params, compile_pipeline, local_settings, run_local
 from tsallis_core.config import ConfigError
 from tsallis_core.kubeflow import load_settings
 from tsallis_core.launch import TrainJobFailed, run_trainjob, train_argv, trainjob_manifest, trainjob_request
@@ -132,6 +132,7 @@ def test_trainjob_spec_without_a_cluster():
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["cache"]["persistentVolumeClaim"] == {"claimName": "tsallis-cache"}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert pod["securityContext"] == {"fsGroup": 1000}  # the image's uid 1000 writes to the cache PVC
     container = pod["containers"][0]
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/cache", "/dev/shm"}
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
@@ -143,7 +144,7 @@ class FakeTrainer:
     """Stands in for kubeflow.trainer.TrainerClient: 'runs' the job by writing what tsallis train would."""
 
     def __init__(self, status: str):
-        self.status, self.submitted = status, None
+        self.status, self.submitted, self.deleted = status, None, []
 
     def train(self, runtime, trainer, options):
         self.submitted = SimpleNamespace(runtime=runtime, trainer=trainer, options=options)
@@ -156,7 +157,12 @@ class FakeTrainer:
 
     def wait_for_job_status(self, name, status, timeout, polling_interval):
         assert {"Complete", "Failed"} <= status
+        if self.status == "Running":  # still running when the wait gives up
+            raise TimeoutError(f"Timeout waiting for TrainJob {name} to reach status {status}")
         return SimpleNamespace(name=name, status=self.status)
+
+    def delete_job(self, name):
+        self.deleted.append(name)
 
     def get_job_events(self, name):
         return [SimpleNamespace(involved_object_name="tsallis-job-node-0-1", reason="BackOff", message="OOMKilled")]
@@ -189,6 +195,37 @@ def test_trainjob_launcher_stages_submits_and_copies_back(tmp_path):
     command = next(o.command for o in fake.submitted.options if hasattr(o, "command"))
     staged = [a for a in command if a.startswith(("model.name_or_path=", "data.train_path="))]
     assert all(str(tmp_path / "cache" / "trainjobs") in a for a in staged) and len(staged) == 2
+    assert fake.deleted == [] and list((tmp_path / "cache" / "trainjobs").iterdir()) == []  # staged copy removed
+
+
+def test_trainjob_that_times_out_is_deleted(tmp_path):
+    data, model = _stage_inputs(tmp_path)
+    fake = FakeTrainer("Running")
+    with pytest.raises(TimeoutError):
+        run_trainjob("configs/rl.yaml", [], str(data), str(model), str(tmp_path / "out"), "garl-q1.0-s0",
+                     _cluster(tmp_path), client=fake)
+    assert fake.deleted == ["tsallis-job"] and list((tmp_path / "cache" / "trainjobs").iterdir()) == []
+
+
+def test_trainjob_whose_step_the_processes_cannot_share_fails_before_staging(tmp_path):
+    data, model = _stage_inputs(tmp_path)
+    cluster = load_settings(None, [f"cluster.cache_path={tmp_path / 'cache'}", "cluster.num_nodes=4",
+                                   "cluster.gpus_per_node=8"]).cluster  # 32 processes; configs/rl.yaml: 8 prompts
+    fake = FakeTrainer("Complete")
+    with pytest.raises(ConfigError, match="must be divisible by processes x optim.grad_accum = 32 x 1"):
+        run_trainjob("configs/rl.yaml", [], str(data), str(model), str(tmp_path / "out"), "garl-q1.0-s0", cluster,
+                     client=fake)
+    assert fake.submitted is None and not (tmp_path / "cache").exists()
+
+
+def test_cluster_numbers_and_runtime_parameters_take_their_fields_types():
+    settings = load_settings(REPO / "params.yaml", ["cluster.cpu=64", "cluster.memory=512Gi"])
+    assert settings.cluster.cpu == "64"
+    params = check_params(settings, {"train_lr": "1e-4", "train_steps": 200, "warmup_model": "Qwen/Qwen2.5-0.5B"})
+    assert params == {"train_lr": 1e-4, "train_steps": 200, "warmup_model": "Qwen/Qwen2.5-0.5B"}
+    assert type(params["train_lr"]) is float
+    with pytest.raises(ValueError, match="pipeline parameter train_steps='many': expected int"):
+        check_params(settings, {"train_steps": "many"})
 
 
 def test_trainjob_failure_fails_the_task_with_the_jobs_error(tmp_path):

@@ -60,3 +60,39 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_plain_forward():
     torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=0)
     for a, b in zip(shared_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _ranks_worker(rank: int, port: int, out: str) -> None:
+    """Rank 0 holds a group (a repeated prompt), rank 1 distinct prompts: both must run as many forwards."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model, tok = load_model(ModelConfig(), torch.device("cpu"), 0), load_tokenizer(ModelConfig())
+    prompts = ["Q: 1+2\n"] * 3 if rank == 0 else ["Q: 1+2\n", "Q: 3+4\n", "Q: 5+6\n"]
+    r = HFRollout(model, tok, temperature=1.0, max_new_tokens=6).generate(prompts, [row_seed(rank, i) for i in range(3)])
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    logprobs = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    dist.destroy_process_group()
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"forwards": len(forwards), "logprobs": logprobs.tolist(), "rows": r.completion_ids.tolist(),
+                   "prompt_ids": r.prompt_ids.tolist(), "prompt_mask": r.prompt_mask.tolist(),
+                   "mask": r.completion_mask.tolist()}, f)
+
+
+def test_ranks_agree_on_the_number_of_forwards(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    mp.spawn(_ranks_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0]["forwards"] == results[1]["forwards"] == 1  # rank 0 alone would share its prompt: 2
+    model = load_model(ModelConfig(), torch.device("cpu"), 0)
+    for res in results:  # the single forward gives what one process gives
+        alone = completion_logprobs(model, *(torch.tensor(res[k]) for k in ("prompt_ids", "prompt_mask", "rows", "mask")))
+        assert torch.allclose(torch.tensor(res["logprobs"]) * torch.tensor(res["mask"]), alone * torch.tensor(res["mask"]),
+                              atol=1e-5)

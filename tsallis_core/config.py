@@ -175,6 +175,15 @@ class TrainConfig(_Section):
             raise ValueError(f"optim.grad_accum ({self.optim.grad_accum}) must divide sft.batch_size ({self.sft.batch_size})")
         return self
 
+    def check_processes(self, processes: int) -> None:
+        """ConfigError unless each of ``processes`` training processes gets a whole share of every step
+        (checked by the trainer, and by the launchers before they start processes or submit a TrainJob)."""
+        per_step = self.sft.batch_size if self.stage == "sft" else self.rl.prompts_per_step
+        if per_step % (processes * self.optim.grad_accum):
+            name = "sft.batch_size" if self.stage == "sft" else "prompts per step (rl.batch_size / rl.group_size)"
+            raise ConfigError(f"{name} = {per_step} must be divisible by processes x optim.grad_accum = "
+                              f"{processes} x {self.optim.grad_accum}")
+
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["rl.q=0.5", "model.lora.r=8"]`` -> nested dict; values parsed as YAML scalars."""

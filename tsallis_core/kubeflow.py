@@ -36,7 +36,7 @@ def resolve_path(path: str) -> str:
     sets it to where it keeps ``configs/``), else under the checkout that holds this package."""
     for candidate in (Path(path), Path(os.environ.get("TSALLIS_HOME", REPO_ROOT)) / path, REPO_ROOT / path):
         if candidate.exists():
-            return str(candidate)
+            return str(candidate.resolve())
     return path  # load_config names the missing file
 
 
@@ -90,6 +90,8 @@ class SweepGrid(_Section):
 
 class ClusterSettings(_Section):
     """Where the training steps run on Kubernetes (the local run ignores all of it)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)  # cluster.cpu=64
 
     image: str = Field(default_factory=default_image, description="image of every step ($TSALLIS_IMAGE)")
     gpus_per_node: int = Field(1, ge=0, description="GPUs of a training pod; > 1: torchrun + DeepSpeed across them; 0: CPU")

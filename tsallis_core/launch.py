@@ -40,6 +40,7 @@ def run_training(config: str, overrides: list[str], gpus: int = 0,
 
     config = resolve_path(config)
     cfg = load_config(config, overrides)  # a bad field fails here, before any process starts
+    cfg.check_processes(max(gpus, 1))
     if gpus <= 1:
         from .trainer import train
 
@@ -89,7 +90,8 @@ def trainjob_request(name: str, image: str, command: list[str], num_nodes: int, 
     pod = opt.PodSpecPatch(
         volumes=[{"name": "cache", "persistentVolumeClaim": {"claimName": cache_pvc}},
                  {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}],
-        containers=[container], node_selector=node_selector or None, tolerations=tolerations or None)
+        containers=[container], node_selector=node_selector or None, tolerations=tolerations or None,
+        security_context={"fsGroup": 1000})  # the image's user (uid 1000) can write to the cache PVC
     patch = opt.RuntimePatch(training_runtime_spec=opt.TrainingRuntimeSpecPatch(template=opt.JobSetTemplatePatch(
         spec=opt.JobSetSpecPatch(replicated_jobs=[opt.ReplicatedJobPatch(name="node", template=opt.JobTemplatePatch(
             spec=opt.JobSpecPatch(template=opt.PodTemplatePatch(spec=pod))))]))))
@@ -130,7 +132,12 @@ def submit_trainjob(request: TrainJobRequest, client=None, timeout_s: int = 7 * 
         client = TrainerClient()
     name = client.train(runtime=request.runtime, trainer=request.trainer, options=request.options)
     print(f"TrainJob {name} submitted (runtime {request.runtime}, {request.trainer.num_nodes} nodes)", flush=True)
-    job = client.wait_for_job_status(name, status={"Complete", "Failed"}, timeout=timeout_s, polling_interval=poll_s)
+    try:
+        job = client.wait_for_job_status(name, status={"Complete", "Failed"}, timeout=timeout_s, polling_interval=poll_s)
+    except BaseException:  # timed out, the API failed, or the step was stopped: the job must not keep its GPUs
+        print(f"deleting TrainJob {name}", flush=True)
+        client.delete_job(name)
+        raise
     if job.status == "Complete":
         return job
     try:
@@ -162,21 +169,25 @@ def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_di
     GPUs), and the run directory is copied back to ``output_dir/<run_name>``. Returns the last step's metrics."""
     name = job_name(run_name)
     work = Path(cluster.cache_path) / "trainjobs" / name
-    shutil.copytree(data_dir, work / "data", dirs_exist_ok=True)
-    shutil.copytree(base_model_dir, work / "base", dirs_exist_ok=True)
     run_dir = work / "run" / run_name
     overrides = [*overrides, f"output_dir={run_dir}", f"model.name_or_path={work / 'base'}",
                  f"data.train_path={work / 'data' / 'train.jsonl'}"]
     from .config import load_config
 
-    config = resolve_path(config)  # the nodes run the same image: the same absolute paths
-    load_config(config, overrides)  # a bad field fails here, before the job is submitted
+    config = resolve_path(config)  # an absolute path in the image: the same on every node
+    # a bad field, or a step that the nodes x GPUs processes cannot share, fails here, before anything is staged
+    load_config(config, overrides).check_processes(cluster.num_nodes * max(cluster.gpus_per_node, 1))
     command = train_argv(config, overrides, max(cluster.gpus_per_node, 1), resolve_path(cluster.deepspeed_config),
                          distributed_args=())
     request = trainjob_request(
         name, cluster.image, command, cluster.num_nodes, cluster.gpus_per_node, cluster.cpu, cluster.memory,
         cluster.accelerator_type, cluster.trainer_runtime, cluster.cache_pvc, cluster.cache_path, cluster.shm_size,
         cluster.mlflow_secret, cluster.node_selector, cluster.tolerations)
-    submit_trainjob(request, client, cluster.trainjob_timeout_s)
-    shutil.copytree(run_dir, Path(output_dir) / run_name, dirs_exist_ok=True)
-    return json.loads((run_dir / "metrics.json").read_text())
+    try:
+        shutil.copytree(data_dir, work / "data", dirs_exist_ok=True)
+        shutil.copytree(base_model_dir, work / "base", dirs_exist_ok=True)
+        submit_trainjob(request, client, cluster.trainjob_timeout_s)
+        shutil.copytree(run_dir, Path(output_dir) / run_name, dirs_exist_ok=True)
+        return json.loads((run_dir / "metrics.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the staged copy on the shared cache

@@ -180,6 +180,19 @@ class HFRollout:
         return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
 
 
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """``flag`` on every process of the job (True only if True on all); ``flag`` when not distributed.
+
+    Ranks must run the same number of forwards: ZeRO-3 gathers the weights in each and DDP syncs buffers."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    agreed = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
+
+
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                         temperature: float = 1.0) -> Tensor:
     """Per-token log-probs [N, C] of the completions under ``model`` (softmax(logits / T)).
@@ -187,11 +200,12 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     Rows that repeat a prompt (a group) share its forward: the distinct prompts run once, with
     their KV cache, and the completions of all rows run in one more forward that attends to it
     (copied per row; gradients flow back through the copy). The same function of the weights as
-    one forward over prompt + completion, without computing each prompt M times.
+    one forward over prompt + completion, without computing each prompt M times. Under several
+    processes all take the shared path or none (they run the same number of forwards).
     """
     n, p, length = *prompt_ids.shape, completion_ids.shape[1]
     distinct, index = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
-    if len(distinct) == n:  # nothing shared: one forward over prompt + completion
+    if not _all_ranks(len(distinct) < n and length > 1, prompt_ids.device):  # nothing shared: one forward
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([prompt_mask, completion_mask], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
@@ -204,12 +218,11 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         positions = (shared_mask.cumsum(-1) - 1).clamp_min(0)
         logits = model(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions, logits_to_keep=1,
                        **kwargs).logits[index]  # [N, 1, V]: predicts completion token 0
-        if length > 1:
-            cache.batch_select_indices(index)
-            attention = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
-            positions = (attention.cumsum(-1) - 1).clamp_min(0)[:, p:]
-            rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions, **kwargs).logits
-            logits = torch.cat([logits, rest], dim=1)  # [N, C, V]
+        cache.batch_select_indices(index)
+        attention = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)[:, p:]
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions, **kwargs).logits
+        logits = torch.cat([logits, rest], dim=1)  # [N, C, V]
     logits = logits.float()
     if temperature not in (0, 1):
         logits = logits / temperature

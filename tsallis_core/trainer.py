@@ -174,17 +174,12 @@ class Trainer:
         required = ("prompt", "completion") if config.stage == "sft" else ("prompt", "answer")
         self.rows = load_records(config.data.train_path, required)
         check_model_source(config.model.name_or_path)
-        per_step = config.sft.batch_size if config.stage == "sft" else config.rl.prompts_per_step
         if not resume and _checkpoint_dirs(self.output_dir):
             raise ConfigError(
                 f"output_dir {self.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                 f"or choose another output_dir"
             )
-        if per_step % (self.world_size * config.optim.grad_accum):
-            raise ConfigError(
-                f"{'sft.batch_size' if config.stage == 'sft' else 'prompts per step (rl.batch_size / rl.group_size)'} "
-                f"= {per_step} must be divisible by processes x optim.grad_accum = {self.world_size} x {config.optim.grad_accum}"
-            )
+        config.check_processes(self.world_size)
         self.tracker = make_tracker(config.tracking.enabled, config.tracking.experiment, self.rank == 0)
         if config.engine.threads:
             torch.set_num_threads(config.engine.threads)
