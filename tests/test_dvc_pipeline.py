@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO
+
+from benchmarks.dvc_repro import make_repo
 
 SMALL = {  # a sweep of 2 estimators x 2 q + GRPO + the single experiment, a few steps each
     "data": {"p0": 0.9, "num_train": 64, "num_test": 8},
@@ -53,17 +53,8 @@ def repo(tmp_path_factory) -> Path:
     """A git repository with the project's pipeline files and small parameters, after one ``dvc repro``."""
     root = tmp_path_factory.mktemp("dvc") / "project"
     root.mkdir()
-    for name in ("dvc.yaml", "configs", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore"):
-        source, target = REPO / name, root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(root, "init", "-q")
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "pipeline")
+    make_repo(root, [f"{section}.{key}={json.dumps(value)}" for section, values in SMALL.items()
+                     for key, value in values.items()])
     result = dvc(root, "repro")
     (root / "repro.log").write_text(result.stdout)
     return root

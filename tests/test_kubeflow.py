@@ -5,14 +5,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import REPO, free_port
+from conftest import REPO
 
 pytest.importorskip("kfp", reason="kfp is in the test extra")
 
@@ -245,28 +243,6 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
     text = (REPO / "Dockerfile").read_text()
     assert "USER 1000" in text and "HF_HOME=/cache/huggingface" in text and "SECRET" not in text.upper()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-kfp")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2).read()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def test_whole_pipeline_runs_locally_and_registers_the_champion(mlflow_server, tmp_path, monkeypatch):

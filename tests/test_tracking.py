@@ -1,37 +1,9 @@
 """MLflow tracking against a real ``mlflow server`` on 127.0.0.1."""
 
 import json
-import subprocess
-import sys
 import time
-import urllib.request
 
-import pytest
 from conftest import free_port, rl_args, run_tsallis
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2).read()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def test_run_logs_config_metrics_samples_and_a_loadable_model(mlflow_server, base_model, task_dir, tmp_path):
