@@ -142,6 +142,45 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_escape(args: argparse.Namespace) -> int:
+    from .study import load_study, run_study
+
+    study = load_study(args.params, args.overrides)
+    out = run_study(study, args.parts)
+    if args.report:
+        from .study_report import write_study_report
+
+        print(f"report: {write_study_report(study, args.report)}")
+    print(f"study: {out}")
+    return 0
+
+
+def _study_report(args: argparse.Namespace) -> int:
+    from .study import load_study
+    from .study_report import write_study_report
+
+    print(f"report: {write_study_report(load_study(args.params, args.overrides), args.out)}")
+    return 0
+
+
+def _add_study_commands(commands) -> None:
+    study = commands.add_parser("study", help="the cold-start escape study (cached, resumable, parallel runs)")
+    sub = study.add_subparsers(dest="study_command", required=True)
+    escape = sub.add_parser("escape", help="run the study's parts: core, mechanism, noise, factors",
+                            description="Runs are cached under the params file's `out`; a rerun does only what is "
+                                        "missing. Settings: the fields of tsallis_core.study.StudyConfig.")
+    escape.add_argument("--params", default="configs/study/escape.yaml", help="the study's params file (YAML)")
+    escape.add_argument("--parts", nargs="*", help="parts to run (default: all): core mechanism noise factors")
+    escape.add_argument("--report", help="also write the report (markdown and plots) into this directory")
+    escape.add_argument("overrides", nargs="*", help="key=value overrides of the params, e.g. workers=1 seeds=2")
+    escape.set_defaults(func=_study_escape)
+    report = sub.add_parser("report", help="tables and plots from the runs done so far")
+    report.add_argument("--params", default="configs/study/escape.yaml", help="the study's params file (YAML)")
+    report.add_argument("--out", default="docs/escape", help="where the report and plots go")
+    report.add_argument("overrides", nargs="*", help="key=value overrides of the params")
+    report.set_defaults(func=_study_report)
+
+
 def _pipeline_settings(args: argparse.Namespace, local: bool = False):
     from .kubeflow import load_settings, pipeline_module
 
@@ -308,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, help="output JSONL")
     prepare.set_defaults(func=_data_prepare)
     _add_pipeline_commands(commands)
+    _add_study_commands(commands)
     return parser
 
 

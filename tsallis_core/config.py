@@ -68,6 +68,8 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (adamw) or L2 (sgd)")
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
         (0.9, 0.999), description="AdamW betas, each in [0, 1)")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon; above the per-parameter gradient RMS Adam acts like SGD "
+                       "with lr/eps on small gradients, as in billion-parameter models (docs/escape.md)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warm-up")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     grad_clip: float | None = Field(1.0, ge=0.0, description="clip the global gradient norm to this; None or 0 disables")

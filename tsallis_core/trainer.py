@@ -123,6 +123,29 @@ def load_checkpoint(engine, output_dir: Path) -> TrainerState | None:
     return TrainerState(**json.loads((latest / "trainer_state.json").read_text()))
 
 
+def success_by_stratum(rows: list[dict], per_prompt: torch.Tensor) -> dict[str, float]:
+    """Mean success ``success_rate/difficulty_<n>`` of the prompts of each difficulty present in the step
+    (rows [B] with a ``difficulty`` field; per_prompt [B] success rates). Empty when rows carry no difficulty."""
+    strata: dict[object, list[float]] = {}
+    for row, rate in zip(rows, per_prompt.tolist()):
+        if "difficulty" in row:
+            strata.setdefault(row["difficulty"], []).append(rate)
+    return {f"success_rate/difficulty_{d}": sum(v) / len(v) for d, v in sorted(strata.items(), key=lambda kv: str(kv[0]))}
+
+
+def label_noise_rates(rows: list[dict], per_prompt: torch.Tensor, true_hits: torch.Tensor) -> dict[str, float]:
+    """On a task with wrong gold answers: the success rate on the clean rows, and on the noisy rows how often
+    the samples hit the wrong label (their reward) and the true answer. rows [B], per_prompt and true_hits [B]."""
+    noisy = torch.tensor([bool(row.get("noisy")) for row in rows])
+    out = {}
+    if (~noisy).any():
+        out["noise/clean_success_rate"] = per_prompt[~noisy].mean().item()
+    if noisy.any():
+        out["noise/wrong_label_rate"] = per_prompt[noisy].mean().item()
+        out["noise/true_answer_rate"] = true_hits[noisy].mean().item()
+    return out
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this process: GPU memory allocated on CUDA, resident set size on CPU."""
     if device.type == "cuda":
@@ -202,6 +225,7 @@ class Trainer:
                                  progress=self.rank == 0, sync_ranks=getattr(self.engine, "stage", 0) == 3 and _distributed())
         self.verify = get_verifier(config.data.verifier)
         self.history_path = self.output_dir / "history.jsonl"
+        self.has_label_noise = config.stage == "rl" and any(row.get("noisy") for row in self.rows)
 
     def _reference_model(self):
         if self.cfg.model.lora is not None:
@@ -259,6 +283,7 @@ class Trainer:
             self.state.success_ema, all_rewards.mean().item(),
             rl.schedule.ema_momentum if isinstance(rl.schedule, AdaptiveQ) else 0.9,
         )
+        by_row = self._row_metrics([row for _, row in draws], all_rewards, local, rollout.texts)
         step = self.state.step + 1  # metrics and samples are numbered 1..steps
         if self.rank == 0 and cfg.tracking.samples_every and step % cfg.tracking.samples_every == 0:
             shown = min(len(prompts), 2 * rl.group_size)
@@ -273,11 +298,25 @@ class Trainer:
             "lr": self.engine.lr,
             **({"q": q} if uses_q else {}),
             "success_ema": self.state.success_ema,
+            **by_row,
             "completion_tokens_per_s": tokens / elapsed,
             "completion_len": tokens / len(all_rewards),
             "rollout_s": sampled - started,
             "step_s": elapsed,
         }
+
+    def _row_metrics(self, rows: list[dict], rewards: torch.Tensor, local, texts: list[str]) -> dict[str, float]:
+        """Success by difficulty stratum (rows with a ``difficulty``), and on tasks with label noise (rows with
+        ``noisy`` and ``true_answer``) how often the noisy rows hit their wrong label or their true answer."""
+        m = self.cfg.rl.group_size
+        per_prompt = rewards.view(len(rows), m).mean(dim=1)  # [B], in draw order (ranks hold contiguous slices)
+        metrics = success_by_stratum(rows, per_prompt)
+        if self.has_label_noise:
+            true_hits = torch.tensor([float(self.verify(texts[g * m + j], row["true_answer"])) if row.get("noisy") else 0.0
+                                      for g, (_, row) in enumerate(local) for j in range(m)], dtype=torch.float32)
+            true_hits = _all_gather(true_hits, self.device).view(len(rows), m).mean(dim=1)  # [B]
+            metrics.update(label_noise_rates(rows, per_prompt, true_hits))
+        return metrics
 
     def _logprobs(self, model, batch, grad: bool):
         """Log-probs of the sampling distribution softmax(logits / T) (T = 1 for greedy sampling)."""

@@ -43,17 +43,42 @@ class SyntheticTaskConfig(BaseModel):
     num_pretrain: int = Field(38400, ge=1, description="rows of the pre-training corpus that makes the base model")
     num_train: int = Field(2000, ge=1, description="RL training prompts")
     num_test: int = Field(200, ge=1, description="held-out evaluation prompts")
+    stop_hazard: float | None = Field(None, gt=0.0, lt=1.0, description="if set, the corpus stops early at each step "
+                                      "with this probability, so complete reasoning has rate (1 - h)^(n-1): hard prompts "
+                                      "are rare through many moderate decisions, which a small model learns (replaces p0)")
+    term_weights: list[float] | None = Field(None, description="relative frequency of each term count min_terms..max_terms "
+                                             "(default: uniform)")
+    label_noise: float = Field(0.0, ge=0.0, lt=1.0, description="share of RL training prompts whose gold answer is wrong "
+                               "(a partial total, as an early stop gives: reachable, so it can be memorised)")
 
     @model_validator(mode="after")
     def _terms_ordered(self) -> "SyntheticTaskConfig":
         if self.min_terms > self.max_terms:
             raise ValueError(f"min_terms ({self.min_terms}) must not exceed max_terms ({self.max_terms})")
+        count = self.max_terms - self.min_terms + 1
+        if self.term_weights is not None and (len(self.term_weights) != count or min(self.term_weights) < 0
+                                              or sum(self.term_weights) <= 0):
+            raise ValueError(f"term_weights must give {count} non-negative weights (terms {self.min_terms}..{self.max_terms}), "
+                             f"not all zero; got {self.term_weights}")
         return self
+
+    def term_shares(self) -> dict[int, float]:
+        """Share of prompts with n terms."""
+        terms = list(range(self.min_terms, self.max_terms + 1))
+        weights = self.term_weights or [1.0] * len(terms)
+        return {n: w / sum(weights) for n, w in zip(terms, weights)}
+
+    def mean_correct_rate(self) -> float:
+        """The corpus's rate of complete reasoning averaged over the prompt mix (the target start success)."""
+        shares, rates = self.term_shares(), self.correct_rates()
+        return sum(shares[n] * rates[n] for n in shares)
 
     def correct_rates(self) -> dict[int, float]:
         """Per term count n, the rate ``c_n`` of complete reasoning (right answers) in the pre-training corpus."""
-        mean_c = self.p0
         terms = range(self.min_terms, self.max_terms + 1)
+        if self.stop_hazard is not None:
+            return {n: (1.0 - self.stop_hazard) ** (n - 1) for n in terms}
+        mean_c = self.p0
         weights = {n: self.difficulty_spread ** -(n - self.min_terms) for n in terms}
         scale = mean_c * len(weights) / sum(weights.values())
         return {n: min(1.0, w * scale) for n, w in weights.items()}
@@ -79,14 +104,26 @@ def generate(config: SyntheticTaskConfig, split: str) -> list[dict]:
         raise ValueError(f"split must be one of {', '.join(sizes)}; got {split!r}")
     rng = random.Random(f"{config.seed}-{split}")
     rates = config.correct_rates()
+    noise_rng = random.Random(f"{config.seed}-{split}-noise")  # its own stream: the prompts stay those of label_noise=0
     rows = []
     for i in range(sizes[split]):
-        n = rng.randint(config.min_terms, config.max_terms)
+        if config.term_weights is None:
+            n = rng.randint(config.min_terms, config.max_terms)
+        else:
+            shares = config.term_shares()
+            n = rng.choices(list(shares), weights=list(shares.values()))[0]
         digits = [rng.randint(1, 9) for _ in range(n)]  # no zeros: a partial total is never the final one
         reasoning, answer = worked_solution(digits)
         row = {"id": f"synthetic-{split}-{i:06d}", "prompt": make_prompt(digits), "answer": answer, "difficulty": n}
+        if split == "train" and config.label_noise and noise_rng.random() < config.label_noise:
+            _, wrong = worked_solution(digits, noise_rng.randrange(n - 1))
+            row.update(answer=wrong, true_answer=answer, noisy=True)
         if split == "pretrain":
-            if rng.random() >= rates[n]:  # stop early: a consistent but wrong partial total
+            if config.stop_hazard is not None:  # stop before each step with probability h
+                steps = next((k for k in range(n - 1) if rng.random() < config.stop_hazard), n - 1)
+                if steps < n - 1:
+                    reasoning, answer = worked_solution(digits, steps)
+            elif rng.random() >= rates[n]:  # stop early: a consistent but wrong partial total
                 reasoning, answer = worked_solution(digits, rng.randrange(n - 1))
             row["completion"] = f"{reasoning}\nAnswer: {answer}"
         rows.append(row)

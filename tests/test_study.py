@@ -1,0 +1,139 @@
+"""The cold-start study: its lr search, task knobs, per-stratum metrics, statistics, and a tiny study for real."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_tsallis
+
+from tsallis_core.config import load_config
+from tsallis_core.engines import TorchEngine
+from tsallis_core.study import widen_grid
+from tsallis_core.study_report import bootstrap_interval, steps_to_escape, t_interval
+from tsallis_core.tasks.synthetic import SyntheticTaskConfig, generate, worked_solution
+from tsallis_core.trainer import label_noise_rates, success_by_stratum
+
+
+def test_widen_grid_grows_toward_the_best_edge_until_the_best_is_inside():
+    grid = [1e-3, 1e-2, 1e-1]
+    assert widen_grid(grid, {1e-3: 0.1, 1e-2: 0.2, 1e-1: 0.15}, True) == (grid, 1e-2)  # inside: done
+    assert widen_grid(grid, {1e-3: 0.1, 1e-2: 0.2, 1e-1: 0.3}, True) == ([1e-3, 1e-2, 1e-1, 1.0], None)
+    assert widen_grid(grid, {1e-3: 0.3, 1e-2: 0.2, 1e-1: 0.1}, True) == ([1e-4, 1e-3, 1e-2, 1e-1], None)
+    # a flat stall: ties go to the larger lr, which widens upward until something moves or diverges (-1)
+    assert widen_grid(grid, {1e-3: 0.0, 1e-2: 0.0, 1e-1: 0.0}, True) == ([1e-3, 1e-2, 1e-1, 1.0], None)
+    assert widen_grid(grid, {1e-3: 0.0, 1e-2: 0.0, 1e-1: -1.0}, True) == (grid, 1e-2)
+    assert widen_grid(grid, {1e-3: 0.1, 1e-2: 0.2, 1e-1: 0.3}, False) == (grid, 1e-1)  # out of widenings
+    assert widen_grid([1e-3], {1e-3: 0.5}, True) == ([1e-3], 1e-3)  # a single lr is not searched
+
+
+def test_stop_hazard_makes_rare_successes_from_moderate_decisions():
+    cfg = SyntheticTaskConfig(min_terms=3, max_terms=6, stop_hazard=0.5, term_weights=[1, 1, 2, 4], num_pretrain=20000)
+    assert cfg.correct_rates() == {3: 0.25, 4: 0.125, 5: 0.0625, 6: 0.03125}
+    assert cfg.term_shares() == {3: 0.125, 4: 0.125, 5: 0.25, 6: 0.5}
+    assert cfg.mean_correct_rate() == pytest.approx(0.125 * 0.25 + 0.125 * 0.125 + 0.25 * 0.0625 + 0.5 * 0.03125)
+    rows = generate(cfg, "pretrain")
+    for n, share in cfg.term_shares().items():
+        members = [r for r in rows if r["difficulty"] == n]
+        assert abs(len(members) / len(rows) - share) < 0.02
+        complete = sum(r["completion"].endswith("Answer: " + r["answer"]) for r in members) / len(members)
+        assert abs(complete - cfg.correct_rates()[n]) < 4 * math.sqrt(cfg.correct_rates()[n] / len(members)) + 1e-3
+    with pytest.raises(ValueError, match="term_weights must give 4"):
+        SyntheticTaskConfig(min_terms=3, max_terms=6, term_weights=[1, 2])
+
+
+def test_label_noise_replaces_a_share_of_answers_with_reachable_partial_totals():
+    clean = generate(SyntheticTaskConfig(num_train=4000), "train")
+    noisy = generate(SyntheticTaskConfig(num_train=4000, label_noise=0.25), "train")
+    assert [r["prompt"] for r in noisy] == [r["prompt"] for r in clean]  # the same prompts
+    flipped = [r for r in noisy if r.get("noisy")]
+    assert abs(len(flipped) / len(noisy) - 0.25) < 0.03
+    for row in flipped:
+        digits = [int(d) for d in row["prompt"][3:].strip().split("+")]
+        partials = {worked_solution(digits, k)[1] for k in range(len(digits) - 1)}
+        assert row["answer"] in partials and row["answer"] != row["true_answer"] == worked_solution(digits)[1]
+    assert not any(r.get("noisy") for r in generate(SyntheticTaskConfig(label_noise=0.25), "test"))
+
+
+def test_success_by_stratum_and_label_noise_rates():
+    rows = [{"difficulty": 3}, {"difficulty": 4}, {"difficulty": 3, "noisy": True}, {"difficulty": 5, "noisy": True}]
+    per_prompt = torch.tensor([0.5, 0.0, 0.25, 1.0])
+    assert success_by_stratum(rows, per_prompt) == {
+        "success_rate/difficulty_3": 0.375, "success_rate/difficulty_4": 0.0, "success_rate/difficulty_5": 1.0}
+    assert success_by_stratum([{}, {}], torch.tensor([1.0, 0.0])) == {}
+    assert label_noise_rates(rows, per_prompt, torch.tensor([0.0, 0.0, 0.5, 0.0])) == {
+        "noise/clean_success_rate": 0.25, "noise/wrong_label_rate": 0.625, "noise/true_answer_rate": 0.25}
+
+
+def test_optim_eps_reaches_adamw():
+    model = torch.nn.Linear(2, 1)
+    engine = TorchEngine(model, load_config(None, ["optim.eps=1e-3"]).optim, total_steps=1)
+    assert engine.optimizer.param_groups[0]["eps"] == 1e-3
+
+
+def test_intervals():
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and high - mean == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3))
+    assert t_interval([0.5]) == (0.5, 0.5, 0.5)
+    mean, low, high = bootstrap_interval([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], resamples=500)
+    assert mean == 0.5 and 0.0 <= low < 0.5 < high <= 1.0
+    assert bootstrap_interval([[1.0, 1.0]], resamples=100) == (1.0, 1.0, 1.0)
+    assert steps_to_escape([0, 0, 0.5, 0.5, 0.5, 0.5, 0.5], 0.3) == 5 and steps_to_escape([0.1] * 9, 0.3) is None
+
+
+TINY = """
+out: {out}
+workers: 2
+seeds: 2
+widen_limit: 1
+base: {{name: cold, task: {{min_terms: 2, max_terms: 3, p0: 0.6, num_train: 64, num_test: 16}}, sft_steps: 40,
+        measure_prompts: 8, measure_samples: 2}}
+regimes:
+  adamw: {{optimizer: adamw, grad_clip: 1.0, lr_grid: {{default: [1.0e-4, 1.0e-3]}}}}
+settings: [grpo, "garl:0.75"]
+run: {{steps: 3, group_size: 4, prompts_per_step: 2, max_new_tokens: 16}}
+factors: {{regimes: [adamw], settings: ["garl:0.75"], values: {{baseline: [none]}}}}
+eval: {{prompts: 8, n: 2}}
+mechanism: {{regime: adamw, prompts_per_step: [4], batches: 1, state_steps: 2}}
+noise: {{base: {{name: noisy, task: {{min_terms: 2, max_terms: 3, p0: 0.6, label_noise: 0.5, num_train: 64, num_test: 16}},
+         sft_steps: 40, measure_prompts: 8, measure_samples: 2}}, lr: 1.0e-3, settings: ["garl:0", "garl:1"], steps: 2,
+         noisy_prompts: 4}}
+"""
+
+
+def test_a_tiny_study_runs_every_part_caches_its_runs_and_reports(tmp_path):
+    params = tmp_path / "study.yaml"
+    params.write_text(TINY.format(out=tmp_path / "study"))
+    first = run_tsallis("study", "escape", "--params", str(params), "--report", str(tmp_path / "report"), timeout=900)
+    assert "lr search:" in first.stdout and "evaluations:" in first.stdout
+    cells = json.loads((tmp_path / "study" / "cells.json").read_text())
+    assert {c["group"] for c in cells.values()} == {"core", "noise", "factor"}
+    for name, cell in cells.items():
+        assert cell["best_lr"] in cell["grid"], name
+        for seed in range(2):  # every cell has every seed at its best lr, evaluated
+            run = next((tmp_path / "study" / "runs").glob(f"*-lr{cell['best_lr']:.3g}-s{seed}"))
+            result = json.loads((run / "result.json").read_text())
+            assert len(result["curves"]["success_rate"]) == cell["run"]["steps"] and result["error"] is None
+            assert set(json.loads((run / "eval.json").read_text())) >= {"pass@1", "pass@2", "maj@2"}
+    noise_eval = next((tmp_path / "study" / "runs").glob("noise-*-s0")) / "eval.json"
+    assert "noisy_wrong_label" in json.loads(noise_eval.read_text())
+    assert len(list((tmp_path / "study" / "mechanism").glob("*.json"))) == 2  # fresh and after 2 steps
+    ledger = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert ledger["wall_seconds"] > 0 and len(ledger["sessions"]) == 1
+    report = (tmp_path / "report" / "report.md").read_text()
+    for heading in ("## Core grid", "## Mechanism", "## Label noise", "## One factor at a time", "## Learning-rate search"):
+        assert heading in report
+    assert (tmp_path / "report" / "core_curves.png").stat().st_size > 0
+    # everything is cached: a second invocation trains nothing
+    second = run_tsallis("study", "escape", "--params", str(params))
+    assert "to do" not in second.stdout and "mechanism:" not in second.stdout
+    assert len(json.loads((tmp_path / "study" / "study.json").read_text())["sessions"]) == 2
+
+
+def test_bad_study_params_are_one_line_errors(tmp_path):
+    params = tmp_path / "study.yaml"
+    params.write_text("regimes: {adamw: {optimizer: adam}}\n")
+    result = run_tsallis("study", "escape", "--params", str(params), check=False)
+    assert result.returncode == 2 and "regimes.adamw.optimizer" in result.stderr and "Traceback" not in result.stderr
+    result = run_tsallis("study", "escape", "--params", str(tmp_path / "missing.yaml"), check=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr

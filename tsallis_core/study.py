@@ -1,0 +1,594 @@
+"""The cold-start escape study: does amplification (GARL/PAFT at high q) escape where GRPO stalls, and when?
+
+    tsallis study escape --params configs/study/escape.yaml            # hours on 2 cores; cached, resumable
+    tsallis study escape --params configs/study/escape.yaml --parts core mechanism
+    tsallis study report --params configs/study/escape.yaml            # tables and plots from what is done
+
+Parts (each cached run by run under ``out``; a rerun does only what is missing):
+- ``core``: every estimator under three optimiser regimes (AdamW, AdamW with an eps above the gradient RMS,
+  SGD) at the default run settings. Each (regime, estimator) cell tunes its learning rate on seed 0 over a log
+  grid that is widened until the best value is inside it, then runs the other seeds at that value.
+- ``factors``: one factor at a time (prompts per step, M, GARL baseline, KL coefficient) for a few estimators.
+- ``mechanism``: the cosine between the AdamW updates (and the SGD updates) of two estimators from the same
+  model state and the same rollout batch, against the number of prompts per step.
+- ``noise``: a task variant whose training prompts carry a share of wrong (reachable) gold answers: how much
+  probability each q puts on the wrong labels, and what that does to held-out accuracy.
+
+Every run's result is a small JSON (its curves, wall time, error); ``study.json`` holds the study's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PARTS = ("core", "mechanism", "noise", "factors")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseSpec(_Section):
+    """The base model: the synthetic task and the SFT that makes its start (cold or warm)."""
+
+    name: str = Field("cold", description="directory name of the base under the study's out")
+    task: dict[str, Any] = Field(default_factory=dict, description="SyntheticTaskConfig fields (p0, difficulty_spread, ...)")
+    sft_steps: int = Field(600, ge=1)
+    sft_lr: float = Field(3e-3, gt=0)
+    sft_batch_size: int = Field(64, ge=1)
+    measure_prompts: int = Field(512, ge=1, description="training prompts sampled to measure the start success")
+    measure_samples: int = Field(16, ge=1, description="samples per prompt for that measurement")
+
+
+class Regime(_Section):
+    """An optimiser regime and the starting lr grid of each estimator family (key ``default`` for the others)."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    eps: float = Field(1e-8, gt=0, description="AdamW eps")
+    grad_clip: float = Field(0.0, ge=0, description="global gradient-norm clip (0: none)")
+    lr_grid: dict[str, list[float]] = Field(default_factory=lambda: {"default": [1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3]})
+
+    def grid(self, setting: str) -> list[float]:
+        family = setting.split(":")[0]
+        return sorted(self.lr_grid.get(family, self.lr_grid["default"]))
+
+
+class RunSettings(_Section):
+    """What every RL run of the study shares unless a factor changes it."""
+
+    steps: int = Field(100, ge=1)
+    group_size: int = Field(8, ge=2, description="M")
+    prompts_per_step: int = Field(8, ge=1)
+    baseline: Literal["loo", "none", "mean"] = "loo"
+    kl_coef: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class Factors(_Section):
+    """One factor at a time, for ``settings`` under each of ``regimes`` (values other than the run default)."""
+
+    regimes: list[str] = ["adamw"]
+    settings: list[str] = ["grpo", "garl:0.75", "garl:1"]
+    values: dict[str, list[Any]] = Field(default_factory=lambda: {
+        "kl_coef": [0.04], "baseline": ["none"], "group_size": [32], "prompts_per_step": [64]})
+
+
+class EvalSettings(_Section):
+    prompts: int = Field(500, ge=1, description="held-out prompts")
+    n: int = Field(8, ge=1, description="samples per prompt: pass@1, pass@n, maj@n")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the prompts for the 95% intervals")
+
+
+class MechanismSettings(_Section):
+    """Cosine of two estimators' updates from the same state and batch (state: fresh, and after some steps)."""
+
+    regime: str = "adamw"
+    pair: tuple[str, str] = ("grpo", "garl:1")
+    prompts_per_step: list[int] = [8, 16, 32, 64, 128]
+    batches: int = Field(3, ge=1, description="rollout batches per point (the spread)")
+    state_steps: int = Field(30, ge=1, description="steps of the first estimator's run whose AdamW state is used")
+
+
+class NoiseSettings(_Section):
+    base: BaseSpec = Field(default_factory=lambda: BaseSpec(name="noisy", task={"p0": 0.3, "label_noise": 0.25}))
+    regime: str = "adamw"
+    lr: float = Field(3e-4, gt=0, description="one lr for every q (AdamW is blind to a common scale)")
+    settings: list[str] = ["garl:0", "garl:0.5", "garl:0.75", "garl:1"]
+    steps: int = Field(150, ge=1)
+    noisy_prompts: int = Field(300, ge=1, description="noisy training prompts sampled after training")
+
+
+class StudyConfig(_Section):
+    out: str = "outputs/study/escape"
+    workers: int = Field(2, ge=1, description="runs in parallel (one CPU thread each)")
+    seeds: int = Field(3, ge=1)
+    escape_threshold: float = Field(0.2, gt=0, lt=1, description="5-step mean training success that counts as escaped")
+    widen_limit: int = Field(3, ge=0, description="most grid points added on each side of a cell's lr grid")
+    base: BaseSpec = Field(default_factory=BaseSpec)
+    regimes: dict[str, Regime] = Field(default_factory=lambda: {"adamw": Regime(grad_clip=1.0)})
+    settings: list[str] = ["grpo", "garl:0", "garl:0.5", "garl:0.75", "garl:1", "paft:0.5", "paft:0.75", "paft:1"]
+    run: RunSettings = Field(default_factory=RunSettings)
+    factors: Factors = Field(default_factory=Factors)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    mechanism: MechanismSettings = Field(default_factory=MechanismSettings)
+    noise: NoiseSettings = Field(default_factory=NoiseSettings)
+
+
+def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> StudyConfig:
+    from .config import ConfigError, _format_error, _merge, parse_overrides
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study params file {path} does not exist")
+    data = _merge(yaml.safe_load(path.read_text()) or {}, parse_overrides(overrides or []))
+    try:
+        study = StudyConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid study params {path}: {_format_error(error)}") from None
+    for name in [study.mechanism.regime, study.noise.regime, *study.factors.regimes]:
+        if name not in study.regimes:
+            raise ConfigError(f"regime {name!r} is not in regimes ({', '.join(study.regimes)}) of {path}")
+    return study
+
+
+# ---------------------------------------------------------------------------------------------
+# one run, in a worker process
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_setup() -> None:
+    os.environ["TQDM_DISABLE"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_one(job: dict) -> dict:
+    """Train one RL run (cached: its result.json is returned when present). Diverging is a result, not a crash."""
+    out = Path(job["out"])
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    _worker_setup()
+    from .config import load_config
+    from .trainer import train
+
+    shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts again
+    estimator, _, q = job["setting"].partition(":")
+    overrides = [
+        "stage=rl", f"output_dir={out}", f"model.name_or_path={job['base']}", f"data.train_path={job['data']}",
+        f"steps={job['steps']}", f"seed={job['seed']}", f"rl.estimator={estimator}", f"rl.group_size={job['group_size']}",
+        f"rl.batch_size={job['group_size'] * job['prompts_per_step']}", f"rl.max_new_tokens={job['max_new_tokens']}",
+        f"rl.temperature={job['temperature']}", f"rl.baseline={job['baseline']}", f"rl.kl_coef={job['kl_coef']}",
+        f"optim.optimizer={job['optimizer']}", f"optim.lr={job['lr']}", f"optim.eps={job['eps']}",
+        f"optim.grad_clip={job['grad_clip']}", f"checkpoint_every={job.get('checkpoint_every', 0)}",
+        "tracking.enabled=false", "engine.threads=1",
+    ] + ([f"rl.q={q}"] if q else [])
+    started = time.time()
+    try:
+        history = train(load_config(None, overrides)).history
+        error = None
+    except Exception as exc:  # noqa: BLE001 - a diverged run is a result of the study
+        history, error = [], f"{type(exc).__name__}: {exc}"
+        if (out / "history.jsonl").is_file():
+            history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
+    if not job.get("keep_checkpoints"):
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    curves = {key: [round(h.get(key, float("nan")), 5) for h in history]
+              for key in sorted({k for h in history for k in h if k.startswith(("success_rate", "noise/"))})}
+    result = {"job": job, "curves": curves, "error": error, "seconds": round(time.time() - started, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result))
+    return result
+
+
+def eval_one(job: dict) -> dict:
+    """pass@1, pass@n and maj@n per prompt of a trained model on held-out rows (cached in eval.json); for the
+    noise study also the rate of its wrong labels and true answers on noisy training prompts."""
+    out = Path(job["run_out"]) / "eval.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    _worker_setup()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_records
+    from .evaluate import majority_vote, sample_and_score
+
+    model_dir = Path(job["run_out"]) / "model"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    rows = load_records(job["test"])[: job["prompts"]]
+    results = sample_and_score(model, tokenizer, rows, job["n"], "exact", 1.0, job["max_new_tokens"], seed=12345,
+                               prompts_per_batch=16)
+    record: dict[str, Any] = {
+        "pass@1": [sum(r.rewards) / len(r.rewards) for r in results],
+        f"pass@{job['n']}": [float(max(r.rewards)) for r in results],
+        f"maj@{job['n']}": [0.0 if (w := majority_vote(r.answers)) is None else float(r.rewards[w]) for r in results],
+        "difficulty": [row.get("difficulty") for row in rows],
+    }
+    if job.get("noisy_train"):
+        noisy = [r for r in load_records(job["noisy_train"]) if r.get("noisy")][: job["noisy_prompts"]]
+        wrong = sample_and_score(model, tokenizer, noisy, job["n"], "exact", 1.0, job["max_new_tokens"], seed=54321,
+                                 prompts_per_batch=16)
+        true_rows = [{**r, "answer": r["true_answer"]} for r in noisy]
+        true = sample_and_score(model, tokenizer, true_rows, job["n"], "exact", 1.0, job["max_new_tokens"], seed=54321,
+                                prompts_per_batch=16)  # the same samples (same seeds), scored against the true answer
+        record["noisy_wrong_label"] = [sum(r.rewards) / len(r.rewards) for r in wrong]
+        record["noisy_true_answer"] = [sum(r.rewards) / len(r.rewards) for r in true]
+    out.write_text(json.dumps(record))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# bases
+# ---------------------------------------------------------------------------------------------
+
+
+def make_base(spec: BaseSpec, out: Path) -> tuple[Path, Path]:
+    """(model directory, data directory) of a base, made once: the task's files, then SFT on its corpus."""
+    from .config import load_config
+    from .tasks.synthetic import SyntheticTaskConfig, write_splits
+    from .trainer import train
+
+    data, run = out / f"data-{spec.name}", out / f"base-{spec.name}"
+    if (run / "model" / "model.safetensors").is_file():
+        return run / "model", data
+    task = SyntheticTaskConfig.model_validate({"num_pretrain": spec.sft_steps * spec.sft_batch_size, **spec.task})
+    write_splits(task, data)
+    shutil.rmtree(run, ignore_errors=True)
+    train(load_config(None, [
+        "stage=sft", f"output_dir={run}", f"steps={spec.sft_steps}", f"optim.lr={spec.sft_lr}", "optim.lr_schedule=cosine",
+        "optim.warmup_steps=30", f"sft.batch_size={spec.sft_batch_size}", f"data.train_path={data / 'pretrain.jsonl'}",
+        "data.shuffle=false", "checkpoint_every=0", "tracking.enabled=false", "seed=0",
+    ]))
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return run / "model", data
+
+
+def measure_start(spec: BaseSpec, model_dir: Path, data: Path, max_new_tokens: int) -> dict:
+    """The base's sampled success on training prompts at temperature 1, overall and by difficulty (cached)."""
+    cached = model_dir.parent / "start.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_records
+    from .evaluate import sample_and_score
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    rows = [r for r in load_records(data / "train.jsonl") if not r.get("noisy")][: spec.measure_prompts]
+    results = sample_and_score(model, tokenizer, rows, spec.measure_samples, "exact", 1.0, max_new_tokens, seed=0,
+                               prompts_per_batch=16)
+    by: dict[str, list[float]] = {}
+    for row, result in zip(rows, results):
+        by.setdefault(str(row["difficulty"]), []).extend(result.rewards)
+    flat = [x for xs in by.values() for x in xs]
+    record = {"success": sum(flat) / len(flat), "samples": len(flat),
+              "by_difficulty": {d: {"success": sum(v) / len(v), "samples": len(v)} for d, v in sorted(by.items())}}
+    cached.write_text(json.dumps(record, indent=2))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# cells, lr search, seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def final_success(curve: list[float], window: int = 10) -> float:
+    tail = [x for x in curve[-window:] if not math.isnan(x)]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def score(result: dict, steps: int) -> float:
+    """How a learning rate is chosen: the mean training success of the last 10 steps; a run that diverged or
+    stopped early scores -1."""
+    curve = result["curves"].get("success_rate", [])
+    if result["error"] or len(curve) < steps:
+        return -1.0
+    return final_success(curve)
+
+
+class Cell:
+    """One (group, regime, estimator, run settings) point of the study: an lr search, then seeds."""
+
+    def __init__(self, group: str, regime_name: str, regime: Regime, setting: str, run: dict, grid: list[float]):
+        self.group, self.regime_name, self.regime, self.setting, self.run = group, regime_name, regime, setting, run
+        self.grid = sorted(grid)
+        self.best_lr: float | None = None
+        self.widened = 0
+
+    @property
+    def name(self) -> str:
+        changed = ",".join(f"{k}={v}" for k, v in self.run.get("changed", {}).items())
+        return "/".join(x for x in (self.group, self.regime_name, self.setting, changed) if x)
+
+    def job(self, lr: float, seed: int, ctx: dict) -> dict:
+        slug = self.name.replace("/", "-").replace(":", "q").replace(",", "-").replace("=", "")
+        settings = {k: v for k, v in self.run.items() if k != "changed"}
+        return {"cell": self.name, "group": self.group, "regime": self.regime_name, "setting": self.setting,
+                "optimizer": self.regime.optimizer, "eps": self.regime.eps, "grad_clip": self.regime.grad_clip,
+                "lr": lr, "seed": seed, "base": str(ctx["base"]), "data": str(ctx["data"] / "train.jsonl"),
+                "out": str(ctx["out"] / "runs" / f"{slug}-lr{lr:.3g}-s{seed}"), **settings}
+
+
+def _run_all(jobs: list[dict], workers: int, fn=run_one, label: str = "runs") -> list[dict]:
+    todo = [j for j in jobs if not (Path(j.get("out", j.get("run_out", ""))) / ("result.json" if fn is run_one else "eval.json")).is_file()]
+    results = {id(j): None for j in jobs}
+    if todo:
+        print(f"{label}: {len(todo)} to do ({len(jobs) - len(todo)} cached)", flush=True)
+        started = time.time()
+        with ProcessPoolExecutor(workers) as pool:
+            for i, result in enumerate(pool.map(fn, todo), start=1):
+                if fn is run_one:
+                    curve = result["curves"].get("success_rate", [])
+                    print(f"  [{i}/{len(todo)}] {result['job']['cell']} lr {result['job']['lr']:.3g} seed "
+                          f"{result['job']['seed']}: final {final_success(curve):.3f} ({result['seconds']:.0f} s) "
+                          f"{result['error'] or ''} [{time.time() - started:.0f} s]", flush=True)
+    return [fn(j) for j in jobs]  # all cached now
+
+
+def widen_grid(grid: list[float], scores: dict[float, float], may_widen: bool) -> tuple[list[float], float | None]:
+    """One step of the lr search: (the grid, the best lr) when the best is inside the grid (or it may not grow),
+    else (the grid with one more point beyond the edge where the best sits, None).
+
+    The best has the highest score, ties going to the larger lr (a flat stall widens upward until a larger lr
+    moves or diverges, scoring -1); the lower edge widens only when strictly better than its neighbour."""
+    best = max(grid, key=lambda lr: (round(scores[lr], 4), lr))
+    if may_widen and len(grid) > 1:
+        ratio = grid[1] / grid[0]
+        if best == grid[-1] and scores[best] > -1:
+            return [*grid, round(best * ratio, 12)], None
+        if best == grid[0] and round(scores[best], 4) > round(scores[grid[1]], 4):
+            return [round(best / ratio, 12), *grid], None
+    return grid, best
+
+
+def search_and_seed(cells: list[Cell], study: StudyConfig, ctx: dict) -> None:
+    """Tune each cell's lr on seed 0, widening its grid while the best value sits on an edge (ties go to the larger
+    lr, so a flat stall is widened upward until something moves or diverges), then run the other seeds."""
+    pending = list(cells)
+    while pending:
+        results = _run_all([c.job(lr, 0, ctx) for c in pending for lr in c.grid], study.workers, label="lr search")
+        by_cell: dict[str, dict[float, float]] = {}
+        for r in results:
+            by_cell.setdefault(r["job"]["cell"], {})[r["job"]["lr"]] = score(r, r["job"]["steps"])
+        still = []
+        for cell in pending:
+            grid, cell.best_lr = widen_grid(cell.grid, by_cell[cell.name], cell.widened < 2 * study.widen_limit)
+            if cell.best_lr is None:
+                cell.grid, cell.widened = grid, cell.widened + 1
+                still.append(cell)
+        pending = still
+    _run_all([c.job(c.best_lr, s, ctx) for c in cells for s in range(1, study.seeds)], study.workers, label="seeds")
+
+
+def core_cells(study: StudyConfig) -> list[Cell]:
+    run = study.run.model_dump()
+    return [Cell("core", name, regime, s, run, regime.grid(s)) for name, regime in study.regimes.items()
+            for s in study.settings]
+
+
+def factor_cells(study: StudyConfig, core: dict[tuple[str, str], float]) -> list[Cell]:
+    """Each factor value for each setting, its 5-point grid centred on the core cell's best lr."""
+    cells = []
+    for regime_name in study.factors.regimes:
+        regime = study.regimes[regime_name]
+        for factor, values in study.factors.values.items():
+            for value in values:
+                for setting in study.factors.settings:
+                    if factor in ("baseline",) and not setting.startswith("garl"):
+                        continue  # the baseline is GARL's
+                    centre = core[(regime_name, setting)]
+                    grid = [round(centre * math.sqrt(10) ** k, 12) for k in (-2, -1, 0, 1, 2)]
+                    run = {**study.run.model_dump(), factor: value, "changed": {factor: value}}
+                    cells.append(Cell("factor", regime_name, regime, setting, run, grid))
+    return cells
+
+
+def evaluate_cells(cells: list[Cell], study: StudyConfig, ctx: dict, noisy_train: Path | None = None) -> None:
+    jobs = [{"run_out": c.job(c.best_lr, s, ctx)["out"], "test": str(ctx["data"] / "test.jsonl"),
+             "prompts": study.eval.prompts, "n": study.eval.n, "max_new_tokens": study.run.max_new_tokens,
+             **({"noisy_train": str(noisy_train), "noisy_prompts": study.noise.noisy_prompts} if noisy_train else {})}
+            for c in cells for s in range(study.seeds)]
+    jobs = [j for j in jobs if (Path(j["run_out"]) / "model" / "model.safetensors").is_file()]
+    _run_all(jobs, study.workers, fn=eval_one, label="evaluations")
+
+
+def write_cells(cells: list[Cell], path: Path) -> None:
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known.update({c.name: {"group": c.group, "regime": c.regime_name, "setting": c.setting, "grid": c.grid,
+                           "best_lr": c.best_lr, "run": {k: v for k, v in c.run.items()}} for c in cells})
+    path.write_text(json.dumps(known, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# mechanism: cosine of two estimators' updates from the same state and batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat_grad(model) -> "torch.Tensor":
+    import torch
+
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).clone()
+
+
+def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dict], prompts: int, group_size: int,
+                   pair: tuple[str, str], lr: float, eps: float, seed: int, grad_clip: float = 0.0,
+                   max_new_tokens: int = 40) -> dict:
+    """From one model state (and AdamW state, or a fresh one), sample one batch and compute each estimator's
+    gradient and its AdamW update; return the cosines of the gradients (the SGD updates) and of the AdamW updates,
+    the per-parameter gradient RMS of each, and the number of groups with a success."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import RLConfig
+    from .losses import garl_loss, grpo_loss, paft_loss
+    from .rollout import HFRollout, completion_logprobs, row_seed
+    from .tasks.verify import exact_reward
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    rng = random.Random(seed)
+    drawn = rng.sample(rows, prompts)
+    texts_in = [r["prompt"] for r in drawn for _ in range(group_size)]
+    rollout = HFRollout(model, tokenizer, 1.0, max_new_tokens).generate(
+        texts_in, [row_seed("mechanism", seed, i) for i in range(len(texts_in))])
+    rewards = torch.tensor([exact_reward(t, r["answer"]) for t, r in zip(rollout.texts, (r for r in drawn for _ in range(group_size)))])
+    batch = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    mask = rollout.completion_mask.float()
+    defaults = RLConfig()
+
+    def loss_of(setting: str, logprobs):
+        estimator, _, q = setting.partition(":")
+        if estimator == "grpo":
+            return grpo_loss(logprobs, mask, rewards, group_size, defaults.grpo_loss_type, defaults.grpo_scale_rewards,
+                             max_completion_length=max_new_tokens).loss
+        if estimator == "paft":
+            return paft_loss(logprobs, mask, rewards, group_size, float(q)).loss
+        return garl_loss(logprobs, mask, rewards, group_size, float(q)).loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    grads, updates = {}, {}
+    for setting in pair:
+        model.zero_grad(set_to_none=True)
+        loss_of(setting, completion_logprobs(model, *batch)).backward()
+        grads[setting] = _flat_grad(model)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)  # as the training run did
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=0.0)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        optimizer.step()
+        updates[setting] = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(params, start)])
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+    a, b = pair
+    cos = torch.nn.functional.cosine_similarity
+    groups_with_success = int((rewards.view(-1, group_size).sum(1) > 0).sum())
+    if groups_with_success == 0:
+        return {"prompts": prompts, "groups_with_success": 0}
+    return {"prompts": prompts, "groups_with_success": groups_with_success,
+            "cos_sgd": cos(grads[a], grads[b], dim=0).item(), "cos_adamw": cos(updates[a], updates[b], dim=0).item(),
+            "grad_rms": {s: (g.pow(2).mean().sqrt().item()) for s, g in grads.items()}}
+
+
+def _mechanism_point(job: dict) -> dict:
+    out = Path(job["out"])
+    if out.is_file():
+        return json.loads(out.read_text())
+    _worker_setup()
+    import torch
+
+    from .data import load_records
+
+    state = None
+    if job["state"]:
+        state = torch.load(Path(job["state"]) / "engine.pt", map_location="cpu", weights_only=True)["optimizer"]
+    rows = [r for r in load_records(job["data"]) if not r.get("noisy")]
+    record = {**job, **update_cosines(Path(job["model"]), state, rows, job["prompts"], job["group_size"],
+                                      tuple(job["pair"]), job["lr"], job["eps"], job["seed"], job["grad_clip"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record))
+    return record
+
+
+def run_mechanism(study: StudyConfig, ctx: dict, core: dict[tuple[str, str], float]) -> None:
+    spec = study.mechanism
+    regime = study.regimes[spec.regime]
+    first = spec.pair[0]
+    lr = core.get((spec.regime, first), 1e-4)
+    state_run = Cell("mechanism", spec.regime, regime, first, {**study.run.model_dump(), "steps": spec.state_steps}, [lr])
+    job = {**state_run.job(lr, 0, ctx), "keep_checkpoints": True}
+    _run_all([job], 1, label="mechanism state")
+    checkpoint = Path(job["out"]) / "checkpoints" / f"step-{spec.state_steps:06d}"
+    states = {"fresh": (ctx["base"], None), f"after {spec.state_steps} steps": (Path(job["out"]) / "model", checkpoint)}
+    jobs = [{"state_name": name, "model": str(model), "state": str(state) if state else None, "data": str(ctx["data"] / "train.jsonl"),
+             "prompts": p, "group_size": study.run.group_size, "pair": list(spec.pair), "lr": lr, "eps": regime.eps, "seed": b, "grad_clip": regime.grad_clip,
+             "out": str(ctx["out"] / "mechanism" / f"{name.replace(' ', '-')}-p{p}-b{b}.json")}
+            for name, (model, state) in states.items() for p in spec.prompts_per_step for b in range(spec.batches)]
+    todo = [j for j in jobs if not Path(j["out"]).is_file()]
+    if todo:
+        print(f"mechanism: {len(todo)} points", flush=True)
+        with ProcessPoolExecutor(study.workers) as pool:
+            list(pool.map(_mechanism_point, todo))
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+
+
+def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
+    """Run the parts of the study (default: all, in the order core, mechanism, noise, factors); returns ``out``."""
+    parts = list(parts or PARTS)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown study part {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    os.environ["TQDM_DISABLE"] = "1"  # workers are forked: one line per finished run instead of their bars
+    out = Path(study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(study.model_dump_json(indent=1))
+    ledger_path = out / "study.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"sessions": []}
+    started = time.time()
+    session = {"parts": parts, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0}
+    ledger["sessions"].append(session)
+
+    def save_ledger() -> None:
+        session["seconds"] = round(time.time() - started, 1)
+        ledger["wall_seconds"] = round(sum(s["seconds"] for s in ledger["sessions"]), 1)
+        ledger_path.write_text(json.dumps(ledger, indent=1))
+
+    try:
+        base, data = make_base(study.base, out)
+        start = measure_start(study.base, base, data, study.run.max_new_tokens)
+        strata = ", ".join(f"{d}: {v['success']:.4f}" for d, v in start["by_difficulty"].items())
+        print(f"base {study.base.name}: start success {start['success']:.4f} ({strata})", flush=True)
+        ctx = {"base": base, "data": data, "out": out}
+        cells = core_cells(study)
+        core: dict[tuple[str, str], float] = {}
+        if "core" in parts or {"factors", "mechanism"} & set(parts):
+            search_and_seed(cells, study, ctx)
+            write_cells(cells, out / "cells.json")
+            core = {(c.regime_name, c.setting): c.best_lr for c in cells}
+            save_ledger()
+        if "core" in parts:
+            evaluate_cells(cells, study, ctx)
+            save_ledger()
+        if "mechanism" in parts:
+            run_mechanism(study, ctx, core)
+            save_ledger()
+        if "noise" in parts:
+            noisy_base, noisy_data = make_base(study.noise.base, out)
+            measure_start(study.noise.base, noisy_base, noisy_data, study.run.max_new_tokens)
+            regime = study.regimes[study.noise.regime]
+            run = {**study.run.model_dump(), "steps": study.noise.steps}
+            noise = [Cell("noise", study.noise.regime, regime, s, run, [study.noise.lr]) for s in study.noise.settings]
+            nctx = {"base": noisy_base, "data": noisy_data, "out": out}
+            search_and_seed(noise, study, nctx)
+            write_cells(noise, out / "cells.json")
+            evaluate_cells(noise, study, nctx, noisy_train=noisy_data / "train.jsonl")
+            save_ledger()
+        if "factors" in parts:
+            factors = factor_cells(study, core)
+            search_and_seed(factors, study, ctx)
+            write_cells(factors, out / "cells.json")
+            evaluate_cells(factors, study, ctx)
+    finally:
+        save_ledger()
+    return out

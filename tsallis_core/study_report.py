@@ -1,0 +1,305 @@
+"""Tables and plots of the cold-start escape study (``tsallis study report``), from the runs done so far.
+
+Every figure comes from the cached run results under the study's ``out``: nothing is typed in. Intervals:
+training success, a 95% t-interval over seeds (and the seeds' min and max); held-out metrics, a 95% bootstrap
+interval over prompts of the seed mean (the prompts resampled together for every seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from .study import StudyConfig, final_success
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% Student-t interval of the mean of ``values`` (the mean alone when fewer than 2)."""
+    from scipy import stats
+
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, mean, mean
+    half = stats.t.ppf(0.975, len(values) - 1) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def bootstrap_interval(per_seed: list[list[float]], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of the seed mean of per-prompt values [S][P]: 95% percentile bootstrap over prompts."""
+    values = np.asarray(per_seed, dtype=float)  # [S, P]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.shape[1], size=(resamples, values.shape[1]))
+    stats = values[:, idx].mean(axis=2).mean(axis=0)  # [R]
+    return float(values.mean()), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def steps_to_escape(curve: list[float], threshold: float, window: int = 5) -> int | None:
+    for end in range(window, len(curve) + 1):
+        if sum(curve[end - window:end]) / window >= threshold:
+            return end
+    return None
+
+
+def _load(out: Path) -> tuple[dict, dict[tuple[str, float, int], dict]]:
+    cells = json.loads((out / "cells.json").read_text()) if (out / "cells.json").is_file() else {}
+    results = {}
+    for path in sorted((out / "runs").glob("*/result.json")):
+        r = json.loads(path.read_text())
+        job = r["job"]
+        evaluation = path.parent / "eval.json"
+        r["eval"] = json.loads(evaluation.read_text()) if evaluation.is_file() else None
+        results[(job["cell"], job["lr"], job["seed"])] = r
+    return cells, results
+
+
+def cell_summary(name: str, cell: dict, results: dict, study: StudyConfig) -> dict | None:
+    """Seeds at the best lr of one cell: training success, escape steps, strata, held-out metrics with intervals."""
+    if cell.get("best_lr") is None:
+        return None
+    runs = [results[(name, cell["best_lr"], s)] for s in range(study.seeds) if (name, cell["best_lr"], s) in results]
+    if not runs:
+        return None
+    steps = cell["run"]["steps"]
+    finals = [final_success(r["curves"].get("success_rate", [])) if not r["error"] else float("nan") for r in runs]
+    escapes = [steps_to_escape(r["curves"].get("success_rate", []), study.escape_threshold) for r in runs]
+    strata = sorted({k for r in runs for k in r["curves"] if k.startswith("success_rate/difficulty_")},
+                    key=lambda k: int(k.rsplit("_", 1)[1]))
+    summary = {
+        "cell": name, "setting": cell["setting"], "regime": cell["regime"], "best_lr": cell["best_lr"],
+        "lr_on_edge": cell["best_lr"] in (min(cell["grid"]), max(cell["grid"])), "grid": cell["grid"],
+        "seeds": len(runs), "errors": [r["error"] for r in runs if r["error"]],
+        "start": [float(np.mean(r["curves"]["success_rate"][:10])) if r["curves"].get("success_rate") else float("nan")
+                  for r in runs],
+        "final": finals, "final_ci": t_interval([f for f in finals if not math.isnan(f)] or [float("nan")]),
+        "escape": escapes,
+        "strata": {k.rsplit("_", 1)[1]: [final_success([x for x in r["curves"].get(k, []) if not math.isnan(x)], 20)
+                                         for r in runs] for k in strata},
+        "curves": [r["curves"].get("success_rate", []) for r in runs], "steps": steps,
+        "seconds": [r["job"] and r["seconds"] for r in runs],
+    }
+    evals = [r["eval"] for r in runs if r["eval"]]
+    if len(evals) == len(runs):
+        summary["heldout"] = {m: bootstrap_interval([e[m] for e in evals], study.eval.bootstrap)
+                              for m in evals[0] if "@" in m or m.startswith("noisy_")}
+        summary["heldout_seeds"] = {m: [float(np.mean(e[m])) for e in evals] for m in summary["heldout"]}
+    if any("noise/wrong_label_rate" in r["curves"] for r in runs):
+        summary["train_wrong_label"] = [final_success([x for x in r["curves"].get("noise/wrong_label_rate", [])
+                                                       if not math.isnan(x)], 20) for r in runs]
+    return summary
+
+
+def _fmt_ci(ci: tuple[float, float, float], digits: int = 3) -> str:
+    mean, low, high = ci
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _escape_cell(escapes: list[int | None], steps: int) -> str:
+    shown = sorted(e if e is not None else math.inf for e in escapes)
+    label = lambda e: f">{steps}" if e == math.inf else str(e)  # noqa: E731
+    return f"{label(shown[0])} / {label(statistics.median_low(shown))} / {label(shown[-1])}"
+
+
+def summary_table(summaries: list[dict], heldout: str) -> str:
+    lines = ["| regime | estimator | best lr | train success, seeds | mean [95% CI] | escape min/med/max | "
+             f"held-out pass@1 [95% CI] | {heldout} [95% CI] |", "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lr = f"{s['best_lr']:.3g}" + (" (edge)" if s["lr_on_edge"] else "")
+        seeds = ", ".join(f"{f:.3f}" for f in s["final"])
+        ho = s.get("heldout", {})
+        lines.append(f"| {s['regime']} | {s['setting']} | {lr} | {seeds} | {_fmt_ci(s['final_ci'])} | "
+                     f"{_escape_cell(s['escape'], s['steps'])} | {_fmt_ci(ho['pass@1']) if 'pass@1' in ho else ''} | "
+                     f"{_fmt_ci(ho[heldout]) if heldout in ho else ''} |")
+    return "\n".join(lines)
+
+
+def strata_table(summaries: list[dict]) -> str:
+    strata = sorted({k for s in summaries for k in s["strata"]}, key=int)
+    lines = ["| regime | estimator | " + " | ".join(f"{k} terms" for k in strata) + " |", "|---|---|" + "---|" * len(strata)]
+    for s in summaries:
+        cells = [f"{np.mean(s['strata'][k]):.3f}" if k in s["strata"] else "" for k in strata]
+        lines.append(f"| {s['regime']} | {s['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def claim_check(summaries: list[dict], start: float) -> list[str]:
+    """Per regime (cell group): does GRPO stall (every seed's final success <= 2x the start) while GARL q=0.75 reaches
+    0.3 in every seed, with the seed ranges apart?"""
+    lines = []
+    groups: dict[str, dict[str, dict]] = {}
+    for s in summaries:
+        groups.setdefault(s["cell"].rsplit("/", 1)[0] if s["cell"].count("/") > 2 else s["regime"], {})[s["setting"]] = s
+        groups[s["cell"].rsplit("/", 1)[0] if s["cell"].count("/") > 2 else s["regime"]]["_key"] = s
+    for group, members in groups.items():
+        grpo, garl = members.get("grpo"), members.get("garl:0.75")
+        if not grpo or not garl:
+            continue
+        stalls = all(f <= 2 * max(start, 1e-9) for f in grpo["final"])
+        escapes = all(f >= 0.3 for f in garl["final"])
+        apart = max(grpo["final"]) < min(garl["final"])
+        verdict = "reproduces" if stalls and escapes and apart else "does not reproduce"
+        lines.append(f"- {group}: GRPO final {min(grpo['final']):.3f}..{max(grpo['final']):.3f} "
+                     f"({'stalls' if stalls else 'moves'}: limit {2 * start:.4f}); GARL q=0.75 "
+                     f"{min(garl['final']):.3f}..{max(garl['final']):.3f} ({'>= 0.3 in every seed' if escapes else 'below 0.3 in some seed'}); "
+                     f"seed ranges {'apart' if apart else 'overlap'}: the claim **{verdict}**.")
+    return lines
+
+
+def lr_search_table(cells: dict, results: dict, steps_of) -> str:
+    from .study import score
+
+    lines = ["| cell | lr: score on seed 0 (mean success, last 10 steps; -1: diverged) |", "|---|---|"]
+    for name, cell in cells.items():
+        points = [f"{lr:.3g}: {score(results[(name, lr, 0)], cell['run']['steps']):.3f}" for lr in cell["grid"]
+                  if (name, lr, 0) in results]
+        lines.append(f"| {name} | {', '.join(points)} |")
+    return "\n".join(lines)
+
+
+def mechanism_table(out: Path) -> tuple[str, list[dict]]:
+    points = [json.loads(p.read_text()) for p in sorted((out / "mechanism").glob("*.json"))]
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for p in points:
+        rows.setdefault((p["state_name"], p["prompts"]), []).append(p)
+    lines = ["| state | prompts per step | groups with a success | cos AdamW updates (batches) | cos SGD updates (gradients) | "
+             "grad RMS per parameter (first / second) |", "|---|---|---|---|---|---|"]
+    for (state, prompts), ps in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        valid = [p for p in ps if "cos_adamw" in p]
+        fmt = lambda k: ", ".join(f"{p[k]:.3f}" for p in valid) or "no success"  # noqa: E731
+        rms = ", ".join("/".join(f"{v:.1e}" for v in p["grad_rms"].values()) for p in valid)
+        lines.append(f"| {state} | {prompts} | {', '.join(str(p['groups_with_success']) for p in ps)} | {fmt('cos_adamw')} | "
+                     f"{fmt('cos_sgd')} | {rms} |")
+    return "\n".join(lines), points
+
+
+def noise_table(summaries: list[dict]) -> str:
+    from .theory import noise_flow
+
+    lines = ["| estimator | wrong label on noisy train prompts [95% CI] | true answer there [95% CI] | held-out pass@1 [95% CI] | "
+             "theory: mass on the wrong label (share 25%, T=1000) |", "|---|---|---|---|---|"]
+    for s in summaries:
+        ho = s.get("heldout", {})
+        q = float(s["setting"].split(":")[1]) if ":" in s["setting"] else 0.0
+        theory = noise_flow(q, 0.25).mass_on_wrong_label
+        lines.append(f"| {s['setting']} | {_fmt_ci(ho['noisy_wrong_label']) if 'noisy_wrong_label' in ho else ''} | "
+                     f"{_fmt_ci(ho['noisy_true_answer']) if 'noisy_true_answer' in ho else ''} | "
+                     f"{_fmt_ci(ho['pass@1']) if 'pass@1' in ho else ''} | {theory:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float) -> Path:
+    from .plots import _save, plt
+
+    regimes = list(dict.fromkeys(s["regime"] for s in summaries))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 4), squeeze=False, sharey=True)
+    for ax, regime in zip(axes[0], regimes):
+        for s in (x for x in summaries if x["regime"] == regime):
+            curves = [c for c in s["curves"] if c]
+            if not curves:
+                continue
+            n = min(map(len, curves))
+            window = min(5, n)
+            arr = np.array([np.convolve(c[:n], np.ones(window) / window, mode="valid") for c in curves])
+            x = np.arange(window, n + 1)
+            line = ax.plot(x, arr.mean(0), label=f"{s['setting']} (lr {s['best_lr']:.2g})",
+                           ls="--" if s["setting"] == "grpo" else "-", color="k" if s["setting"] == "grpo" else None)
+            ax.fill_between(x, arr.min(0), arr.max(0), color=line[0].get_color(), alpha=0.15)
+        ax.axhline(threshold, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{title}: {regime}")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training success (5-step mean; band: seed min-max)")
+    return _save(fig, path)
+
+
+def plot_mechanism(points: list[dict], path: Path) -> Path:
+    from .plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for state in sorted({p["state_name"] for p in points}):
+        for key, style in (("cos_adamw", "o-"), ("cos_sgd", "s--")):
+            ps = [p for p in points if p["state_name"] == state and key in p]
+            xs = sorted({p["prompts"] for p in ps})
+            means = [np.mean([p[key] for p in ps if p["prompts"] == x]) for x in xs]
+            ax.plot(xs, means, style, label=f"{'AdamW' if key == 'cos_adamw' else 'SGD'}, {state}")
+            for x in xs:
+                vals = [p[key] for p in ps if p["prompts"] == x]
+                ax.vlines(x, min(vals), max(vals), alpha=0.4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompts per step (M = 8)")
+    ax.set_ylabel("cosine of the GRPO and GARL q=1 updates")
+    ax.set_title("Same state, same rollout batch: how alike are the updates?")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_noise(summaries: list[dict], path: Path) -> Path:
+    from .plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for key, label in (("noisy_wrong_label", "wrong label, noisy train prompts"), ("noisy_true_answer", "true answer, noisy train prompts"),
+                       ("pass@1", "held-out accuracy")):
+        garl = [s for s in summaries if s["setting"].startswith("garl") and key in s.get("heldout", {})]
+        if not garl:
+            continue
+        qs = [float(s["setting"].split(":")[1]) for s in garl]
+        means = [s["heldout"][key][0] for s in garl]
+        errs = [[m - s["heldout"][key][1] for m, s in zip(means, garl)], [s["heldout"][key][2] - m for m, s in zip(means, garl)]]
+        ax.errorbar(qs, means, yerr=errs, fmt="o-", capsize=3, label=f"GARL: {label}")
+    ax.set_xlabel("q")
+    ax.set_ylabel("probability (95% bootstrap interval)")
+    ax.set_title("Label noise (25% wrong, reachable labels)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
+    """report.md, summary.json and PNG plots in ``out_dir`` from the study's cached runs."""
+    out, report = Path(study.out), Path(out_dir)
+    report.mkdir(parents=True, exist_ok=True)
+    cells, results = _load(out)
+    summaries = {name: s for name, cell in cells.items() if (s := cell_summary(name, cell, results, study))}
+    by_group = {g: [s for n, s in summaries.items() if cells[n]["group"] == g] for g in ("core", "factor", "noise")}
+    heldout = f"maj@{study.eval.n}"
+    start_path = out / f"base-{study.base.name}" / "start.json"
+    start = json.loads(start_path.read_text()) if start_path.is_file() else {"success": float("nan"), "by_difficulty": {}}
+    ledger = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
+    run_seconds = sum(r["seconds"] for r in results.values())
+    parts = [
+        "# Cold-start escape study: results (generated by `tsallis study report`)\n",
+        f"Base `{study.base.name}`: start success {start['success']:.4%} on {start.get('samples', 0)} samples; by number of "
+        "terms: " + ", ".join(f"{d}: {v['success']:.3%}" for d, v in start["by_difficulty"].items()) + ".\n",
+        f"Study wall time so far: {ledger.get('wall_seconds', 0) / 3600:.2f} h over {len(ledger.get('sessions', []))} "
+        f"invocation(s); {len(results)} runs, {run_seconds / 3600:.2f} h of run time (one CPU thread each).\n",
+    ]
+    if by_group["core"]:
+        parts += ["## Core grid\n", summary_table(by_group["core"], heldout), "\n", "Training success by stratum (last 20 "
+                  "steps, seed mean):\n", strata_table(by_group["core"]), "\n", "Claim check (GRPO <= 2x start, GARL q=0.75 >= 0.3, every seed):\n",
+                  *claim_check(by_group["core"], start["success"]), "\n", "![core curves](core_curves.png)\n"]
+        plot_curves(by_group["core"], report / "core_curves.png", "core", study.escape_threshold)
+    if (out / "mechanism").is_dir():
+        table, points = mechanism_table(out)
+        parts += ["## Mechanism: cosine of the updates\n", table, "\n", "![mechanism](mechanism.png)\n"]
+        if any("cos_adamw" in p for p in points):
+            plot_mechanism([p for p in points if "cos_adamw" in p], report / "mechanism.png")
+    if by_group["noise"]:
+        parts += ["## Label noise\n", noise_table(by_group["noise"]), "\n", summary_table(by_group["noise"], heldout), "\n",
+                  "![noise](noise.png)\n"]
+        plot_noise(by_group["noise"], report / "noise.png")
+    if by_group["factor"]:
+        parts += ["## One factor at a time\n", summary_table(by_group["factor"], heldout), "\n",
+                  "Claim check:\n", *claim_check(by_group["factor"], start["success"]), "\n"]
+        factor_summaries = [{**s, "regime": s["cell"].split("/", 3)[3] + " " + s["regime"]} for s in by_group["factor"]]
+        plot_curves(factor_summaries, report / "factor_curves.png", "factor", study.escape_threshold)
+        parts.append("![factor curves](factor_curves.png)\n")
+    parts += ["## Learning-rate search (seed 0)\n", lr_search_table(cells, results, None), "\n"]
+    (report / "report.md").write_text("\n".join(parts))
+    (report / "summary.json").write_text(json.dumps({"start": start, "wall": ledger, "cells": {
+        n: {k: v for k, v in s.items() if k != "curves"} for n, s in summaries.items()}}, indent=1, default=str))
+    return report / "report.md"
