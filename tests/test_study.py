@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from conftest import run_tsallis
 from tsallis_core.config import load_config
 from tsallis_core.engines import TorchEngine
 from tsallis_core.study import widen_grid
-from tsallis_core.study_report import bootstrap_interval, steps_to_escape, t_interval
+from tsallis_core.stats import bootstrap_interval, paired_bootstrap_difference, t_interval
+from tsallis_core.study_report import steps_to_escape
 from tsallis_core.tasks.synthetic import SyntheticTaskConfig, generate, worked_solution
 from tsallis_core.trainer import label_noise_rates, success_by_stratum
 
@@ -78,6 +80,8 @@ def test_intervals():
     mean, low, high = bootstrap_interval([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], resamples=500)
     assert mean == 0.5 and 0.0 <= low < 0.5 < high <= 1.0
     assert bootstrap_interval([[1.0, 1.0]], resamples=100) == (1.0, 1.0, 1.0)
+    diff, low, high = paired_bootstrap_difference([[1.0, 1.0, 0.0, 1.0]], [[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    assert diff == pytest.approx(0.5 - 0.125) and low <= diff <= high
     assert steps_to_escape([0, 0, 0.5, 0.5, 0.5, 0.5, 0.5], 0.3) == 5 and steps_to_escape([0.1] * 9, 0.3) is None
 
 
@@ -110,12 +114,12 @@ def test_a_tiny_study_runs_every_part_caches_its_runs_and_reports(tmp_path):
     assert {c["group"] for c in cells.values()} == {"core", "noise", "factor"}
     for name, cell in cells.items():
         assert cell["best_lr"] in cell["grid"], name
-        for seed in range(2):  # every cell has every seed at its best lr, evaluated
-            run = next((tmp_path / "study" / "runs").glob(f"*-lr{cell['best_lr']:.3g}-s{seed}"))
+        assert len(cell["run_dirs"]) == 2
+        for run in map(Path, cell["run_dirs"]):  # every cell has every seed at its best lr, evaluated
             result = json.loads((run / "result.json").read_text())
             assert len(result["curves"]["success_rate"]) == cell["run"]["steps"] and result["error"] is None
             assert set(json.loads((run / "eval.json").read_text())) >= {"pass@1", "pass@2", "maj@2"}
-    noise_eval = next((tmp_path / "study" / "runs").glob("noise-*-s0")) / "eval.json"
+    noise_eval = Path(next(c for c in cells.values() if c["group"] == "noise")["run_dirs"][0]) / "eval.json"
     assert "noisy_wrong_label" in json.loads(noise_eval.read_text())
     assert len(list((tmp_path / "study" / "mechanism").glob("*.json"))) == 2  # fresh and after 2 steps
     ledger = json.loads((tmp_path / "study" / "study.json").read_text())

@@ -96,3 +96,42 @@ def test_report_has_the_table_the_plot_data_and_the_dvc_metrics(sweep_dir, tmp_p
     assert paths["final_by_q"].read_text().splitlines()[0].startswith("series,q,run,champion_metric")
     for key in ("success_png", "escape_png", "final_png"):
         assert paths[key].stat().st_size > 10_000
+
+
+def seeded_run(root: Path, estimator: str, q: float, seed: int, per_prompt: list[float]) -> None:
+    name = f"{estimator}-q{q}-s{seed}"
+    fake_run(root, name, estimator, q, seed, [0.1] * 5, {"maj@4": sum(per_prompt) / len(per_prompt)})
+    record = json.loads((root / "evals" / f"{name}.json").read_text())
+    (root / "evals" / f"{name}.json").write_text(json.dumps({**record, "per_prompt": {"maj@4": per_prompt}}))
+
+
+def test_champion_is_chosen_on_the_seed_mean_and_a_margin_inside_the_noise_is_said_plainly(tmp_path):
+    from tsallis_core.sweep import leader_verdict, summarize_settings
+
+    # GARL q=1: one lucky seed (0.9) but a lower mean; PAFT q=1: steady, the higher mean, overlapping seeds
+    for seed, prompts in enumerate([[1.0] * 9 + [0.0], [0.0] * 8 + [1.0] * 2]):
+        seeded_run(tmp_path, "garl", 1.0, seed, prompts)
+    for seed, prompts in enumerate([[1.0] * 6 + [0.0] * 4, [1.0] * 6 + [0.0] * 4]):
+        seeded_run(tmp_path, "paft", 1.0, seed, prompts)
+    runs = select_runs(find_run_dirs([tmp_path / "runs"]), tmp_path / "evals")
+    settings = summarize_settings(runs, "maj@4")
+    assert [s.label for s in settings] == ["PAFT q=1", "GARL q=1"] and settings[0].mean == pytest.approx(0.6)
+    assert settings[0].interval == "bootstrap over prompts" and settings[0].low <= 0.6 <= settings[0].high
+    assert pick_champion(runs, "maj@4").name.startswith("paft-q1.0")  # not the lucky GARL seed
+    significant, sentence = leader_verdict(settings)
+    assert not significant and "no significant winner" in sentence and "seed ranges overlap" in sentence
+    text = write_report(runs, pick_champion(runs, "maj@4"), tmp_path / "report", "maj@4")["report"].read_text()
+    assert "no significant winner" in text and "| PAFT q=1 | 2 |" in text
+
+
+def test_a_winner_is_called_only_with_seeds_apart_and_an_interval_above_zero(tmp_path):
+    from tsallis_core.sweep import leader_verdict, summarize_settings
+
+    for seed in range(3):
+        seeded_run(tmp_path, "garl", 0.75, seed, [1.0] * (180 + seed) + [0.0] * (20 - seed))
+        seeded_run(tmp_path, "garl", 0.0, seed, [1.0] * (40 + seed) + [0.0] * (160 - seed))
+    settings = summarize_settings(select_runs(find_run_dirs([tmp_path / "runs"]), tmp_path / "evals"), "maj@4")
+    significant, sentence = leader_verdict(settings)
+    assert significant and sentence.endswith("a significant winner.") and "seed ranges apart" in sentence
+    one_seed = [s for s in summarize_settings([settings[0].runs[0], settings[1].runs[0]], "maj@4")]
+    assert not leader_verdict(one_seed)[0]  # one seed each: never a winner

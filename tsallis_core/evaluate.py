@@ -77,19 +77,28 @@ def sample_and_score(model, tokenizer, rows: list[dict], num_samples: int, verif
     return results
 
 
-def summarize(results: list[PromptResult], ks: Sequence[int]) -> dict[str, float]:
-    """pass@k and maj@k for each k, mean accuracy, EM and F1 over all samples."""
+def per_prompt_scores(results: list[PromptResult], ks: Sequence[int]) -> dict[str, list[float]]:
+    """pass@k and maj@k of each prompt, for each k: what the report's bootstrap intervals resample."""
     n = len(results[0].rewards)
     bad = [k for k in ks if not 1 <= k <= n]
     if bad:
         raise ValueError(f"k must be between 1 and the samples per prompt ({n}); got {bad}")
+    scores = {}
+    for k in ks:
+        scores[f"pass@{k}"] = [pass_at_k(n, int(sum(x >= 1.0 for x in r.rewards)), k) for r in results]
+        scores[f"maj@{k}"] = [maj_at_k(r.answers, r.rewards, k) for r in results]
+    return scores
+
+
+def summarize(results: list[PromptResult], ks: Sequence[int]) -> dict[str, float]:
+    """pass@k and maj@k for each k, mean accuracy, EM and F1 over all samples."""
+    n = len(results[0].rewards)
+    per_prompt = per_prompt_scores(results, ks)
     metrics = {"accuracy": sum(sum(r.rewards) / n for r in results) / len(results),
                "em": sum(sum(r.em) / n for r in results) / len(results),
                "f1": sum(sum(r.f1) / n for r in results) / len(results),
                "prompts": float(len(results)), "samples_per_prompt": float(n)}
-    for k in ks:
-        metrics[f"pass@{k}"] = sum(pass_at_k(n, int(sum(x >= 1.0 for x in r.rewards)), k) for r in results) / len(results)
-        metrics[f"maj@{k}"] = sum(maj_at_k(r.answers, r.rewards, k) for r in results) / len(results)
+    metrics.update({name: sum(values) / len(values) for name, values in per_prompt.items()})
     return metrics
 
 
@@ -155,8 +164,9 @@ def evaluate_model(model: str, data: str | Path, n: int, ks: Sequence[int] | Non
     (``{model, data, verifier, temperature, metrics}``)."""
     net, tokenizer, rows = load_for_eval(model, data, limit, seed)
     results = sample_and_score(net, tokenizer, rows, n, verifier, temperature, max_new_tokens, seed)
-    metrics = summarize(results, sorted(set(ks or [1, n])))
-    return {"model": str(model), "data": str(data), "verifier": verifier, "temperature": temperature, "metrics": metrics}
+    ks = sorted(set(ks or [1, n]))
+    return {"model": str(model), "data": str(data), "verifier": verifier, "temperature": temperature,
+            "metrics": summarize(results, ks), "per_prompt": per_prompt_scores(results, ks)}
 
 
 def write_json(payload: dict, path: str | Path) -> Path:

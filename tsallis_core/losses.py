@@ -1,4 +1,4 @@
-"""The Tsallis loss continuum as pure tensor functions (see docs/maths.md and TSALLIS.md).
+"""The Tsallis loss continuum as pure tensor functions (see docs/maths.md).
 
 Layout of every batch: ``N = B * M`` sampled completions for ``B`` prompts, ``M`` per prompt,
 the rows of one group contiguous (rows ``g*M .. g*M+M-1`` belong to prompt ``g``);
@@ -134,7 +134,7 @@ def aggregate(per_token_loss: Tensor, mask: Tensor, mode: Aggregation, max_lengt
     """Reduce a per-token loss [N, L] to a scalar.
 
     - ``seq_sum``: sum over each completion's tokens, mean over completions (the estimator of
-      TSALLIS.md exactly: ``(1/N) sum_i w_i grad log pi(z_i)``);
+      docs/maths.md exactly: ``(1/N) sum_i w_i grad log pi(z_i)``);
     - ``seq_mean``: mean over each completion's tokens, mean over completions (TRL loss_type="grpo");
     - ``token_mean``: sum over all tokens / number of completion tokens in the batch
       (TRL loss_type="dapo"/"bnpo" on one process);

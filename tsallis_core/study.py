@@ -204,7 +204,7 @@ def eval_one(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import load_records
-    from .evaluate import majority_vote, sample_and_score
+    from .evaluate import per_prompt_scores, sample_and_score
 
     model_dir = Path(job["run_out"]) / "model"
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
@@ -212,12 +212,8 @@ def eval_one(job: dict) -> dict:
     rows = load_records(job["test"])[: job["prompts"]]
     results = sample_and_score(model, tokenizer, rows, job["n"], "exact", 1.0, job["max_new_tokens"], seed=12345,
                                prompts_per_batch=16)
-    record: dict[str, Any] = {
-        "pass@1": [sum(r.rewards) / len(r.rewards) for r in results],
-        f"pass@{job['n']}": [float(max(r.rewards)) for r in results],
-        f"maj@{job['n']}": [0.0 if (w := majority_vote(r.answers)) is None else float(r.rewards[w]) for r in results],
-        "difficulty": [row.get("difficulty") for row in rows],
-    }
+    record: dict[str, Any] = {**per_prompt_scores(results, sorted({1, job["n"]})),
+                              "difficulty": [row.get("difficulty") for row in rows]}
     if job.get("noisy_train"):
         noisy = [r for r in load_records(job["noisy_train"]) if r.get("noisy")][: job["noisy_prompts"]]
         wrong = sample_and_score(model, tokenizer, noisy, job["n"], "exact", 1.0, job["max_new_tokens"], seed=54321,
@@ -309,6 +305,7 @@ class Cell:
         self.grid = sorted(grid)
         self.best_lr: float | None = None
         self.widened = 0
+        self.run_dirs: list[str] = []  # the seeds at the best lr
 
     @property
     def name(self) -> str:
@@ -373,6 +370,8 @@ def search_and_seed(cells: list[Cell], study: StudyConfig, ctx: dict) -> None:
                 still.append(cell)
         pending = still
     _run_all([c.job(c.best_lr, s, ctx) for c in cells for s in range(1, study.seeds)], study.workers, label="seeds")
+    for cell in cells:
+        cell.run_dirs = [cell.job(cell.best_lr, s, ctx)["out"] for s in range(study.seeds)]
 
 
 def core_cells(study: StudyConfig) -> list[Cell]:
@@ -410,7 +409,7 @@ def evaluate_cells(cells: list[Cell], study: StudyConfig, ctx: dict, noisy_train
 def write_cells(cells: list[Cell], path: Path) -> None:
     known = json.loads(path.read_text()) if path.is_file() else {}
     known.update({c.name: {"group": c.group, "regime": c.regime_name, "setting": c.setting, "grid": c.grid,
-                           "best_lr": c.best_lr, "run": {k: v for k, v in c.run.items()}} for c in cells})
+                           "best_lr": c.best_lr, "run": dict(c.run), "run_dirs": c.run_dirs} for c in cells})
     path.write_text(json.dumps(known, indent=1))
 
 

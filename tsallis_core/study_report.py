@@ -14,27 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .stats import bootstrap_interval, t_interval
 from .study import StudyConfig, final_success
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% Student-t interval of the mean of ``values`` (the mean alone when fewer than 2)."""
-    from scipy import stats
-
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, mean, mean
-    half = stats.t.ppf(0.975, len(values) - 1) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
-def bootstrap_interval(per_seed: list[list[float]], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high) of the seed mean of per-prompt values [S][P]: 95% percentile bootstrap over prompts."""
-    values = np.asarray(per_seed, dtype=float)  # [S, P]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[1], size=(resamples, values.shape[1]))
-    stats = values[:, idx].mean(axis=2).mean(axis=0)  # [R]
-    return float(values.mean()), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
 def steps_to_escape(curve: list[float], threshold: float, window: int = 5) -> int | None:

@@ -32,7 +32,7 @@ class SweepRun:
     evaluation: dict[str, float]  # what tsallis evaluate measured: pass@k, maj@k, accuracy, em, f1
     mlflow_run_id: str | None = None
     model_uri: str | None = None
-    extra: dict = field(default_factory=dict)
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)  # per held-out prompt: pass@k, maj@k
 
     @property
     def label(self) -> str:
@@ -78,12 +78,14 @@ def load_run(run_dir: str | Path, evaluation_path: str | Path) -> SweepRun:
                 history.append(json.loads(line))
             except json.JSONDecodeError:
                 raise SweepError(f"{history_path} line {number} is not valid JSON; rerun the training stage") from None
-    evaluation = _read_json(evaluation_path, "tsallis evaluate").get("metrics")
+    record = _read_json(evaluation_path, "tsallis evaluate")
+    evaluation = record.get("metrics")
     if not isinstance(evaluation, dict):
         raise SweepError(f"{evaluation_path} has no 'metrics' mapping; rerun tsallis evaluate")
     tracking = json.loads((run_dir / "mlflow.json").read_text()) if (run_dir / "mlflow.json").is_file() else {}
     return SweepRun(name=run_dir.name, estimator=estimator, q=q, seed=seed, run_dir=run_dir, history=history,
-                    evaluation=evaluation, mlflow_run_id=tracking.get("run_id"), model_uri=tracking.get("model_uri"))
+                    evaluation=evaluation, mlflow_run_id=tracking.get("run_id"), model_uri=tracking.get("model_uri"),
+                    per_prompt=record.get("per_prompt") or {})
 
 
 def find_run_dirs(paths: list[str | Path]) -> dict[Path, bool]:
@@ -158,11 +160,84 @@ def final_success(history: list[dict], window: int = 10) -> float:
     return sum(rates) / len(rates) if rates else float("nan")
 
 
-def pick_champion(runs: list[SweepRun], metric: str) -> SweepRun:
-    """The run with the highest ``metric`` (ties: the higher final training success, then the first name)."""
+@dataclass
+class Setting:
+    """The seeds of one estimator and q: the seed mean of the champion metric and its 95% interval."""
+
+    label: str
+    runs: list[SweepRun]
+    metric: str
+    mean: float
+    low: float
+    high: float
+    interval: str  # how the interval was made
+
+    @property
+    def seed_values(self) -> list[float]:
+        return [r.metric(self.metric) for r in self.runs]
+
+    @property
+    def mean_final_success(self) -> float:
+        return sum(final_success(r.history) for r in self.runs) / len(self.runs)
+
+
+def summarize_settings(runs: list[SweepRun], metric: str) -> list[Setting]:
+    """One Setting per estimator and q, best seed mean first (ties: the higher mean final training success, then
+    the label). The interval is a bootstrap over held-out prompts of the seed mean when the evaluations carry
+    per-prompt scores, else a t-interval over seeds (none with one seed)."""
+    from .stats import bootstrap_interval, t_interval
+
     if not runs:
         raise SweepError("the sweep has no runs to compare")
-    return min(runs, key=lambda run: (-run.metric(metric), -final_success(run.history), run.name))
+    groups: dict[str, list[SweepRun]] = {}
+    for run in sorted(runs, key=lambda r: (r.seed, r.name)):
+        groups.setdefault(run.label, []).append(run)
+    settings = []
+    for label, members in groups.items():
+        values = [r.metric(metric) for r in members]
+        per_prompt = [r.per_prompt.get(metric) for r in members]
+        if all(per_prompt) and len({len(p) for p in per_prompt}) == 1:
+            _, low, high = bootstrap_interval(per_prompt)
+            how = "bootstrap over prompts"
+        else:
+            _, low, high = t_interval(values)
+            how = "t over seeds" if len(values) > 1 else "none (one seed)"
+        settings.append(Setting(label, members, metric, sum(values) / len(values), low, high, how))
+    return sorted(settings, key=lambda s: (-s.mean, -s.mean_final_success, s.label))
+
+
+def pick_champion(runs: list[SweepRun], metric: str) -> SweepRun:
+    """The best run of the setting (estimator and q) with the highest seed mean of ``metric`` (ties: the higher
+    final training success, then the first name), so that a lucky seed does not choose the setting."""
+    best = summarize_settings(runs, metric)[0]
+    return min(best.runs, key=lambda run: (-run.metric(metric), -final_success(run.history), run.name))
+
+
+def leader_verdict(settings: list[Setting]) -> tuple[bool, str]:
+    """(significant, sentence): does the leading setting beat the runner-up beyond the noise? Significant only
+    with at least 2 seeds each whose ranges do not overlap, and a paired bootstrap interval of the difference over
+    the held-out prompts above 0."""
+    from .stats import paired_bootstrap_difference
+
+    if len(settings) < 2:
+        return False, "one setting only: nothing to compare"
+    lead, second = settings[0], settings[1]
+    metric, margin = lead.metric, lead.mean - second.mean
+    parts = [f"{lead.label} leads {second.label} by {margin:+.4f} in the seed mean of {metric}"]
+    a, b = [r.per_prompt.get(metric) for r in lead.runs], [r.per_prompt.get(metric) for r in second.runs]
+    interval_above_zero = False
+    if all(a) and all(b) and len({len(p) for p in a + b}) == 1:
+        _, low, high = paired_bootstrap_difference(a, b)
+        interval_above_zero = low > 0
+        parts.append(f"95% bootstrap interval over prompts [{low:+.4f}, {high:+.4f}]")
+    else:
+        parts.append("no per-prompt scores for an interval")
+    enough_seeds = min(len(lead.runs), len(second.runs)) >= 2
+    apart = enough_seeds and min(lead.seed_values) > max(second.seed_values)
+    parts.append(f"seed ranges {'apart' if apart else 'overlap' if enough_seeds else 'unknown (one seed)'}")
+    significant = interval_above_zero and apart
+    verdict = "a significant winner" if significant else "**no significant winner**: the margin lies inside the noise"
+    return significant, f"{'; '.join(parts)}: {verdict}."
 
 
 def sweep_table(runs: list[SweepRun], champion: SweepRun, metric: str, escape_threshold: float) -> list[dict]:
@@ -178,6 +253,23 @@ def sweep_table(runs: list[SweepRun], champion: SweepRun, metric: str, escape_th
             f"{metric} vs champion": run.metric(metric) - champion.metric(metric),
             "champion": run is champion,
         })
+    return rows
+
+
+def settings_table(settings: list[Setting], escape_threshold: float) -> list[dict]:
+    """One row per setting: its seeds' metric (mean, 95% interval, range), training success and escape steps."""
+    rows = []
+    for s in settings:
+        finals = [final_success(r.history) for r in s.runs]
+        escapes = sorted(e if e is not None else math.inf for e in (steps_to_escape(r.history, escape_threshold) for r in s.runs))
+        show = lambda e: "never" if e == math.inf else str(e)  # noqa: E731
+        rows.append({"setting": s.label, "seeds": len(s.runs), f"{s.metric} mean": s.mean,
+                     "95% interval": f"[{s.low:.4g}, {s.high:.4g}] ({s.interval})",
+                     "seed range": f"{min(s.seed_values):.4g} .. {max(s.seed_values):.4g}",
+                     "final_success mean": sum(finals) / len(finals),
+                     "final_success range": f"{min(finals):.4g} .. {max(finals):.4g}",
+                     "steps_to_escape min / median / max": f"{show(escapes[0])} / {show(escapes[(len(escapes) - 1) // 2])} / "
+                                                           f"{show(escapes[-1])}"})
     return rows
 
 
@@ -225,7 +317,10 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
     paths["escape_png"] = plot_escape_steps(runs, escape_threshold, out / "steps_to_escape.png")
     paths["final_png"] = plot_final_by_q(runs, metric, out / "final_by_q.png")
 
-    summary = {"champion": champion.name, metric: champion.metric(metric),
+    settings = summarize_settings(runs, metric)
+    significant, verdict = leader_verdict(settings)
+    summary = {"champion": champion.name, metric: champion.metric(metric), "significant_winner": significant,
+               "settings": {s.label: {"mean": s.mean, "low": s.low, "high": s.high, "seeds": len(s.runs)} for s in settings},
                "runs": {r.name: {metric: r.metric(metric), "final_success": final_success(r.history)} for r in runs}}
     if registered:
         summary["registered_version"] = int(registered["alias_version"])
@@ -239,7 +334,8 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
                     f"load it with `mlflow.transformers.load_model(\"{registered['model_uri']}\")`.\n\n")
     text = (
         f"# q-sweep report\n\nChampion by `{metric}`: **{champion.name}** ({champion.label}, "
-        f"{metric} = {champion.metric(metric):.4f}).\n\n{registry}"
+        f"{metric} = {champion.metric(metric):.4f}), the best seed of the setting with the highest seed mean.\n\n"
+        f"{verdict}\n\n{_markdown(settings_table(settings, escape_threshold))}\n\n{registry}"
         f"Steps to escape: first step at which the 5-step moving average of the training success rate reaches "
         f"{escape_threshold:g} (blank: never). `final_success`: mean over the last 10 steps. Evaluation metrics are "
         f"on the held-out set.\n\n{_markdown(table)}\n\n"

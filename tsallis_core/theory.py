@@ -1,4 +1,4 @@
-"""Gradient flow of J_q on the softmax toy of TSALLIS.md: escape time and label-noise memorisation.
+"""Gradient flow of J_q on the softmax toy of docs/maths.md: escape time and label-noise memorisation.
 
 Toy: one prompt, a softmax policy over K answers with logits theta, one correct answer c,
 ``p = softmax(theta)_c``. The flow ``d theta / dt = grad_theta ln_q p = p^(1-q) (e_c - softmax)``
@@ -72,7 +72,7 @@ def escape_time_integral(q: float, p0: float, num_answers: int, target: float = 
 
 
 def escape_time_asymptotic(q: float, p0: float) -> float:
-    """Leading-order time of TSALLIS.md: ``(p0^(q-1) - 2^(1-q)) / (1-q)``, ``ln(1/(2 p0))`` at q = 1."""
+    """Leading-order time (docs/maths.md): ``(p0^(q-1) - 2^(1-q)) / (1-q)``, ``ln(1/(2 p0))`` at q = 1."""
     if q == 1.0:
         return math.log(1.0 / (2.0 * p0))
     return (p0 ** (q - 1.0) - 2.0 ** (1.0 - q)) / (1.0 - q)
