@@ -171,7 +171,7 @@ def run_local(settings: PipelineSettings, workdir: str | Path, params: dict[str,
 
 # Small settings for `tsallis pipeline run-local`: the embedded tiny model, two q values, a few steps (minutes on CPU)
 LOCAL_OVERRIDES = [
-    "platform=local", "parallelism=1", "sweep.estimators=[garl]", "sweep.q=[0.5,1.0]", "sweep.baseline=false",
+    "platform=local", "parallelism=1", "sweep.estimators=[garl]", "sweep.q=[0.5,1.0]", "sweep.seeds=[0]", "sweep.baseline=false",
     "data.num_pretrain=2000", "data.num_train=64", "data.num_test=16", "warmup.steps=20", "warmup.batch_size=16",
     "train.steps=3", "train.group_size=4", "train.batch_size=8", "train.max_new_tokens=16",
     "evaluate.n=4", "evaluate.max_new_tokens=16", "report.metric=maj@4",

@@ -20,7 +20,7 @@ SMALL = {  # a sweep of 2 estimators x 2 q + GRPO + the single experiment, a few
     "data": {"p0": 0.9, "num_train": 64, "num_test": 8},
     "warmup": {"steps": 30, "batch_size": 32},
     "train": {"steps": 3, "batch_size": 16, "group_size": 4, "max_new_tokens": 24, "lr": 1.0e-3},
-    "sweep": {"q": [0.0, 1.0]},
+    "sweep": {"q": [0.0, 1.0], "seeds": [0]},
     "evaluate": {"n": 4, "max_new_tokens": 24},
     "report": {"metric": "maj@4"},
 }

@@ -34,8 +34,9 @@ def test_compiled_yaml_has_the_sweep_resources_and_platform_settings(compiled):
     loop = spec["root"]["dag"]["tasks"]["for-loop-2"]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3
     items = json.loads(loop["parameterIterator"]["items"]["raw"])
-    assert [i["run_name"] for i in items] == ["garl-q0.0-s0", "garl-q0.5-s0", "garl-q1.0-s0", "paft-q0.0-s0",
-                                              "paft-q0.5-s0", "paft-q1.0-s0", "grpo-s0"]
+    assert [i["run_name"] for i in items] == ["garl-q0.0-s0", "garl-q0.0-s1", "garl-q1.0-s0", "garl-q1.0-s1",
+                                              "paft-q0.0-s0", "paft-q0.0-s1", "paft-q1.0-s0", "paft-q1.0-s1",
+                                              "grpo-s0", "grpo-s1"]
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train-rl"]["container"]
     assert train["image"] == "registry.example/tsallis:t1"
