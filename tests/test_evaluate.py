@@ -4,7 +4,15 @@ import math
 import pytest
 from conftest import run_tsallis
 
-from tsallis_core.evaluate import PromptResult, maj_at_k, majority_vote, pass_at_k, recommend, summarize
+from tsallis_core.evaluate import (
+    PromptResult,
+    maj_at_k,
+    majority_vote,
+    pass_at_k,
+    recommend,
+    single_success_share,
+    summarize,
+)
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -35,18 +43,27 @@ def test_summarize():
 
 
 @pytest.mark.parametrize(
-    ("p0", "verifier", "estimator", "q"),
-    [(0.6, "exact", "garl", 0.0), (0.1, "finqa", "garl", 0.5), (0.01, "em", "paft", 0.75), (0.001, "f1", "paft", 1.0)],
+    ("p0", "verifier", "estimator", "q", "group_size"),
+    [(0.6, "exact", "garl", 0.0, 2), (0.1, "finqa", "garl", 0.5, 10), (0.02, "em", "paft", 0.75, 50),
+     (0.01, "exact", "garl", 0.0, 64), (0.001, "f1", "paft", 0.0, 64)],
 )
-def test_recommendation_rule(p0, verifier, estimator, q):
+def test_recommendation_rule(p0, verifier, estimator, q, group_size):
     d = recommend(p0, 0.5, 8, verifier)
-    assert (d.estimator, d.q) == (estimator, q)
-    assert (1 - p0) ** d.suggested_group_size <= 0.5 or d.suggested_group_size == 64
+    assert (d.estimator, d.q, d.suggested_group_size) == (estimator, q, group_size)
+    assert p0 * d.suggested_group_size >= 1 or d.suggested_group_size == 64  # success counts can vary
+
+
+def test_below_one_success_per_64_samples_q_cannot_act():
+    d = recommend(0.003, 0.98, 8, "exact")
+    assert d.q == 0.0 and "q cannot act" in d.reason and "more prompts per step" in d.reason
+    # the share of successful groups with exactly one success, M p (1-p)^(M-1) / (1 - (1-p)^M)
+    assert single_success_share(0.003, 64) == pytest.approx(64 * 0.003 * 0.997**63 / (1 - 0.997**64))
+    assert single_success_share(0.003, 8) > 0.98 and single_success_share(0.5, 8) < 0.1
 
 
 def test_no_success_at_all_is_called_out():
     d = recommend(0.0, 1.0, 8, "exact")
-    assert d.q == 1.0 and d.suggested_group_size == 64 and "no success at all" in d.reason
+    assert d.q == 0.0 and d.suggested_group_size == 64 and "no success at all" in d.reason
 
 
 def test_evaluate_and_diagnose_on_the_embedded_default(task_dir, base_model, tmp_path):
@@ -65,7 +82,7 @@ def test_evaluate_and_diagnose_on_the_embedded_default(task_dir, base_model, tmp
     result = run_tsallis("diagnose", "--model", "embedded:tiny", "--data", str(task_dir / "test.jsonl"), "--m", "2",
                          "--limit", "4", "--max-new-tokens", "8", "--out", str(diag))
     assert json.loads(diag.read_text())["p0"] == 0.0  # random weights never answer
-    assert "recommendation: estimator=garl q=1" in result.stdout
+    assert "recommendation: estimator=garl q=0" in result.stdout  # no success: q cannot act
 
 
 def test_evaluate_logs_to_mlflow(task_dir, base_model, tmp_path):

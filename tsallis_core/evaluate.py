@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -113,25 +113,45 @@ class Diagnosis:
     reason: str
 
 
-def recommend(p0: float, frac_zero_success: float, group_size: int, verifier: str) -> Diagnosis:
-    """The paper's practical guide (TSALLIS.md) as a rule.
+MAX_GROUP_SIZE = 64
 
-    q: near 0 for warm starts (p0 >= 0.3), 0.5 for the middle (0.05 <= p0 < 0.3), 0.75 for cold
-    starts (0.005 <= p0 < 0.05), 1 for the hardest (p0 < 0.005). Estimator: GARL for structured,
-    low-variance answers (numeric or exact match), PAFT for open-ended QA (em, f1) and stability.
-    Group size: the smallest M with at most half the groups empty, ``(1 - p0)^M <= 1/2``
-    (the estimators' bias grows as the success count per group shrinks), capped at 64.
+
+def single_success_share(p0: float, group_size: int) -> float:
+    """Among groups of ``group_size`` samples with at least one success, the share with exactly one:
+    ``M p (1-p)^(M-1) / (1 - (1-p)^M)`` (1 as p -> 0)."""
+    if p0 <= 0:
+        return 1.0
+    any_success = -math.expm1(group_size * math.log1p(-min(p0, 1 - 1e-12)))
+    return group_size * p0 * (1 - p0) ** (group_size - 1) / any_success
+
+
+def recommend(p0: float, frac_zero_success: float, group_size: int, verifier: str) -> Diagnosis:
+    """The paper's practical guide, revised by the escape study (docs/escape.md, docs/maths.md).
+
+    The amplification ``P_hat^-q`` only reweights groups with *different* success counts: where nearly every
+    group with a success has exactly one, GRPO and GARL at every q give parallel gradients (the study measured a
+    cosine of 1.000 between GRPO's and GARL q=1's) and, under Adam, the same update. So:
+
+    - group size: the smallest M with ``p0 * M >= 1`` (success counts then vary), at least 2, at most 64;
+    - q where that M is reachable: the paper's guide, near 0 for warm starts (p0 >= 0.3), 0.5 in the middle
+      (0.05 <= p0 < 0.3), 0.75 for cold starts (1/64 <= p0 < 0.05);
+    - below p0 = 1/64 q cannot act: q = 0 (GARL's unbiased, lowest-variance member, the same direction as any
+      other q); what helps there is more prompts per step and a warm-up, not a higher q;
+    - estimator: GARL for structured answers (numeric or exact match), PAFT for open-ended QA (em, f1).
     """
+    estimator = "paft" if verifier in ("em", "f1") else "garl"
+    needed = MAX_GROUP_SIZE if p0 <= 0 else min(MAX_GROUP_SIZE, max(2, math.ceil(1.0 / p0)))
     if p0 >= 0.3:
         q, regime = 0.0, "warm start: RLVR-like q near 0 is stable and best"
     elif p0 >= 0.05:
-        q, regime = 0.5, "intermediate: q around 0.5 trades escape speed against noise"
-    elif p0 >= 0.005:
-        q, regime = 0.75, "cold start: amplified q = 0.75 escapes where GRPO stalls"
+        q, regime = 0.5, "intermediate: q around 0.5 trades escape speed against label noise"
+    elif p0 * MAX_GROUP_SIZE >= 1:
+        q, regime = 0.75, f"cold start: q = 0.75 amplifies the rare successes, with M >= {needed} so that groups differ in their success counts"
     else:
-        q, regime = 1.0, "hard cold start: q near 1 (log-likelihood) escapes fastest; expect noise memorisation"
-    estimator = "paft" if verifier in ("em", "f1") else "garl"
-    needed = 64 if p0 <= 0 else min(64, max(2, math.ceil(math.log(0.5) / math.log1p(-min(p0, 0.999)))))
+        share = single_success_share(p0, MAX_GROUP_SIZE)
+        q, regime = 0.0, (f"cold start below 1/{MAX_GROUP_SIZE}: even at M = {MAX_GROUP_SIZE}, {share:.0%} of the groups with a "
+                          f"success have exactly one, where every q gives GRPO's update direction (docs/escape.md), so q "
+                          f"cannot act; use more prompts per step or an SFT warm-up")
     reason = f"{regime}; {estimator.upper()} for {'open-ended' if estimator == 'paft' else 'structured'} answers"
     if p0 == 0:
         reason += "; no success at all: RL gets no signal, warm up with SFT first or sample more"

@@ -322,8 +322,8 @@ class Cell:
 
 
 def _run_all(jobs: list[dict], workers: int, fn=run_one, label: str = "runs") -> list[dict]:
-    todo = [j for j in jobs if not (Path(j.get("out", j.get("run_out", ""))) / ("result.json" if fn is run_one else "eval.json")).is_file()]
-    results = {id(j): None for j in jobs}
+    marker = "result.json" if fn is run_one else "eval.json"
+    todo = [j for j in jobs if not (Path(j.get("out", j.get("run_out", ""))) / marker).is_file()]
     if todo:
         print(f"{label}: {len(todo)} to do ({len(jobs) - len(todo)} cached)", flush=True)
         started = time.time()
@@ -418,7 +418,7 @@ def write_cells(cells: list[Cell], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _flat_grad(model) -> "torch.Tensor":
+def _flat_grad(model) -> Any:
     import torch
 
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).clone()

@@ -262,7 +262,7 @@ def settings_table(settings: list[Setting], escape_threshold: float) -> list[dic
     for s in settings:
         finals = [final_success(r.history) for r in s.runs]
         escapes = sorted(e if e is not None else math.inf for e in (steps_to_escape(r.history, escape_threshold) for r in s.runs))
-        show = lambda e: "never" if e == math.inf else str(e)  # noqa: E731
+        show = lambda e: "never" if e == math.inf else str(e)
         rows.append({"setting": s.label, "seeds": len(s.runs), f"{s.metric} mean": s.mean,
                      "95% interval": f"[{s.low:.4g}, {s.high:.4g}] ({s.interval})",
                      "seed range": f"{min(s.seed_values):.4g} .. {max(s.seed_values):.4g}",

@@ -52,7 +52,7 @@ class SyntheticTaskConfig(BaseModel):
                                "(a partial total, as an early stop gives: reachable, so it can be memorised)")
 
     @model_validator(mode="after")
-    def _terms_ordered(self) -> "SyntheticTaskConfig":
+    def _terms_ordered(self) -> SyntheticTaskConfig:
         if self.min_terms > self.max_terms:
             raise ValueError(f"min_terms ({self.min_terms}) must not exceed max_terms ({self.max_terms})")
         count = self.max_terms - self.min_terms + 1
