@@ -461,28 +461,40 @@ def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dic
 
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
-    grads, updates = {}, {}
+    grads = {}
     for setting in pair:
         model.zero_grad(set_to_none=True)
         loss_of(setting, completion_logprobs(model, *batch)).backward()
         grads[setting] = _flat_grad(model)
+
+    def adamw_update(flat_grad):  # one AdamW step from the given state; the parameters are restored after
+        offset = 0
+        for p in params:
+            p.grad = flat_grad[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)  # as the training run did
         optimizer = torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=0.0)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         optimizer.step()
-        updates[setting] = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(params, start)])
+        update = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(params, start)])
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
+        return update
+
     a, b = pair
     cos = torch.nn.functional.cosine_similarity
-    groups_with_success = int((rewards.view(-1, group_size).sum(1) > 0).sum())
-    if groups_with_success == 0:
+    counts = rewards.view(-1, group_size).sum(1)  # [B] successes per group
+    if not (counts > 0).any():
         return {"prompts": prompts, "groups_with_success": 0}
-    return {"prompts": prompts, "groups_with_success": groups_with_success,
-            "cos_sgd": cos(grads[a], grads[b], dim=0).item(), "cos_adamw": cos(updates[a], updates[b], dim=0).item(),
+    rescaled = grads[b] * (grads[a].norm() / grads[b].norm())  # b's direction at a's scale: what a run of b sees
+    return {"prompts": prompts, "groups_with_success": int((counts > 0).sum()),
+            "success_counts": sorted(int(k) for k in counts[counts > 0]),
+            "cos_sgd": cos(grads[a], grads[b], dim=0).item(),
+            "cos_adamw": cos(adamw_update(grads[a]), adamw_update(grads[b]), dim=0).item(),
+            "cos_adamw_same_scale": cos(adamw_update(grads[a]), adamw_update(rescaled), dim=0).item(),
             "grad_rms": {s: (g.pow(2).mean().sqrt().item()) for s, g in grads.items()}}
 
 

@@ -142,19 +142,26 @@ def lr_search_table(cells: dict, results: dict, steps_of) -> str:
 
 
 def mechanism_table(out: Path) -> tuple[str, list[dict]]:
+    """Per state and prompts per step, over the batches: groups with a success (and how many of them had more
+    than one), and the cosines of the two estimators' SGD updates (gradients), AdamW updates, and AdamW updates
+    with the second gradient rescaled to the first's norm (what a run of the second estimator, whose Adam state
+    grew at its own scale, sees)."""
     points = [json.loads(p.read_text()) for p in sorted((out / "mechanism").glob("*.json"))]
     rows: dict[tuple[str, int], list[dict]] = {}
     for p in points:
         rows.setdefault((p["state_name"], p["prompts"]), []).append(p)
-    head = ("| state | prompts per step | groups with a success | cos AdamW updates (batches) | "
-            "cos SGD updates (gradients) | grad RMS per parameter (first / second) |")
-    lines = [head, "|---|---|---|---|---|---|"]
+    keys = [("cos_sgd", "cos SGD (gradients)"), ("cos_adamw", "cos AdamW"),
+            ("cos_adamw_same_scale", "cos AdamW, same scale")]
+    head = ("| state | prompts per step | groups with a success (with >1) | "
+            + " | ".join(label for _, label in keys) + " | grad RMS per parameter (first / second) |")
+    lines = [head, "|---|---|---|" + "---|" * len(keys) + "---|"]
     for (state, prompts), ps in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         valid = [p for p in ps if "cos_adamw" in p]
-        adamw, sgd = (", ".join(f"{p[k]:.3f}" for p in valid) or "no success" for k in ("cos_adamw", "cos_sgd"))
+        cosines = [", ".join(f"{p[k]:.3f}" for p in valid if k in p) or "-" for k, _ in keys]
         rms = ", ".join("/".join(f"{v:.1e}" for v in p["grad_rms"].values()) for p in valid)
-        counts = ", ".join(str(p["groups_with_success"]) for p in ps)
-        lines.append(f"| {state} | {prompts} | {counts} | {adamw} | {sgd} | {rms} |")
+        counts = ", ".join(f"{p['groups_with_success']} ({sum(k > 1 for k in p.get('success_counts', []))})"
+                           if "success_counts" in p else str(p["groups_with_success"]) for p in ps)
+        lines.append(f"| {state} | {prompts} | {counts} | " + " | ".join(cosines) + f" | {rms} |")
     return "\n".join(lines), points
 
 
@@ -205,11 +212,14 @@ def plot_mechanism(points: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for state in sorted({p["state_name"] for p in points}):
-        for key, style in (("cos_adamw", "o-"), ("cos_sgd", "s--")):
+        for key, style in (("cos_adamw", "o-"), ("cos_adamw_same_scale", "^-"), ("cos_sgd", "s--")):
             ps = [p for p in points if p["state_name"] == state and key in p]
             xs = sorted({p["prompts"] for p in ps})
             means = [np.mean([p[key] for p in ps if p["prompts"] == x]) for x in xs]
-            ax.plot(xs, means, style, label=f"{'AdamW' if key == 'cos_adamw' else 'SGD'}, {state}")
+            if not ps:
+                continue
+            name = {"cos_adamw": "AdamW", "cos_adamw_same_scale": "AdamW, same scale", "cos_sgd": "SGD"}[key]
+            ax.plot(xs, means, style, label=f"{name}, {state}")
             for x in xs:
                 vals = [p[key] for p in ps if p["prompts"] == x]
                 ax.vlines(x, min(vals), max(vals), alpha=0.4)
