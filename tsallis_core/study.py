@@ -24,6 +24,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -565,6 +567,7 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
         ledger["wall_seconds"] = round(sum(s["seconds"] for s in ledger["sessions"]), 1)
         ledger_path.write_text(json.dumps(ledger, indent=1))
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped study still records its wall time
     try:
         base, data = make_base(study.base, out)
         start = measure_start(study.base, base, data, study.run.max_new_tokens)
