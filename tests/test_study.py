@@ -100,7 +100,7 @@ factors: {{regimes: [adamw], settings: ["garl:0.75"], values: {{baseline: [none]
 eval: {{prompts: 8, n: 2}}
 mechanism: {{regime: adamw, prompts_per_step: [4], batches: 1, state_steps: 2}}
 noise: {{base: {{name: noisy, task: {{min_terms: 2, max_terms: 3, p0: 0.6, label_noise: 0.5, num_train: 64, num_test: 16}},
-         sft_steps: 40, measure_prompts: 8, measure_samples: 2}}, lr: 1.0e-3, settings: ["garl:0", "garl:1"], steps: 2,
+         sft_steps: 40, measure_prompts: 8, measure_samples: 2}}, lrs: [1.0e-3], settings: ["garl:0", "garl:1"], steps: 2,
          noisy_prompts: 4}}
 """
 

@@ -106,7 +106,8 @@ class MechanismSettings(_Section):
 class NoiseSettings(_Section):
     base: BaseSpec = Field(default_factory=lambda: BaseSpec(name="noisy", task={"p0": 0.3, "label_noise": 0.25}))
     regime: str = "adamw"
-    lr: float = Field(3e-4, gt=0, description="one lr for every q (AdamW is blind to a common scale)")
+    lrs: list[float] = Field([1e-4], min_length=1, description="lrs shared by every q (AdamW is blind to a common "
+                             "scale); each is its own set of cells")
     settings: list[str] = ["garl:0", "garl:0.5", "garl:0.75", "garl:1"]
     steps: int = Field(150, ge=1)
     noisy_prompts: int = Field(300, ge=1, description="noisy training prompts sampled after training")
@@ -591,8 +592,9 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
             noisy_base, noisy_data = make_base(study.noise.base, out)
             measure_start(study.noise.base, noisy_base, noisy_data, study.run.max_new_tokens)
             regime = study.regimes[study.noise.regime]
-            run = {**study.run.model_dump(), "steps": study.noise.steps}
-            noise = [Cell("noise", study.noise.regime, regime, s, run, [study.noise.lr]) for s in study.noise.settings]
+            noise = [Cell("noise", study.noise.regime, regime, s,
+                          {**study.run.model_dump(), "steps": study.noise.steps, "changed": {"lr": lr}}, [lr])
+                     for lr in study.noise.lrs for s in study.noise.settings]
             nctx = {"base": noisy_base, "data": noisy_data, "out": out}
             search_and_seed(noise, study, nctx)
             write_cells(noise, out / "cells.json")

@@ -170,12 +170,13 @@ def noise_table(summaries: list[dict]) -> str:
 
     head = ("| estimator | wrong label on noisy train prompts [95% CI] | true answer there [95% CI] | "
             "held-out pass@1 [95% CI] | theory: mass on the wrong label (share 25%, T=1000) |")
-    lines = [head, "|---|---|---|---|---|"]
-    for s in summaries:
+    lines = ["| lr " + head, "|---|---|---|---|---|---|"]
+    for s in sorted(summaries, key=lambda s: (s["best_lr"], s["setting"])):
         ho = s.get("heldout", {})
         q = float(s["setting"].split(":")[1]) if ":" in s["setting"] else 0.0
         theory = noise_flow(q, 0.25).mass_on_wrong_label
-        lines.append(f"| {s['setting']} | {_fmt_ci(ho['noisy_wrong_label']) if 'noisy_wrong_label' in ho else ''} | "
+        lines.append(f"| {s['best_lr']:.3g} | {s['setting']} | "
+                     f"{_fmt_ci(ho['noisy_wrong_label']) if 'noisy_wrong_label' in ho else ''} | "
                      f"{_fmt_ci(ho['noisy_true_answer']) if 'noisy_true_answer' in ho else ''} | "
                      f"{_fmt_ci(ho['pass@1']) if 'pass@1' in ho else ''} | {theory:.3f} |")
     return "\n".join(lines)
@@ -235,21 +236,25 @@ def plot_mechanism(points: list[dict], path: Path) -> Path:
 def plot_noise(summaries: list[dict], path: Path) -> Path:
     from .plots import _save, plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for key, label in (("noisy_wrong_label", "wrong label, noisy train prompts"), ("noisy_true_answer", "true answer, noisy train prompts"),
-                       ("pass@1", "held-out accuracy")):
-        garl = [s for s in summaries if s["setting"].startswith("garl") and key in s.get("heldout", {})]
-        if not garl:
-            continue
-        qs = [float(s["setting"].split(":")[1]) for s in garl]
-        means = [s["heldout"][key][0] for s in garl]
-        errs = [[m - s["heldout"][key][1] for m, s in zip(means, garl)], [s["heldout"][key][2] - m for m, s in zip(means, garl)]]
-        ax.errorbar(qs, means, yerr=errs, fmt="o-", capsize=3, label=f"GARL: {label}")
-    ax.set_xlabel("q")
-    ax.set_ylabel("probability (95% bootstrap interval)")
-    ax.set_title("Label noise (25% wrong, reachable labels)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    lrs = sorted({s["best_lr"] for s in summaries})
+    fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.2), squeeze=False, sharey=True)
+    for ax, lr in zip(axes[0], lrs):
+        for key, label in (("noisy_wrong_label", "wrong label, noisy train prompts"),
+                           ("noisy_true_answer", "true answer, noisy train prompts"), ("pass@1", "held-out accuracy")):
+            garl = sorted((s for s in summaries if s["best_lr"] == lr and s["setting"].startswith("garl")
+                           and key in s.get("heldout", {})), key=lambda s: float(s["setting"].split(":")[1]))
+            if not garl:
+                continue
+            qs = [float(s["setting"].split(":")[1]) for s in garl]
+            means = [s["heldout"][key][0] for s in garl]
+            errs = [[m - s["heldout"][key][1] for m, s in zip(means, garl)],
+                    [s["heldout"][key][2] - m for m, s in zip(means, garl)]]
+            ax.errorbar(qs, means, yerr=errs, fmt="o-", capsize=3, label=f"GARL: {label}")
+        ax.set_title(f"Label noise (25% wrong, reachable labels), AdamW lr {lr:.3g}")
+        ax.set_xlabel("q")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("probability (95% bootstrap interval)")
     return _save(fig, path)
 
 
