@@ -27,8 +27,8 @@ class CreatesFile:
 
 
 def sft_args(task_dir, out, *extra):
-    return ["train", "stage=sft", f"output_dir={out}", f"data.train_path={task_dir / 'pretrain.jsonl'}", "sft.batch_size=8",
-            "optim.lr=3e-3", "tracking.enabled=false", "engine.threads=1", "seed=1", *extra]
+    return ["train", "stage=sft", f"output_dir={out}", f"data.train_path={task_dir / 'pretrain.jsonl'}",
+            "sft.batch_size=8", "optim.lr=3e-3", "tracking.enabled=false", "engine.threads=1", "seed=1", *extra]
 
 
 def error_lines(result) -> list[str]:
@@ -63,7 +63,7 @@ def test_the_crafted_pickle_runs_code_when_loaded_unsafely(tmp_path):
     torch.load(tmp_path / "rng.pt", weights_only=False)
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(CheckpointError, match=r"rng.pt was refused: it holds objects other than tensors \(the global io.open\)"):
+    with pytest.raises(CheckpointError, match=r"rng.pt was refused: it holds objects other than tensors \(the global io"):
         safe_load(tmp_path / "rng.pt")
     assert not marker.exists()
 

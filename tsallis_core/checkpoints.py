@@ -58,7 +58,8 @@ def safe_load(path: Path, map_location: str | None = "cpu"):
         detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(error))  # garbage: refused as unreadable
         raise CorruptCheckpoint(f"{path}: {detail.group(1) if detail else str(error).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        raise CorruptCheckpoint(f"{path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CorruptCheckpoint(f"{path}: {first}") from None
 
 
 # ----------------------------------------------------------------------------------------------- RNG states

@@ -184,7 +184,8 @@ class Trainer:
                 f"output_dir {self.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                 f"or choose another output_dir"
             )
-        self.tracker = make_tracker(config.tracking.enabled, config.tracking.experiment, self.rank == 0)
+        self.tracker = make_tracker(config.tracking.enabled, config.tracking.experiment, self.rank == 0,
+                                    spool=self.output_dir / "mlflow_spool.jsonl")
         if config.engine.threads:
             torch.set_num_threads(config.engine.threads)
         init_distributed(self.device, config.engine.backend == "deepspeed")
