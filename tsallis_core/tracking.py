@@ -102,6 +102,7 @@ class Sender:
         self.queue: queue.Queue = queue.Queue()
         self.pending: list[tuple[str, Any, dict | None]] = []  # (label, call, metrics record): not sent at close
         self.down_since: str | None = None
+        self.current = None  # the call being tried
         self.closing = threading.Event()
         if spool is not None and Path(spool).is_file():
             for line in Path(spool).read_text().splitlines():
@@ -133,6 +134,7 @@ class Sender:
                 if self.closing.is_set():
                     return
                 continue
+            self.current = item
             while True:
                 try:
                     item[1]()
@@ -157,14 +159,17 @@ class Sender:
         while self.queue.unfinished_tasks and time.time() < deadline:
             time.sleep(0.1)
         self.closing.set()
-        self.thread.join()
-        left = self.pending + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        self.thread.join(timeout=BACKOFF_S[1])  # a request to a server that hangs: give up on it
+        stuck = [self.current] if self.thread.is_alive() and self.current else []
+        left = stuck + self.pending + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
         records = [item[2] for item in left if item[2] is not None]
         if records and self.spool is not None:
             with Path(self.spool).open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
+        if left:
+            others = f"; not sent: {', '.join(item[0] for item in left if item[2] is None)}" if len(records) < len(left) else ""
             _say(f"warning: MLflow server {self.uri} is still away: the metrics of {len(records)} step(s) are in "
-                 f"{self.spool}; they are sent when this run is resumed (tsallis train --resume)")
+                 f"{self.spool}, sent when this run is resumed (tsallis train --resume){others}")
         return not left
 
 
