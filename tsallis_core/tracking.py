@@ -138,6 +138,7 @@ class Sender:
             while True:
                 try:
                     item[1]()
+                    self.current = None
                     break
                 except Exception as error:  # noqa: BLE001 - any failure of the server: keep the call, try again
                     if self.down_since is None:
@@ -168,8 +169,9 @@ class Sender:
                 f.writelines(json.dumps(r) + "\n" for r in records)
         if left:
             others = f"; not sent: {', '.join(item[0] for item in left if item[2] is None)}" if len(records) < len(left) else ""
-            _say(f"warning: MLflow server {self.uri} is still away: the metrics of {len(records)} step(s) are in "
-                 f"{self.spool}, sent when this run is resumed (tsallis train --resume){others}")
+            kept = f"are in {self.spool}, sent when this run is resumed (tsallis train --resume)" if self.spool else \
+                "were not sent"
+            _say(f"warning: MLflow server {self.uri} is still away: the metrics of {len(records)} step(s) {kept}{others}")
         return not left
 
 
