@@ -2,6 +2,7 @@
 output_dir, unwritable or full disks, prompts longer than the model's context, non-UTF-8 rows (docs/reliability.md)."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,8 +50,6 @@ def finished_run(task_dir, tmp_path_factory):
 
 
 def copy_run(run, dest):
-    import shutil
-
     shutil.copytree(run, dest)
     shutil.rmtree(dest / "model")
     return dest
@@ -190,7 +189,7 @@ def test_output_dir_that_cannot_be_written_fails_in_one_line_before_the_model_lo
 
 
 def test_free_space_check_is_a_real_measurement(tmp_path):
-    free = __import__("shutil").disk_usage(tmp_path).free
+    free = shutil.disk_usage(tmp_path).free
     check_output_dir(tmp_path / "ok", need_bytes=1)
     with pytest.raises(ConfigError, match="MiB free"):
         check_output_dir(tmp_path / "ok", need_bytes=2 * free)
