@@ -62,7 +62,8 @@ def test_a_fresh_venv_from_the_image_pins_installs_imports_compiles_and_trains(t
     run(sys.executable, "-m", "venv", venv)
     pip, python = venv / "bin" / "pip", venv / "bin" / "python"
     requirements = REPO / "docker" / "requirements.txt"
-    run(pip, "install", "-q", "--no-compile", "-r", requirements, "--constraint", requirements, f"{REPO}[{','.join(IMAGE_EXTRAS)}]")
+    package = f"{REPO}[{','.join(IMAGE_EXTRAS)}]"  # as the Dockerfile installs it: not editable
+    run(pip, "install", "-q", "--no-compile", "-r", requirements, "--constraint", requirements, package)
     run(pip, "check")
     imported = run(python, "-c", "import importlib, pkgutil, tsallis_core as t\n"
                                  "names = [m.name for m in pkgutil.walk_packages(t.__path__, 'tsallis_core.')]\n"
