@@ -1,8 +1,9 @@
 # The project's image: every Kubeflow step and every TrainJob node runs it (README, section Kubeflow).
 #   docker build -t REGISTRY/tsallis:TAG . && docker push REGISTRY/tsallis:TAG
 #   export TSALLIS_IMAGE=REGISTRY/tsallis:TAG   # then: tsallis pipeline compile / submit
-# CUDA 12.8 + cuDNN 9 with torch 2.7.1 (Python 3.11); the host needs only the NVIDIA driver.
-FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+# Python 3.11 and the torch that the tests run (torch==2.13.0 in docker/requirements.txt). PyPI's Linux wheel of
+# torch is its CUDA build and brings the CUDA and cuDNN runtime as nvidia-* wheels: the host needs only the driver.
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -25,7 +26,7 @@ RUN pip install --no-cache-dir -r docker/requirements.txt
 # `tsallis train --config configs/...` reads, and the pipeline sources for `tsallis pipeline` in the image.
 COPY --chown=1000 pyproject.toml README.md ./
 COPY --chown=1000 tsallis_core/ tsallis_core/
-RUN pip install --no-cache-dir --constraint docker/requirements.txt ".[deepspeed,kubeflow]"
+RUN pip install --no-cache-dir --constraint docker/requirements.txt ".[deepspeed,kubeflow]" && pip check
 COPY --chown=1000 configs/ configs/
 COPY --chown=1000 components/ components/
 COPY --chown=1000 pipelines/ pipelines/

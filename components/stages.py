@@ -2,7 +2,7 @@
 entry point that the same dvc.yaml stage calls (STYLE.md point 7: no logic lives only here).
 
 The functions below are plain Python; ``build(image)`` turns them into components whose base image is the
-project's image (``$TSALLIS_IMAGE``, default ``ghcr.io/tsallis-pipeline/tsallis:<version>``). The image has
+project's image (``--image`` or ``$TSALLIS_IMAGE``; there is no default). The image has
 tsallis_core, kfp and every dependency, so nothing is pip-installed when a step starts.
 """
 
@@ -32,16 +32,19 @@ def sweep_parent(experiment: str, sweep: str) -> str:
 
 
 def sft_warmup(data: Input[Dataset], model: Output[Model], metrics: Output[Metrics], base_model: str, steps: int,
-               lr: float, batch_size: int, experiment: str, gpus: int, deepspeed_config: str):
+               lr: float, batch_size: int, experiment: str, gpus: int, deepspeed_config: str, sweep: str = "",
+               checkpoint_root: str = "", checkpoint_every: int = 0, pipeline_run: str = ""):
     """dvc.yaml warmup: SFT of the base model on the pre-training corpus (steps=0: the model passes through)
-    -> trainer.train(load_config("configs/base.yaml", overrides)), on all of the pod's GPUs."""
+    -> trainer.train(load_config("configs/base.yaml", overrides)), on all of the pod's GPUs; checkpoints under
+    ``checkpoint_root`` (the cache PVC) every ``checkpoint_every`` steps, and a retried step resumes from them."""
+    from tsallis_core.kubeflow import checkpoint_path
     from tsallis_core.launch import run_training
 
     final = run_training("configs/base.yaml", [
         f"output_dir={model.path}", f"model.name_or_path={base_model}", f"steps={steps}", f"optim.lr={lr}",
         f"sft.batch_size={batch_size}", f"data.train_path={data.path}/pretrain.jsonl", f"tracking.experiment={experiment}",
-        "tracking.log_model=false", "checkpoint_every=0", "keep_checkpoints=1",
-    ], gpus, deepspeed_config)
+        "tracking.log_model=false", f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2",
+    ], gpus, deepspeed_config, checkpoint_path(checkpoint_root, sweep, pipeline_run, "warmup"))
     for key, value in final.items():
         metrics.log_metric(key, value)
 
@@ -49,18 +52,20 @@ def sft_warmup(data: Input[Dataset], model: Output[Model], metrics: Output[Metri
 def train_rl(data: Input[Dataset], base_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
              run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
              batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str, gpus: int,
-             deepspeed_config: str):
+             deepspeed_config: str, checkpoint_root: str = "", checkpoint_every: int = 0, pipeline_run: str = ""):
     """dvc.yaml train/baseline: one RL run of the sweep, nested under the sweep's MLflow parent run
-    -> trainer.train(load_config("configs/rl.yaml", overrides)); torchrun + DeepSpeed when gpus > 1."""
+    -> trainer.train(load_config("configs/rl.yaml", overrides)); torchrun + DeepSpeed when gpus > 1. Checkpoints
+    go to <checkpoint_root>/<sweep>/<pipeline_run>/<run_name> (the cache PVC); a retried step resumes there."""
+    from tsallis_core.kubeflow import checkpoint_path
     from tsallis_core.launch import run_training
 
     final = run_training("configs/rl.yaml", [
         f"output_dir={model.path}/{run_name}", f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}",
         f"steps={steps}", f"optim.lr={lr}", f"rl.group_size={group_size}", f"rl.batch_size={batch_size}",
         f"rl.max_new_tokens={max_new_tokens}", f"rl.temperature={temperature}", f"model.name_or_path={base_model.path}/model",
-        f"data.train_path={data.path}/train.jsonl", "checkpoint_every=0", "keep_checkpoints=1",
+        f"data.train_path={data.path}/train.jsonl", f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2",
         f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
-    ], gpus, deepspeed_config)
+    ], gpus, deepspeed_config, checkpoint_path(checkpoint_root, sweep, pipeline_run, run_name))
     model.metadata.update({"run_name": run_name, "estimator": estimator, "q": float(q), "seed": int(seed)})
     for key, value in final.items():
         metrics.log_metric(key, value)
@@ -69,18 +74,20 @@ def train_rl(data: Input[Dataset], base_model: Input[Model], model: Output[Model
 def train_rl_trainjob(data: Input[Dataset], base_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
                       run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
                       batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str,
-                      cluster: dict):
+                      cluster: dict, pipeline_run: str = ""):
     """train_rl across nodes: submits a Kubeflow Trainer TrainJob that runs the same `tsallis train` on
-    cluster["num_nodes"] nodes, waits, and fails with the job's error -> launch.run_trainjob."""
-    from tsallis_core.kubeflow import ClusterSettings
+    cluster["num_nodes"] nodes, waits, and fails with the job's error -> launch.run_trainjob. The run's staging
+    is <cache>/trainjobs/<sweep>/<pipeline_run>/<run_name>: a retried launcher resumes from its checkpoints."""
+    from tsallis_core.kubeflow import ClusterSettings, checkpoint_path
     from tsallis_core.launch import run_trainjob
 
     final = run_trainjob("configs/rl.yaml", [
         f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}", f"steps={steps}", f"optim.lr={lr}",
         f"rl.group_size={group_size}", f"rl.batch_size={batch_size}", f"rl.max_new_tokens={max_new_tokens}",
-        f"rl.temperature={temperature}", "checkpoint_every=0", "keep_checkpoints=1", f"tracking.sweep={sweep}",
-        f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
-    ], data.path, f"{base_model.path}/model", model.path, run_name, ClusterSettings.model_validate(cluster))
+        f"rl.temperature={temperature}", f"checkpoint_every={cluster['checkpoint_every']}", "keep_checkpoints=2",
+        f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
+    ], data.path, f"{base_model.path}/model", model.path, run_name, ClusterSettings.model_validate(cluster),
+        work_dir=checkpoint_path(f"{cluster['cache_path']}/trainjobs", sweep, pipeline_run, run_name))
     model.metadata.update({"run_name": run_name, "estimator": estimator, "q": float(q), "seed": int(seed)})
     for key, value in final.items():
         metrics.log_metric(key, value)
@@ -132,9 +139,9 @@ STAGES = (prepare_data, sweep_parent, sft_warmup, train_rl, train_rl_trainjob, e
 
 
 def build(image: str | None = None) -> SimpleNamespace:
-    """The stages as kfp components on ``image`` (default: $TSALLIS_IMAGE or the released image)."""
-    from tsallis_core.kubeflow import default_image
+    """The stages as kfp components on ``image`` (default: $TSALLIS_IMAGE; neither: ConfigError)."""
+    from tsallis_core.kubeflow import default_image, require_image
 
-    image = image or default_image()
+    image = require_image(image or default_image())
     return SimpleNamespace(**{stage.__name__: dsl.component(stage, base_image=image, install_kfp_package=False,
                                                             packages_to_install=[]) for stage in STAGES})

@@ -14,7 +14,7 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components import build
-from tsallis_core.kubeflow import ClusterSettings, PipelineSettings, load_settings
+from tsallis_core.kubeflow import LOCAL_IMAGE, ClusterSettings, PipelineSettings, load_settings
 
 PIPELINE_NAME = "tsallis-cold-start-sweep"
 SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -45,12 +45,22 @@ def _on_gpu_node(task, cluster: ClusterSettings, gpus: int):
 
 def build_pipeline(settings: PipelineSettings):
     """The pipeline function for ``settings`` (platform local: no GPU or Kubernetes settings, for kfp.local)."""
-    stages = build(settings.cluster.image)
     cluster, kube = settings.cluster, settings.platform == "kubernetes"
+    stages = build(cluster.image if kube else cluster.image or LOCAL_IMAGE)  # kfp.local's subprocesses use no image
     gpus = cluster.gpus_per_node if kube else 0
     multinode = kube and cluster.num_nodes > 1
     runs = [{k: str(v) for k, v in run.items()} for run in settings.sweep.items()]  # loop items reach steps as strings
     d = settings.runtime_defaults()
+    # training checkpoints on the cache PVC, under the sweep, this pipeline run and the run name (kfp.local: none)
+    resumable = {"checkpoint_root": f"{cluster.cache_path}/checkpoints" if kube else "",
+                 "checkpoint_every": cluster.checkpoint_every if kube else 0,
+                 "pipeline_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+
+    def retried(task):
+        """A preempted or failed training step is retried; it resumes from its newest checkpoint."""
+        if kube and cluster.retries:
+            task.set_retry(cluster.retries, backoff_duration=cluster.retry_backoff)
+        return task
 
     def on_gpu(task, count: int):
         return _on_gpu_node(task, cluster, count) if kube else task
@@ -77,10 +87,10 @@ def build_pipeline(settings: PipelineSettings):
                                    num_pretrain=data_num_pretrain).set_display_name("prepare")
         parent = with_access(stages.sweep_parent(experiment=report_experiment, sweep=report_sweep))
         parent.set_caching_options(False).set_display_name("mlflow sweep run")
-        warm = on_gpu(stages.sft_warmup(
+        warm = retried(on_gpu(stages.sft_warmup(
             data=data.outputs["data"], base_model=warmup_model, steps=warmup_steps, lr=warmup_lr,
             batch_size=warmup_batch_size, experiment=report_experiment, gpus=gpus,
-            deepspeed_config=cluster.deepspeed_config), gpus).set_display_name("sft warm-up")
+            deepspeed_config=cluster.deepspeed_config, sweep=report_sweep, **resumable), gpus)).set_display_name("sft warm-up")
         with dsl.ParallelFor(runs, parallelism=settings.parallelism) as run:
             common = {"data": data.outputs["data"], "base_model": warm.outputs["model"], "run_name": run.run_name,
                       "estimator": run.estimator, "q": run.q, "seed": run.seed, "steps": train_steps, "lr": train_lr,
@@ -88,11 +98,13 @@ def build_pipeline(settings: PipelineSettings):
                       "max_new_tokens": train_max_new_tokens, "temperature": train_temperature,
                       "sweep": report_sweep, "experiment": report_experiment}
             if multinode:  # the launcher needs no GPU: the TrainJob's nodes have them
-                train = stages.train_rl_trainjob(**common, cluster=cluster.model_dump())
+                train = stages.train_rl_trainjob(**common, cluster=cluster.model_dump(),
+                                                 pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
                 kubernetes.mount_pvc(train, pvc_name=cluster.cache_pvc, mount_path=cluster.cache_path)
             else:
-                train = on_gpu(stages.train_rl(**common, gpus=gpus, deepspeed_config=cluster.deepspeed_config), gpus)
-            train.after(parent).set_display_name("train")
+                train = on_gpu(stages.train_rl(**common, gpus=gpus, deepspeed_config=cluster.deepspeed_config,
+                                               **resumable), gpus)
+            retried(train).after(parent).set_display_name("train")
             evaluation = on_gpu(stages.evaluate_model(
                 data=data.outputs["data"], model=train.outputs["model"], run_name=run.run_name, n=evaluate_n,
                 max_new_tokens=evaluate_max_new_tokens, temperature=evaluate_temperature, seed=evaluate_seed),

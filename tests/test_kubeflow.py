@@ -2,6 +2,7 @@
 pipeline run locally with kfp.local against a real MLflow server."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,21 @@ def test_compiled_yaml_has_the_sweep_resources_and_platform_settings(compiled):
     assert "http://" not in text and "https://" not in text and "PASSWORD=" not in text
 
 
+def test_training_steps_are_retried_and_checkpoint_to_the_cache_pvc(compiled):
+    """Preemption: the warm-up and every training run checkpoint under the cache PVC (path from the sweep, the
+    pipeline run and the run name) every cluster.checkpoint_every steps, and kfp retries them (they resume)."""
+    _, (spec, _) = compiled
+    loop = spec["root"]["dag"]["tasks"]["for-loop-2"]["componentRef"]["name"]
+    train = spec["components"][loop]["dag"]["tasks"]["train-rl"]
+    warmup = spec["root"]["dag"]["tasks"]["sft-warmup"]
+    for task in (train, warmup):
+        assert task["retryPolicy"]["maxRetryCount"] == 3 and task["retryPolicy"]["backoffDuration"] == "120s"
+        params = task["inputs"]["parameters"]
+        assert params["checkpoint_root"]["runtimeValue"]["constant"] == "/cache/checkpoints"
+        assert params["checkpoint_every"]["runtimeValue"]["constant"] == 25
+        assert params["pipeline_run"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+
+
 def test_local_platform_compiles_without_gpu_or_kubernetes_settings(tmp_path):
     spec, *rest = yaml.safe_load_all(compile_pipeline(local_settings(REPO / "params.yaml"), tmp_path / "p.yaml").read_text())
     assert "resources" not in spec["deploymentSpec"]["executors"]["exec-train-rl"]["container"]
@@ -67,7 +83,8 @@ def test_local_platform_compiles_without_gpu_or_kubernetes_settings(tmp_path):
 
 
 def test_multinode_runs_are_trainjob_launchers_without_gpus(tmp_path):
-    settings = load_settings(REPO / "params.yaml", ["cluster.num_nodes=4", "cluster.gpus_per_node=8"])
+    settings = load_settings(REPO / "params.yaml", ["cluster.num_nodes=4", "cluster.gpus_per_node=8",
+                                                     "cluster.image=registry.example/tsallis:t1"])
     spec, platform = yaml.safe_load_all(compile_pipeline(settings, tmp_path / "p.yaml").read_text())
     executors = spec["deploymentSpec"]["executors"]
     assert "exec-train-rl" not in executors and "accelerator" not in executors["exec-train-rl-trainjob"]["container"].get("resources", {})
@@ -95,6 +112,23 @@ def test_cli_compile_reports_a_bad_q_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tsallis_core.cli", "pipeline", "compile", "--out", str(tmp_path / "p.yaml"),
                              "sweep.q=[2]"], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2 and "sweep.q: every q must be in [0, 1]; got 2.0" in result.stderr
+
+
+def test_compiling_without_an_image_names_both_ways_to_give_one(tmp_path):
+    """There is no published image: without --image or TSALLIS_IMAGE, compile stops in one line."""
+    env = {k: v for k, v in os.environ.items() if k != "TSALLIS_IMAGE"}
+    argv = [sys.executable, "-m", "tsallis_core.cli", "pipeline", "compile", "--out", str(tmp_path / "p.yaml")]
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tsallis: error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--image" in errors[0] and "TSALLIS_IMAGE" in errors[0] and "tsallis:local" in errors[0]
+    assert not (tmp_path / "p.yaml").exists()
+    for extra, image_env in (([], {"TSALLIS_IMAGE": "tsallis:local"}), (["--image", "registry.example/t:2"], {})):
+        result = subprocess.run(argv + extra, check=True, capture_output=True, text=True, cwd=REPO, env=env | image_env,
+                                timeout=120)
+        image = extra[-1] if extra else "tsallis:local"
+        spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+        assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {image}
 
 
 def test_single_node_launch_uses_torchrun_with_deepspeed():

@@ -232,7 +232,7 @@ def _add_pipeline_commands(commands) -> None:
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--params", default="params.yaml", help="params.yaml whose sections give the defaults")
-        cmd.add_argument("--image", help="image of every step (default: $TSALLIS_IMAGE or the released image)")
+        cmd.add_argument("--image", help="image of every step (default: $TSALLIS_IMAGE; one of them is required)")
         cmd.add_argument("overrides", nargs="*", help="settings as key=value, e.g. sweep.q=[0.25,0.75]")
         cmd.set_defaults(func=func)
         if name == "compile":
@@ -351,8 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides accepted anywhere after the command, before or after its
+    options (``tsallis train rl.q=0.5 --resume steps=200``); argparse alone takes them as one block."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if extra and (len(overrides) < len(extra) or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*(args.overrides or []), *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from pydantic import ValidationError
 
     from .tracking import TrackingUnreachable

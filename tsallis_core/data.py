@@ -16,8 +16,13 @@ def load_records(path: str | Path, required: tuple[str, ...] = ("prompt", "answe
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist (check data.train_path or --data)")
     rows, problems = [], []
-    with path.open() as f:
-        for index, line in enumerate(f):
+    with path.open("rb") as f:
+        for index, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                problems.append(f"row {index}: not UTF-8 (byte {raw[error.start]:#04x} at offset {error.start})")
+                continue
             if not line.strip():
                 problems.append(f"row {index}: empty line")
                 continue

@@ -118,7 +118,9 @@ class TorchEngine:
         torch.save(state, directory / "engine.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=False)
+        from .checkpoints import safe_load
+
+        state = safe_load(directory / "engine.pt")  # tensors only: a crafted pickle is refused, never run
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -19,16 +19,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .config import ConfigError, _format_error, _merge, parse_overrides
 
-IMAGE_REPOSITORY = "ghcr.io/tsallis-pipeline/tsallis"
+LOCAL_IMAGE = "tsallis:local"  # `docker build -t tsallis:local .` for a local cluster (README, section Kubeflow)
 ESTIMATORS = ("garl", "paft", "grpo")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_image() -> str:
-    """The project's image: ``$TSALLIS_IMAGE``, else ``ghcr.io/tsallis-pipeline/tsallis:<package version>``."""
-    from . import __version__
+    """The project's image from ``$TSALLIS_IMAGE``, or '' when unset (compiling then asks for one)."""
+    return os.environ.get("TSALLIS_IMAGE", "")
 
-    return os.environ.get("TSALLIS_IMAGE") or f"{IMAGE_REPOSITORY}:{__version__}"
+
+def require_image(image: str) -> str:
+    """``image``, or a ConfigError that names both ways to give one: there is no published image to fall back to."""
+    if not image:
+        raise ConfigError(
+            f"no image for the pipeline's steps: pass --image REGISTRY/tsallis:TAG or set TSALLIS_IMAGE (for a local "
+            f"cluster: docker build -t {LOCAL_IMAGE} . and --image {LOCAL_IMAGE}; README, section Kubeflow)"
+        )
+    return image
+
+
+def checkpoint_path(root: str, sweep: str, pipeline_run: str, run_name: str) -> str:
+    """Where a Kubeflow training run trains and checkpoints: ``<root>/<sweep>/<pipeline run>/<run name>`` on the
+    cache PVC, the same for every retry of one step and apart from every other run; '' when ``root`` is ''."""
+    return str(Path(root) / sweep / pipeline_run / run_name) if root else ""
 
 
 def resolve_path(path: str) -> str:
@@ -93,7 +107,7 @@ class ClusterSettings(_Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)  # cluster.cpu=64
 
-    image: str = Field(default_factory=default_image, description="image of every step ($TSALLIS_IMAGE)")
+    image: str = Field(default_factory=default_image, description="image of every step (--image or $TSALLIS_IMAGE)")
     gpus_per_node: int = Field(1, ge=0, description="GPUs of a training pod; > 1: torchrun + DeepSpeed across them; 0: CPU")
     num_nodes: int = Field(1, ge=1, description="> 1: each run is a Kubeflow Trainer TrainJob on this many nodes")
     accelerator_type: str = Field("nvidia.com/gpu", description="the accelerator resource of training pods")
@@ -109,6 +123,9 @@ class ClusterSettings(_Section):
     mlflow_secret: str = Field("mlflow-credentials", description="Secret with MLFLOW_TRACKING_URI (and _USERNAME, _PASSWORD)")
     trainer_runtime: str = Field("torch-distributed", description="Kubeflow Trainer runtime of the TrainJobs")
     trainjob_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long the launcher waits for a TrainJob")
+    checkpoint_every: int = Field(25, ge=1, description="training steps checkpoint to the cache PVC every N steps")
+    retries: int = Field(3, ge=0, description="a failed or preempted training step is retried this often; it resumes")
+    retry_backoff: str = Field("120s", description="wait before the first retry (doubling), over an NFS lock lease")
 
 
 class DataParams(_Section):

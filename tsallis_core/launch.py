@@ -31,23 +31,38 @@ def train_argv(config: str, overrides: list[str], nproc: int = 1, deepspeed_conf
 
 
 def run_training(config: str, overrides: list[str], gpus: int = 0,
-                 deepspeed_config: str = "configs/deepspeed/zero2.json") -> dict[str, float]:
+                 deepspeed_config: str = "configs/deepspeed/zero2.json", checkpoint_dir: str = "") -> dict[str, float]:
     """Train one stage on this node; returns the last step's metrics.
 
     One GPU or none: ``train(load_config(config, overrides))`` in this process. More GPUs: torchrun starts one
-    process per GPU running ``tsallis train`` with DeepSpeed (``deepspeed_config``, ZeRO-2 by default)."""
+    process per GPU running ``tsallis train`` with DeepSpeed (``deepspeed_config``, ZeRO-2 by default).
+
+    ``checkpoint_dir``: train there rather than in the config's ``output_dir`` (a volume that outlives the pod),
+    resuming from the newest checkpoint that an earlier, killed attempt left; the finished run (without its
+    checkpoints) is then copied to ``output_dir`` and the checkpoints are removed."""
+    from .checkpoints import checkpoint_dirs
     from .config import load_config
 
     config = resolve_path(config)
-    cfg = load_config(config, overrides)  # a bad field fails here, before any process starts
+    output_dir = load_config(config, overrides).output_dir  # a bad field fails here, before any process starts
+    overrides = [*overrides, f"output_dir={checkpoint_dir}"] if checkpoint_dir else overrides
+    cfg = load_config(config, overrides)
     cfg.check_processes(max(gpus, 1))
+    resume = bool(checkpoint_dirs(Path(cfg.output_dir)))
+    if resume:
+        print(f"resuming from {checkpoint_dirs(Path(cfg.output_dir))[-1]}", flush=True)
     if gpus <= 1:
         from .trainer import train
 
-        return train(cfg).final_metrics
-    argv = train_argv(config, overrides, gpus, resolve_path(deepspeed_config))
-    subprocess.run([sys.executable, *argv[1:]], check=True)
-    return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+        final = train(cfg, resume=resume).final_metrics
+    else:
+        argv = train_argv(config, overrides, gpus, resolve_path(deepspeed_config))
+        subprocess.run([sys.executable, *argv[1:], *(["--resume"] if resume else [])], check=True)
+        final = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    if checkpoint_dir:
+        shutil.copytree(checkpoint_dir, output_dir, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
+        shutil.rmtree(Path(checkpoint_dir) / "checkpoints", ignore_errors=True)
+    return final
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,14 +176,16 @@ def job_name(run_name: str) -> str:
 
 
 def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_dir: str, output_dir: str,
-                 run_name: str, cluster, client=None) -> dict[str, float]:
+                 run_name: str, cluster, client=None, work_dir: str = "") -> dict[str, float]:
     """One training run as a TrainJob on ``cluster.num_nodes`` nodes (``cluster``: kubeflow.ClusterSettings).
 
-    The nodes share files through the cache PVC: the data and base model are staged under
-    ``<cache_path>/trainjobs/<name>``, every node runs ``tsallis train`` with torchrun (DeepSpeed across all
-    GPUs), and the run directory is copied back to ``output_dir/<run_name>``. Returns the last step's metrics."""
+    The nodes share files through the cache PVC: the data and base model are staged under ``work_dir`` (default
+    ``<cache_path>/trainjobs/<job name>``), every node runs ``tsallis train --resume`` with torchrun (DeepSpeed
+    across all GPUs), and the run directory is copied back to ``output_dir/<run_name>``. The staging is removed
+    once the run is back; after a failure it is kept, so that a retry with the same ``work_dir`` (or a TrainJob
+    whose pods restart) resumes from its newest checkpoint. Returns the last step's metrics."""
     name = job_name(run_name)
-    work = Path(cluster.cache_path) / "trainjobs" / name
+    work = Path(work_dir) if work_dir else Path(cluster.cache_path) / "trainjobs" / name
     run_dir = work / "run" / run_name
     overrides = [*overrides, f"output_dir={run_dir}", f"model.name_or_path={work / 'base'}",
                  f"data.train_path={work / 'data' / 'train.jsonl'}"]
@@ -177,8 +194,8 @@ def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_di
     config = resolve_path(config)  # an absolute path in the image: the same on every node
     # a bad field, or a step that the nodes x GPUs processes cannot share, fails here, before anything is staged
     load_config(config, overrides).check_processes(cluster.num_nodes * max(cluster.gpus_per_node, 1))
-    command = train_argv(config, overrides, max(cluster.gpus_per_node, 1), resolve_path(cluster.deepspeed_config),
-                         distributed_args=())
+    command = [*train_argv(config, overrides, max(cluster.gpus_per_node, 1), resolve_path(cluster.deepspeed_config),
+                           distributed_args=()), "--resume"]  # a restarted or retried job continues its checkpoints
     request = trainjob_request(
         name, cluster.image, command, cluster.num_nodes, cluster.gpus_per_node, cluster.cpu, cluster.memory,
         cluster.accelerator_type, cluster.trainer_runtime, cluster.cache_pvc, cluster.cache_path, cluster.shm_size,
@@ -187,7 +204,12 @@ def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_di
         shutil.copytree(data_dir, work / "data", dirs_exist_ok=True)
         shutil.copytree(base_model_dir, work / "base", dirs_exist_ok=True)
         submit_trainjob(request, client, cluster.trainjob_timeout_s)
-        shutil.copytree(run_dir, Path(output_dir) / run_name, dirs_exist_ok=True)
-        return json.loads((run_dir / "metrics.json").read_text())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # the staged copy on the shared cache
+    except BaseException:
+        if not work_dir:  # a staging under a unique job name: no retry can find it
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.copytree(run_dir, Path(output_dir) / run_name, ignore=shutil.ignore_patterns("checkpoints"),
+                    dirs_exist_ok=True)
+    final = json.loads((run_dir / "metrics.json").read_text())
+    shutil.rmtree(work, ignore_errors=True)  # the staged copy and checkpoints on the shared cache
+    return final

@@ -83,3 +83,34 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def model_facts(config: ModelConfig, device: torch.device) -> tuple[int, int | None]:
+    """(bytes of one checkpoint, context length in tokens) from the model's config alone: the parameters are
+    counted on the meta device, nothing is loaded. A checkpoint holds the weights and AdamW's two moments."""
+    source = str(EMBEDDED_DIR) if config.name_or_path == EMBEDDED_MODEL else config.name_or_path
+    try:
+        model_config = AutoConfig.from_pretrained(source, revision=config.revision)
+    except OSError as error:
+        raise ConfigError(f"model.name_or_path {config.name_or_path!r} could not be loaded: {error}") from None
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
+    element = torch.empty((), dtype=resolve_dtype(config.dtype, device)).element_size()
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    return 3 * params * element, context
+
+
+def check_prompts_fit(rows: list[dict], tokenizer: PreTrainedTokenizerBase, context: int | None, max_new_tokens: int,
+                      path: str) -> None:
+    """ConfigError naming the rows whose prompt plus ``rl.max_new_tokens`` exceeds the model's context."""
+    if context is None:
+        return
+    lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]]
+    too_long = [(i, n) for i, n in enumerate(lengths) if n + max_new_tokens > context]
+    if too_long:
+        shown = ", ".join(f"row {i} ({n} tokens)" for i, n in too_long[:5])
+        raise ConfigError(
+            f"{path}: {len(too_long)} prompt(s) do not fit the model's context of {context} tokens with "
+            f"rl.max_new_tokens={max_new_tokens}: {shown}; shorten them (tsallis data prepare --max-context-tokens) "
+            f"or lower rl.max_new_tokens"
+        )

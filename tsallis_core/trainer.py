@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +18,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .checkpoints import OutputDirLock, check_output_dir, checkpoint_dirs, load_newest_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import load_records
 from .engines import init_distributed, make_engine, pick_device, world
 from .losses import garl_loss, group_diagnostics, grpo_loss, paft_loss, paft_resample_counts, sft_loss
-from .models import check_model_source, load_model, load_tokenizer, save_model
+from .models import check_model_source, check_prompts_fit, load_model, load_tokenizer, model_facts, save_model
 from .rollout import HFRollout, completion_logprobs, row_seed
 from .schedules import AdaptiveQ, update_success_ema
 from .tasks.verify import get_verifier
 from .tracking import make_tracker
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,53 +77,14 @@ class RowStream:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints (the files: checkpoints.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    root = output_dir / "checkpoints"
-    found = root.glob("step-*") if root.is_dir() else []
-    return sorted(p for p in found if p.suffix == "" and (p / "trainer_state.json").is_file())
-
-
-def save_checkpoint(engine, state: TrainerState, output_dir: Path, keep: int) -> Path:
-    rank, _ = world()
-    final = output_dir / "checkpoints" / f"step-{state.step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    engine.save(tmp)  # DeepSpeed: every rank writes its shard; plain PyTorch: rank 0
-    _barrier()
-    if rank == 0:
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # atomic: a kill mid-save leaves the previous checkpoint as the latest
-        for old in _checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
 def load_checkpoint(engine, output_dir: Path) -> TrainerState | None:
-    found = _checkpoint_dirs(output_dir)
-    if not found:
-        return None
-    latest = found[-1]
-    engine.load(latest)
-    rng = torch.load(latest / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainerState(**json.loads((latest / "trainer_state.json").read_text()))
+    """The newest readable checkpoint (an unreadable one is skipped with a warning; a tampered one is refused)."""
+    state = load_newest_checkpoint(engine, output_dir)
+    return None if state is None else TrainerState(**state)
 
 
 def success_by_stratum(rows: list[dict], per_prompt: torch.Tensor) -> dict[str, float]:
@@ -197,21 +161,37 @@ class Trainer:
         required = ("prompt", "completion") if config.stage == "sft" else ("prompt", "answer")
         self.rows = load_records(config.data.train_path, required)
         check_model_source(config.model.name_or_path)
-        if not resume and _checkpoint_dirs(self.output_dir):
+        config.check_processes(self.world_size)
+        self.device = pick_device(config.engine.device)
+        checkpoint_bytes, context = model_facts(config.model, self.device)
+        self.tokenizer = load_tokenizer(config.model)
+        if config.stage == "rl":
+            check_prompts_fit(self.rows, self.tokenizer, context, config.rl.max_new_tokens, config.data.train_path)
+        self.lock = OutputDirLock(self.output_dir)
+        if self.rank == 0:
+            check_output_dir(self.output_dir, checkpoint_bytes)
+            self.lock.acquire()  # one run per output_dir
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        config = self.cfg
+        if not resume and checkpoint_dirs(self.output_dir):
             raise ConfigError(
                 f"output_dir {self.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                 f"or choose another output_dir"
             )
-        config.check_processes(self.world_size)
-        self.tracker = make_tracker(config.tracking.enabled, config.tracking.experiment, self.rank == 0)
+        self.tracker = make_tracker(config.tracking.enabled, config.tracking.experiment, self.rank == 0,
+                                    spool=self.output_dir / "mlflow_spool.jsonl")
         if config.engine.threads:
             torch.set_num_threads(config.engine.threads)
-        self.device = pick_device(config.engine.device)
         init_distributed(self.device, config.engine.backend == "deepspeed")
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
-        self.tokenizer = load_tokenizer(config.model)
         self.model = load_model(config.model, self.device, config.seed)
         self.model.train()
         updates = config.steps * (config.rl.updates_per_batch if config.stage == "rl" else 1)
@@ -394,7 +374,7 @@ class Trainer:
         if _distributed():
             dist.all_reduce(bad)
         if bad.item():
-            found = _checkpoint_dirs(self.output_dir)
+            found = checkpoint_dirs(self.output_dir)
             latest = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
             raise TrainingDiverged(
                 f"loss is {loss.item()} at step {self.state.step + 1}; stopped, {latest} "
@@ -455,7 +435,8 @@ class Trainer:
             status = "FINISHED"
         finally:
             bar.close()
-            self.tracker.end(status)
+            self._end_tracking(status)
+            self.lock.release()
         final = history[-1] if history else {}
         if self.rank == 0:
             (self.output_dir / "metrics.json").write_text(json.dumps(final, indent=2))
@@ -463,6 +444,14 @@ class Trainer:
                 (self.output_dir / "mlflow.json").write_text(json.dumps(
                     {"tracking_uri": self.tracker.uri, "run_id": self.tracker.run_id, "model_uri": self.tracker.model_uri}, indent=2))
         return TrainResult(self.output_dir, model_dir, final, history)
+
+    def _end_tracking(self, status: str) -> None:
+        """End the MLflow run; a failure here is a warning, so that it never hides the run's own error."""
+        try:
+            self.tracker.end(status)
+        except Exception as error:  # noqa: BLE001 - the model and history.jsonl are saved whatever MLflow says
+            log.warning("warning: ending the MLflow run failed (%s: %s); the metrics are in %s",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "", self.history_path)
 
     def _postfix(self, metrics: dict) -> dict:
         if self.cfg.stage == "sft":

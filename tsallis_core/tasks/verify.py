@@ -5,9 +5,11 @@
 - ``finqa``: numeric match as FinQA's evaluation (commas dropped, ``x%`` read as ``x/100``,
   compared after rounding to 5 decimals), plus what model outputs need: currency signs and
   unit words dropped, ``(3.2)`` read as -3.2, a percentage accepted as ``x`` or ``x/100``, and a
-  prediction rounded to the gold's shown decimals; non-numeric golds (yes/no) by exact match.
+  prediction rounded to the gold's shown decimals; numbers in any form Python's ``float`` reads
+  (``1.5e3``); non-numeric golds (yes/no) by exact match.
 - ``em`` / ``f1``: SQuAD exact match / token F1 after SQuAD normalisation (lower case, no
-  punctuation, no articles a/an/the, collapsed white space), the best over the gold's aliases.
+  punctuation, no articles a/an/the, collapsed white space), the best over the gold's aliases; F1 is 0
+  when either side is yes / no / noanswer and they differ (HotPotQA's official hotpot_evaluate_v1.py).
 """
 
 from __future__ import annotations
@@ -45,9 +47,16 @@ def exact_match_score(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
+_CLOSED = ("yes", "no", "noanswer")
+
+
 def f1_score(prediction: str, gold: str) -> float:
-    """SQuAD token F1 between normalised prediction and gold."""
-    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    """SQuAD token F1 between normalised prediction and gold, with HotPotQA's rule for yes / no / noanswer."""
+    pred, true = normalize_answer(prediction), normalize_answer(gold)
+    # HotPotQA's official hotpot_evaluate_v1.py: a yes/no/noanswer on either side scores 0 unless both agree
+    if (pred in _CLOSED or true in _CLOSED) and pred != true:
+        return 0.0
+    pred_tokens, gold_tokens = pred.split(), true.split()
     if not pred_tokens or not gold_tokens:
         return float(pred_tokens == gold_tokens)
     common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
@@ -59,7 +68,8 @@ def f1_score(prediction: str, gold: str) -> float:
 
 # ------------------------------------------------------------------------------- FinQA rules
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")  # 12, -3.5, .5, 1.2e-3
+_PERCENT = re.compile(r"\s*(?:%|percent)$", re.IGNORECASE)
 _CURRENCY = re.compile(r"[$€£¥]|\b(?:usd|eur|gbp|dollars?)\b", re.IGNORECASE)
 _UNITS = re.compile(r"\b(?:million|billion|thousand|millions|billions|thousands|mn|bn)\b", re.IGNORECASE)
 
@@ -67,18 +77,25 @@ _UNITS = re.compile(r"\b(?:million|billion|thousand|millions|billions|thousands|
 def parse_number(text: str) -> tuple[float, bool, int] | None:
     """(value, is_percent, decimals shown) of the first number in ``text``, or None.
 
-    ``(3.2)`` is -3.2 (accounting negatives); commas, currency signs and unit words are dropped.
+    ``(3.2)`` is -3.2 (accounting negatives); commas, currency signs and unit words are dropped; then the rest
+    is read as Python's ``float`` reads it (``1.5e3``), else its first number is.
     """
     t = _UNITS.sub("", _CURRENCY.sub("", text)).replace(",", "").strip()
     negative = t.startswith("(") and t.endswith(")")
     t = t.strip("()").strip()
-    is_percent = t.endswith("%") or t.lower().endswith("percent")
-    match = _NUMBER.search(t)
-    if not match:
-        return None
-    token = match.group()
-    value = float(token)
-    decimals = len(token.split(".")[1]) if "." in token else 0
+    is_percent = bool(_PERCENT.search(t))
+    token = _PERCENT.sub("", t)
+    try:  # whatever Python's float reads (1.5e3, 1_000, .5), after the currency and unit rules
+        value = float(token)
+    except ValueError:
+        match = _NUMBER.search(t)
+        if not match:
+            return None
+        token = match.group()
+        value = float(token)
+    mantissa, _, exponent = token.lower().replace("_", "").partition("e")
+    shown = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    decimals = max(shown - int(exponent or 0), 0)  # 1.25e1 shows one decimal of 12.5
     return (-value if negative else value), is_percent, decimals
 
 
