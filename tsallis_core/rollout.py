@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -30,7 +31,7 @@ def row_seed(*parts: object) -> int:
 
 
 def _mix32(x: Tensor) -> Tensor:
-    # a 32-bit integer hash in int64 arithmetic; every product stays below 2^63
+    """A 32-bit integer hash (lowbias32) of int64 values in [0, 2^32); every product stays below 2^63."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -38,21 +39,39 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def hashed_uniform(seeds: Tensor, position: int, vocab_size: int) -> Tensor:
-    """Uniform (0, 1) noise [N, V] from row seeds [N] (int64), a position and the vocabulary index."""
+def _as_int32(x: Tensor) -> Tensor:
+    """Values in [0, 2^32) as int32 bit patterns (two's complement)."""
+    return (x - ((x >> 31) << 32)).to(torch.int32)
+
+
+def _mix32_int32(x: Tensor) -> Tensor:
+    """``_mix32`` on int32 bit patterns: products wrap mod 2^32, right shifts are made logical by masking."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x5C6A5A7B
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def hashed_uniform(seeds: Tensor, position: int | Tensor, vocab_size: int) -> Tensor:
+    """Uniform (0, 1) noise [N, V] (float32) from row seeds [N] (int64), a position and the vocabulary index.
+
+    The row key (seed, position) is hashed in int64 on [N]; only the last hash, of (row key, token),
+    runs on [N, V], in int32. The top 23 bits of the hash give u = (k + 0.5) / 2^23, exact in float32.
+    """
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    x = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
-    x = _mix32(x ^ ((position * 0x27D4EB2F) & _MASK32)).unsqueeze(1)  # [N, 1]
-    x = _mix32(x ^ ((token * 0x165667B1) & _MASK32))  # [N, V]
-    return (x.to(torch.float64) + 0.5) / 2.0**32
+    key = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
+    key = _mix32(key ^ ((position * 0x27D4EB2F) & _MASK32))  # [N]
+    x = _mix32_int32(_as_int32(key).unsqueeze(1) ^ _as_int32((token * 0x165667B1) & _MASK32))  # [N, V] int32
+    return ((x >> 9) & 0x7FFFFF).to(torch.float32).add_(0.5).mul_(2.0**-23)
 
 
-def sample_tokens(logits: Tensor, seeds: Tensor, position: int, temperature: float) -> Tensor:
-    """Gumbel-max sampling from softmax(logits / T): logits [N, V], seeds [N] -> tokens [N]."""
+def sample_tokens(logits: Tensor, seeds: Tensor, position: int | Tensor, temperature: float) -> Tensor:
+    """Gumbel-max sampling from softmax(logits / T): logits [N, V], seeds [N] -> tokens [N] (float32 arithmetic)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    gumbel = -torch.log(-torch.log(hashed_uniform(seeds, position, logits.shape[-1])))
-    return (logits.double() / temperature + gumbel).argmax(dim=-1)
+    gumbel = hashed_uniform(seeds, position, logits.shape[-1]).log_().neg_().log_().neg_()  # [N, V]
+    return (logits.float() / temperature + gumbel).argmax(dim=-1)
 
 
 def cache_kwarg(model) -> str:
@@ -193,10 +212,64 @@ def _all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(agreed.item())
 
 
+LOGIT_CHUNK_ELEMENTS = 2**26  # fp32 logits computed at once by the log-prob pass (256 MB): tokens per chunk = this // V
+
+
+def _unwrap(model):
+    """The Hugging Face model inside DDP or DeepSpeed (a peft model stays: it forwards to its base)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _picked_logprobs(head, hidden: Tensor, targets: Tensor, temperature: float, softcap: float | None) -> Tensor:
+    """log softmax(head(hidden) / T) at ``targets``: hidden [K, H], targets [K] -> [K] float32."""
+    logits = head(hidden).float()  # [K, V]
+    if softcap:  # Gemma-style final logit soft-capping, as the model's own forward applies it
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def selective_log_softmax(model, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
+                          chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> Tensor:
+    """Log-probs [N, C] of ``targets`` [N, C] from last hidden states [N, C, H], chunk by chunk of tokens.
+
+    The LM head, the log-softmax and the gather run on ``chunk_elements // V`` tokens at a time, so
+    at most one chunk's [K, V] float32 logits exist. With grad, each chunk is checkpointed: its
+    logits are recomputed in the backward instead of kept, one chunk at a time (the head is
+    called as a module, so ZeRO-3 gathers its weight and peft adapters on it apply).
+    """
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or base.config.vocab_size
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    n, c, h = hidden.shape
+    flat, flat_targets = hidden.reshape(n * c, h), targets.reshape(n * c)  # [N*C, H], [N*C]
+    size = max(1, chunk_elements // vocab)
+    parts = []
+    for start in range(0, n * c, size):
+        args = (head, flat[start:start + size], flat_targets[start:start + size], temperature, softcap)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            parts.append(checkpoint(_picked_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_picked_logprobs(*args))
+    return torch.cat(parts).view(n, c)
+
+
+def _last_hidden(model, **inputs) -> Tensor:
+    """The final (normed) hidden states [N, L, H] of one forward; the LM head runs on no position."""
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    return model(**inputs, output_hidden_states=True, logits_to_keep=no_logits).hidden_states[-1]
+
+
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                        temperature: float = 1.0) -> Tensor:
+                        temperature: float = 1.0, chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> Tensor:
     """Per-token log-probs [N, C] of the completions under ``model`` (softmax(logits / T)).
 
+    The model runs to its last hidden states; ``selective_log_softmax`` applies the LM head and the
+    log-softmax a chunk of tokens at a time, so no [N, C, V] float32 tensor is ever built.
     Rows that repeat a prompt (a group) share its forward: the distinct prompts run once, with
     their KV cache, and the completions of all rows run in one more forward that attends to it
     (copied per row; gradients flow back through the copy). The same function of the weights as
@@ -209,22 +282,19 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([prompt_mask, completion_mask], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1).logits
-        logits = logits[:, :-1]  # [N, C, V]: position i predicts completion token i
+        hidden = _last_hidden(model, input_ids=input_ids, attention_mask=attention, position_ids=positions)
+        hidden = hidden[:, p - 1:-1]  # [N, C, H]: position i predicts completion token i
     else:
         shared_ids, shared_mask = distinct[:, :p], distinct[:, p:]
         cache = DynamicCache()
         kwargs = {cache_kwarg(model): cache, "use_cache": True}
         positions = (shared_mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions, logits_to_keep=1,
-                       **kwargs).logits[index]  # [N, 1, V]: predicts completion token 0
+        first = _last_hidden(model, input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions, **kwargs)
+        first = first[index, -1:]  # [N, 1, H]: predicts completion token 0
         cache.batch_select_indices(index)
         attention = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)[:, p:]
-        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions, **kwargs).logits
-        logits = torch.cat([logits, rest], dim=1)  # [N, C, V]
-    logits = logits.float()
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+        rest = _last_hidden(model, input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
+                            **kwargs)
+        hidden = torch.cat([first, rest], dim=1)  # [N, C, H]
+    return selective_log_softmax(model, hidden, completion_ids, temperature, chunk_elements)
