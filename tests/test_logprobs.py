@@ -99,3 +99,33 @@ def test_no_tensor_holds_more_than_a_chunk_of_vocabulary_rows(policy):
         (reference_logprobs(model, *batch) * batch[3]).sum().backward()
     assert new.rows <= 8 < tokens <= old.rows
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("estimator", ["garl", "grpo"])
+def test_token_budget_gives_the_gradient_of_the_whole_micro_batch(tmp_path, estimator):
+    """rl.logprob_token_budget splits the log-prob forward and backward into row chunks: the same gradient."""
+    from tsallis_core.config import load_config
+    from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.trainer import Trainer
+
+    write_splits(SyntheticTaskConfig(num_pretrain=8, num_train=16, num_test=4), tmp_path / "data")
+    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", f"data.train_path={tmp_path / 'data' / 'train.jsonl'}",
+                             "tracking.enabled=false", "rl.group_size=4", "rl.batch_size=8", "rl.max_new_tokens=12",
+                             f"rl.estimator={estimator}", "rl.temperature=0.8", "engine.device=cpu"])
+    trainer = Trainer(cfg)
+    prompts = [row["prompt"] for row in trainer.rows[:2] for _ in range(4)]
+    r = trainer.rollout.generate(prompts, [row_seed(9, i) for i in range(8)])
+    micro = [r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    losses, grads = [], []
+    for budget in (None, 2 * (micro[0].shape[1] + micro[2].shape[1])):  # None, then 4 chunks of 2 rows
+        trainer.cfg.rl.logprob_token_budget = budget
+        out = trainer._loss_and_backward(micro, lambda lp: trainer._rl_loss(lp, micro[3].float(), rewards, 0.75,
+                                                                             None, None, None))
+        losses.append(out.loss.item())
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+        trainer.model.zero_grad(set_to_none=True)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
