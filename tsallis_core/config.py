@@ -139,6 +139,15 @@ class EngineConfig(_Section):
     deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON (ZeRO stage and options)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    compile: bool = Field(False, description="torch.compile the training forward (backend torch; pays on GPU after a "
+                          "compile of a minute or so, not on CPU); rollouts keep their own decode path")
+
+    @model_validator(mode="after")
+    def _compile_backend(self) -> EngineConfig:
+        if self.compile and self.backend == "deepspeed":
+            raise ValueError("compile applies to backend torch (one GPU, plain PyTorch); DeepSpeed compiles with its own "
+                             "config: set compile=false")
+        return self
 
 
 class TrackingConfig(_Section):

@@ -94,6 +94,18 @@ class Rollout:
         return int(self.completion_mask.sum().item())
 
 
+@dataclass
+class Prefill:
+    """The prompts' forward, one row per completion: what a decode loop starts from."""
+
+    prompt_ids: Tensor  # [N, P] left-padded
+    prompt_mask: Tensor  # [N, P]
+    position: Tensor  # [N, 1] position of the last prompt token
+    logits: Tensor  # [N, V] predicting completion token 0
+    layers: list[tuple[Tensor, Tensor]]  # per layer: keys and values [N, heads, P, D]
+    seeds: Tensor  # [N] int64 row seeds
+
+
 class PreallocatedLayer(DynamicLayer):
     """A KV-cache layer written into buffers sized for the whole rollout (no grad).
 
@@ -126,16 +138,25 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
 
+STATIC_BY_DEFAULT = {"cuda": True, "cpu": False}  # HFRollout(static_cache=None): by device type (docs/benchmarks.md)
+
+
 class HFRollout:
     """Sampling with the training model itself: one prefill, then one cached forward per token."""
 
     def __init__(self, model, tokenizer, temperature: float, max_new_tokens: int, progress: bool = False,
-                 sync_ranks: bool = False):
+                 sync_ranks: bool = False, check_every: int | None = None, static_cache: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.max_new_tokens, self.progress = temperature, max_new_tokens, progress
         self.sync_ranks = sync_ranks  # ZeRO-3 gathers weights in every forward: all ranks must decode equally long
+        self.check_every = check_every  # tokens between "has every row finished?" checks; None: 1 on CPU, 8 on GPU
+        # decode over a static KV cache (tsallis_core.static_rollout; CUDA graphs on GPU); None: where it pays
+        self.static_cache = static_cache
+        self._static = None
 
     def sync_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            self._static = None  # its buffers and graphs belong to the old model
         self.model = model  # same process, same weights: nothing to copy
 
     def _all_finished(self, finished: Tensor) -> bool:
@@ -150,53 +171,84 @@ class HFRollout:
     def generate(self, prompts: list[str], seeds: list[int]) -> Rollout:
         """One completion per entry of ``prompts`` (repeat a prompt M times for a group).
 
-        Each distinct prompt is prefilled once and its KV cache copied to every row that repeats it,
-        into buffers that hold the whole rollout (``PreallocatedLayer``).
-        On a GPU the loop asks whether every row has finished only every 8 tokens (each check is a
-        host-device round trip) and trims the columns decoded after that: the same output.
+        Each distinct prompt is prefilled once and its KV cache copied to every row that repeats it;
+        then ``_decode`` samples token by token. On a GPU the loop asks whether every row has
+        finished only every 8 tokens (each check is a host-device round trip) and trims the columns
+        decoded after that: the same output.
         """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            prefill = self._prefill(prompts, seeds)
+            tokens, alive = self._decode(prefill)  # [N, T], [N, T]
+        finally:
+            self.model.train(was_training)
+        completion_mask = alive.to(prefill.prompt_mask.dtype)  # [N, T]
+        length = int(completion_mask.any(0).sum())  # up to the token where every row had finished
+        completion_ids, completion_mask = tokens[:, :length], completion_mask[:, :length]
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True)
+        return Rollout(prefill.prompt_ids, prefill.prompt_mask, completion_ids, completion_mask, texts)
+
+    def _prefill(self, prompts: list[str], seeds: list[int]) -> Prefill:
+        """One forward over the distinct prompts (left-padded), its KV cache and last logits spread to the rows."""
         device = next(self.model.parameters()).device
         distinct = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         index = torch.tensor([distinct[p] for p in prompts], device=device)  # [N] row -> distinct prompt
         enc = self.tokenizer(list(distinct), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        check_every = 1 if device.type == "cpu" else 8
-        was_training = self.model.training
-        self.model.eval()
         cache = DynamicCache()
-        cache_arg = {cache_kwarg(self.model): cache}
-        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # [D, P]
         logits = self.model(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions, use_cache=True,
-            logits_to_keep=1, **cache_arg,
+            logits_to_keep=1, **{cache_kwarg(self.model): cache},
         ).logits[index, -1]  # [N, V]
-        capacity = enc["input_ids"].shape[1] + self.max_new_tokens
-        cache.layers = [PreallocatedLayer(layer.keys[index], layer.values[index], capacity) for layer in cache.layers]
-        prompt_ids, prompt_mask, position = enc["input_ids"][index], enc["attention_mask"][index], positions[index, -1:]
-        attention = prompt_mask
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        return Prefill(enc["input_ids"][index], enc["attention_mask"][index], positions[index, -1:], logits,
+                       [(layer.keys[index], layer.values[index]) for layer in cache.layers],
+                       torch.tensor(seeds, dtype=torch.int64, device=device))
+
+    def _steps(self):
+        return tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, disable=not self.progress)
+
+    def _stop_after(self, t: int, finished: Tensor) -> bool:
+        """After token t: the last token, or (every ``check_every`` tokens) every row has finished on every rank."""
+        every = self.check_every or (1 if finished.device.type == "cpu" else 8)
+        return t == self.max_new_tokens - 1 or ((t + 1) % every == 0 and self._all_finished(finished))
+
+    def _decode(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
+        """Tokens and alive flags [N, T]: the static-cache decoder where chosen and supported, else the eager loop."""
+        from .static_rollout import StaticDecoder
+
+        wanted = self.static_cache if self.static_cache is not None else STATIC_BY_DEFAULT[prefill.logits.device.type]
+        if not (wanted and StaticDecoder.supports(self.model)):
+            return self._decode_eager(prefill)
+        if self._static is None:
+            self._static = StaticDecoder(self)
+        return self._static.decode(prefill)
+
+    def _decode_eager(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
+        """The eager loop: sample, then one cached forward of the new tokens; tokens and alive flags [N, T]."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        capacity = prefill.prompt_ids.shape[1] + self.max_new_tokens
+        cache = DynamicCache()
+        cache.layers = [PreallocatedLayer(keys, values, capacity) for keys, values in prefill.layers]
+        logits, attention, position = prefill.logits, prefill.prompt_mask, prefill.position
+        finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
         tokens, alive = [], []
-        for t in tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, **({} if self.progress else {"disable": True})):
-            next_tokens = sample_tokens(logits.float(), seeds_t, t, self.temperature)
+        for t in self._steps():
+            next_tokens = sample_tokens(logits, prefill.seeds, t, self.temperature)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             alive.append(~finished)
             tokens.append(next_tokens)
             finished = finished | (next_tokens == eos)
-            if t == self.max_new_tokens - 1 or ((t + 1) % check_every == 0 and self._all_finished(finished)):
+            if self._stop_after(t, finished):
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             position = position + 1
             logits = self.model(
                 input_ids=next_tokens[:, None], attention_mask=attention, position_ids=position, use_cache=True,
-                **cache_arg,
+                **{cache_kwarg(self.model): cache},
             ).logits[:, -1]
-        self.model.train(was_training)
-        completion_mask = torch.stack(alive, dim=1).to(prompt_mask.dtype)  # [N, C]
-        length = int(completion_mask.any(0).sum())  # up to the token where every row had finished
-        completion_ids, completion_mask = torch.stack(tokens, dim=1)[:, :length], completion_mask[:, :length]
-        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+        return torch.stack(tokens, dim=1), torch.stack(alive, dim=1)
 
 
 def _all_ranks(flag: bool, device: torch.device) -> bool:

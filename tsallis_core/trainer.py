@@ -215,7 +215,8 @@ class Trainer:
         self.model = load_model(config.model, self.device, config.seed)
         self.model.train()
         updates = config.steps * (config.rl.updates_per_batch if config.stage == "rl" else 1)
-        self.engine = make_engine(self.model, config.optim, updates, config.engine.backend, config.engine.deepspeed_config, self.device)
+        self.engine = make_engine(self.model, config.optim, updates, config.engine.backend, config.engine.deepspeed_config, self.device,
+                                  compile=config.engine.compile)
         self.stream = RowStream(self.rows, config.seed, config.data.shuffle)
         self.reference = self._reference_model() if config.stage == "rl" and config.rl.kl_coef > 0 else None
         self.state = TrainerState()
