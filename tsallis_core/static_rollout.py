@@ -82,8 +82,11 @@ class StaticDecoder:
 
     @staticmethod
     def supports(model) -> bool:
-        """Attention kernels that take our additive [N, 1, 1, capacity] mask."""
-        return getattr(_unwrap(model).config, "_attn_implementation", None) in STATIC_MASK_ATTENTION
+        """Attention kernels that take our additive [N, 1, 1, capacity] mask, and no sliding-window layers
+        (the mask is the same full mask for every layer)."""
+        config = _unwrap(model).config
+        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+        return getattr(config, "_attn_implementation", None) in STATIC_MASK_ATTENTION and not sliding
 
     def _graphed(self, device: torch.device) -> bool:
         # ZeRO-3 gathers weights in every forward; warm-up runs two steps past the current one
