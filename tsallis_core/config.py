@@ -97,8 +97,8 @@ class RLConfig(_Section):
     logprob_token_budget: int | None = Field(
         None, ge=1, description="most prompt + completion tokens (padding included) per log-prob forward and backward; "
         "a micro-batch above it runs in row chunks: one forward without grad gives the loss's gradient w.r.t. the "
-        "log-probs, then each chunk runs forward and backward (the same gradient, one more forward). None: the "
-        "whole micro-batch at once")
+        "log-probs, then each chunk runs forward and backward (the same gradient, one more forward; tested with "
+        "engine.backend=torch). None: the whole micro-batch at once")
 
     @model_validator(mode="after")
     def _checks(self) -> "RLConfig":

@@ -330,7 +330,7 @@ class Trainer:
         """
         budget, rows = self.cfg.rl.logprob_token_budget, len(micro[0])
         chunks = 1 if budget is None else -(-rows * (micro[0].shape[1] + micro[2].shape[1]) // budget)
-        if _distributed():
+        if budget is not None and _distributed():
             agreed = torch.tensor([chunks], device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             chunks = int(agreed.item())
