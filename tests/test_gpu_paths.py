@@ -16,7 +16,7 @@ from tsallis_core.models import load_model
 
 def test_compile_is_for_the_torch_backend():
     assert load_config(None, ["engine.compile=true"]).engine.compile
-    with pytest.raises(ConfigError, match="engine.compile: compile applies to backend torch"):
+    with pytest.raises(ConfigError, match="engine: compile applies to backend torch"):
         load_config(None, ["engine.compile=true", "engine.backend=deepspeed"])
 
 
