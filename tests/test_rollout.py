@@ -12,6 +12,45 @@ def test_hashed_noise_is_uniform_and_seed_dependent():
     assert not torch.equal(hashed_uniform(torch.tensor([1]), 0, 50), hashed_uniform(torch.tensor([1]), 1, 50))
 
 
+def _python_uniform(seed: int, position: int, token: int) -> float:
+    """The noise's specification in exact integer arithmetic: three rounds of a 32-bit hash, the top 23 bits."""
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x5C6A5A7B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    key = mix(mix((seed & 0xFFFFFFFF) ^ 0x9E3779B9) ^ ((position * 0x27D4EB2F) & 0xFFFFFFFF))
+    return ((mix(key ^ ((token * 0x165667B1) & 0xFFFFFFFF)) >> 9) + 0.5) / 2**23
+
+
+def test_hashed_noise_is_the_specified_integer_hash_in_float32():
+    """The int32 tensor arithmetic (wrapping products, masked shifts) is bit for bit the exact integer hash."""
+    seeds = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, row_seed(3, 1, 4)])
+    u = hashed_uniform(seeds, 7, 300)
+    assert u.dtype == torch.float32
+    expected = torch.tensor([[_python_uniform(s, 7, t) for t in range(300)] for s in seeds.tolist()], dtype=torch.float64)
+    assert torch.equal(u.double(), expected)
+
+
+def test_hashed_noise_is_uniform_and_independent_of_the_batch():
+    """Chi-square over 64 bins of 1.6M draws (seeds x positions x tokens), and lag-1 correlations along each axis."""
+    seeds = torch.tensor([row_seed(11, i) for i in range(500)])
+    u = torch.stack([hashed_uniform(seeds, t, 320) for t in range(10)])  # [T, N, V]
+    counts = torch.bincount((u * 64).long().flatten(), minlength=64).double()
+    expected = u.numel() / 64
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 125  # 63 degrees of freedom: P(chi2 > 125) < 1e-5 for uniform draws
+    centred = u.double() - 0.5
+    for dim in range(3):
+        a, b = centred.narrow(dim, 0, u.shape[dim] - 1), centred.narrow(dim, 1, u.shape[dim] - 1)
+        assert abs((a * b).mean().item() * 12) < 0.01  # correlation of neighbours (seed, position, token)
+    for i in (0, 17, 499):  # a row's noise is the same alone as in any batch
+        assert torch.equal(hashed_uniform(seeds[i:i + 1], 3, 320)[0], u[3, i])
+        assert torch.equal(hashed_uniform(seeds.flip(0), 3, 320)[499 - i], u[3, i])
+
+
 def test_gumbel_sampling_follows_softmax():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(20000, 3)
     tokens = sample_tokens(logits, torch.arange(20000), 0, 1.0)

@@ -94,6 +94,11 @@ class RLConfig(_Section):
     paft_resample: Literal["multinomial", "expected"] = Field("multinomial", description="PAFT: draw the posterior resample, or use its expectation")
     grpo_loss_type: str = Field("dapo", description=f"GRPO aggregation as in TRL: {', '.join(GRPO_LOSS_TYPES)}")
     grpo_scale_rewards: str = Field("group", description=f"GRPO reward scaling as in TRL: {', '.join(SCALE_REWARDS)}")
+    logprob_token_budget: int | None = Field(
+        None, ge=1, description="most prompt + completion tokens (padding included) per log-prob forward and backward; "
+        "a micro-batch above it runs in row chunks: one forward without grad gives the loss's gradient w.r.t. the "
+        "log-probs, then each chunk runs forward and backward (the same gradient, one more forward; tested with "
+        "engine.backend=torch). None: the whole micro-batch at once")
 
     @model_validator(mode="after")
     def _checks(self) -> "RLConfig":
@@ -134,6 +139,15 @@ class EngineConfig(_Section):
     deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON (ZeRO stage and options)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    compile: bool = Field(False, description="torch.compile the training forward (backend torch; pays on GPU after a "
+                          "compile of a minute or so, not on CPU); rollouts keep their own decode path")
+
+    @model_validator(mode="after")
+    def _compile_backend(self) -> EngineConfig:
+        if self.compile and self.backend == "deepspeed":
+            raise ValueError("compile applies to backend torch (one GPU, plain PyTorch); DeepSpeed compiles with its own "
+                             "config: set compile=false")
+        return self
 
 
 class TrackingConfig(_Section):

@@ -62,11 +62,15 @@ def init_distributed(device: torch.device, deepspeed: bool) -> None:
         dist.init_process_group(backend=backend, rank=rank, world_size=size)
 
 
-def _optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+def _optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters; ``fused``: torch's fused CUDA AdamW (one kernel for all
+    tensors instead of a loop of small ones), used only when every parameter is on a CUDA device."""
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    fused = fused and bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 def _scheduler(optimizer, cfg: OptimConfig, total_steps: int):
@@ -77,11 +81,13 @@ def _scheduler(optimizer, cfg: OptimConfig, total_steps: int):
 class TorchEngine:
     """Plain PyTorch: AdamW or SGD, an LR schedule, gradient clipping, DDP when several processes run."""
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, compile: bool = False):
         self.module = model
         self.cfg = cfg
         self.model = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() and world()[1] > 1 else model
-        self.optimizer = _optimizer(model.parameters(), cfg)
+        if compile:  # the training forward only; rollouts run ``module`` as it is
+            self.model = torch.compile(self.model)
+        self.optimizer = _optimizer(model.parameters(), cfg, fused=True)
         self.scheduler = _scheduler(self.optimizer, cfg, total_steps)
         self._micro = 0
 
@@ -188,7 +194,8 @@ class DeepSpeedEngine:
         return self.module.state_dict()
 
 
-def make_engine(model, optim: OptimConfig, total_steps: int, backend: str, deepspeed_config: str, device: torch.device):
+def make_engine(model, optim: OptimConfig, total_steps: int, backend: str, deepspeed_config: str, device: torch.device,
+                compile: bool = False):
     if backend == "deepspeed":
         return DeepSpeedEngine(model, optim, total_steps, deepspeed_config, device)
-    return TorchEngine(model, optim, total_steps)
+    return TorchEngine(model, optim, total_steps, compile=compile)

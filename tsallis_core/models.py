@@ -45,16 +45,28 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _with_sdpa(load, *args, **kwargs) -> PreTrainedModel:
+    """``load`` with PyTorch's scaled-dot-product attention (flash / memory-efficient kernels on GPU); an
+    architecture without it gets transformers' default (the error comes before any weight loads)."""
+    try:
+        return load(*args, attn_implementation="sdpa", **kwargs)
+    except ValueError as error:
+        if "sdpa" not in str(error).lower() and "scaled_dot_product" not in str(error).lower():
+            raise
+        return load(*args, **kwargs)
+
+
 def load_model(config: ModelConfig, device: torch.device, seed: int) -> PreTrainedModel:
     """The policy on ``device``: built from the embedded config with ``seed``, or ``from_pretrained``."""
     check_model_source(config.name_or_path)
     dtype = resolve_dtype(config.dtype, device)
     if config.name_or_path == EMBEDDED_MODEL:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED_DIR), dtype=dtype)
+        model = _with_sdpa(AutoModelForCausalLM.from_config, AutoConfig.from_pretrained(EMBEDDED_DIR), dtype=dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(config.name_or_path, revision=config.revision, dtype=dtype)
+            model = _with_sdpa(AutoModelForCausalLM.from_pretrained, config.name_or_path, revision=config.revision,
+                               dtype=dtype)
         except OSError as error:
             raise ConfigError(f"model.name_or_path {config.name_or_path!r} could not be loaded: {error}") from None
     model.to(device)

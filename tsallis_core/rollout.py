@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -30,7 +31,7 @@ def row_seed(*parts: object) -> int:
 
 
 def _mix32(x: Tensor) -> Tensor:
-    # a 32-bit integer hash in int64 arithmetic; every product stays below 2^63
+    """A 32-bit integer hash (lowbias32) of int64 values in [0, 2^32); every product stays below 2^63."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -38,21 +39,39 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def hashed_uniform(seeds: Tensor, position: int, vocab_size: int) -> Tensor:
-    """Uniform (0, 1) noise [N, V] from row seeds [N] (int64), a position and the vocabulary index."""
+def _as_int32(x: Tensor) -> Tensor:
+    """Values in [0, 2^32) as int32 bit patterns (two's complement)."""
+    return (x - ((x >> 31) << 32)).to(torch.int32)
+
+
+def _mix32_int32(x: Tensor) -> Tensor:
+    """``_mix32`` on int32 bit patterns: products wrap mod 2^32, right shifts are made logical by masking."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x5C6A5A7B
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def hashed_uniform(seeds: Tensor, position: int | Tensor, vocab_size: int) -> Tensor:
+    """Uniform (0, 1) noise [N, V] (float32) from row seeds [N] (int64), a position and the vocabulary index.
+
+    The row key (seed, position) is hashed in int64 on [N]; only the last hash, of (row key, token),
+    runs on [N, V], in int32. The top 23 bits of the hash give u = (k + 0.5) / 2^23, exact in float32.
+    """
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    x = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
-    x = _mix32(x ^ ((position * 0x27D4EB2F) & _MASK32)).unsqueeze(1)  # [N, 1]
-    x = _mix32(x ^ ((token * 0x165667B1) & _MASK32))  # [N, V]
-    return (x.to(torch.float64) + 0.5) / 2.0**32
+    key = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
+    key = _mix32(key ^ ((position * 0x27D4EB2F) & _MASK32))  # [N]
+    x = _mix32_int32(_as_int32(key).unsqueeze(1) ^ _as_int32((token * 0x165667B1) & _MASK32))  # [N, V] int32
+    return ((x >> 9) & 0x7FFFFF).to(torch.float32).add_(0.5).mul_(2.0**-23)
 
 
-def sample_tokens(logits: Tensor, seeds: Tensor, position: int, temperature: float) -> Tensor:
-    """Gumbel-max sampling from softmax(logits / T): logits [N, V], seeds [N] -> tokens [N]."""
+def sample_tokens(logits: Tensor, seeds: Tensor, position: int | Tensor, temperature: float) -> Tensor:
+    """Gumbel-max sampling from softmax(logits / T): logits [N, V], seeds [N] -> tokens [N] (float32 arithmetic)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    gumbel = -torch.log(-torch.log(hashed_uniform(seeds, position, logits.shape[-1])))
-    return (logits.double() / temperature + gumbel).argmax(dim=-1)
+    gumbel = hashed_uniform(seeds, position, logits.shape[-1]).log_().neg_().log_().neg_()  # [N, V]
+    return (logits.float() / temperature + gumbel).argmax(dim=-1)
 
 
 def cache_kwarg(model) -> str:
@@ -73,6 +92,18 @@ class Rollout:
     @property
     def num_completion_tokens(self) -> int:
         return int(self.completion_mask.sum().item())
+
+
+@dataclass
+class Prefill:
+    """The prompts' forward, one row per completion: what a decode loop starts from."""
+
+    prompt_ids: Tensor  # [N, P] left-padded
+    prompt_mask: Tensor  # [N, P]
+    position: Tensor  # [N, 1] position of the last prompt token
+    logits: Tensor  # [N, V] predicting completion token 0
+    layers: list[tuple[Tensor, Tensor]]  # per layer: keys and values [N, heads, P, D]
+    seeds: Tensor  # [N] int64 row seeds
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -107,16 +138,25 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
 
+STATIC_BY_DEFAULT = {"cuda": True, "cpu": False}  # HFRollout(static_cache=None): by device type (docs/benchmarks.md)
+
+
 class HFRollout:
     """Sampling with the training model itself: one prefill, then one cached forward per token."""
 
     def __init__(self, model, tokenizer, temperature: float, max_new_tokens: int, progress: bool = False,
-                 sync_ranks: bool = False):
+                 sync_ranks: bool = False, check_every: int | None = None, static_cache: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.max_new_tokens, self.progress = temperature, max_new_tokens, progress
         self.sync_ranks = sync_ranks  # ZeRO-3 gathers weights in every forward: all ranks must decode equally long
+        self.check_every = check_every  # tokens between "has every row finished?" checks; None: 1 on CPU, 8 on GPU
+        # decode over a static KV cache (tsallis_core.static_rollout; CUDA graphs on GPU); None: where it pays
+        self.static_cache = static_cache
+        self._static = None
 
     def sync_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            self._static = None  # its buffers and graphs belong to the old model
         self.model = model  # same process, same weights: nothing to copy
 
     def _all_finished(self, finished: Tensor) -> bool:
@@ -131,53 +171,84 @@ class HFRollout:
     def generate(self, prompts: list[str], seeds: list[int]) -> Rollout:
         """One completion per entry of ``prompts`` (repeat a prompt M times for a group).
 
-        Each distinct prompt is prefilled once and its KV cache copied to every row that repeats it,
-        into buffers that hold the whole rollout (``PreallocatedLayer``).
-        On a GPU the loop asks whether every row has finished only every 8 tokens (each check is a
-        host-device round trip) and trims the columns decoded after that: the same output.
+        Each distinct prompt is prefilled once and its KV cache copied to every row that repeats it;
+        then ``_decode`` samples token by token. On a GPU the loop asks whether every row has
+        finished only every 8 tokens (each check is a host-device round trip) and trims the columns
+        decoded after that: the same output.
         """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            prefill = self._prefill(prompts, seeds)
+            tokens, alive = self._decode(prefill)  # [N, T], [N, T]
+        finally:
+            self.model.train(was_training)
+        completion_mask = alive.to(prefill.prompt_mask.dtype)  # [N, T]
+        length = int(completion_mask.any(0).sum())  # up to the token where every row had finished
+        completion_ids, completion_mask = tokens[:, :length], completion_mask[:, :length]
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True)
+        return Rollout(prefill.prompt_ids, prefill.prompt_mask, completion_ids, completion_mask, texts)
+
+    def _prefill(self, prompts: list[str], seeds: list[int]) -> Prefill:
+        """One forward over the distinct prompts (left-padded), its KV cache and last logits spread to the rows."""
         device = next(self.model.parameters()).device
         distinct = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         index = torch.tensor([distinct[p] for p in prompts], device=device)  # [N] row -> distinct prompt
         enc = self.tokenizer(list(distinct), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        check_every = 1 if device.type == "cpu" else 8
-        was_training = self.model.training
-        self.model.eval()
         cache = DynamicCache()
-        cache_arg = {cache_kwarg(self.model): cache}
-        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # [D, P]
         logits = self.model(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions, use_cache=True,
-            logits_to_keep=1, **cache_arg,
+            logits_to_keep=1, **{cache_kwarg(self.model): cache},
         ).logits[index, -1]  # [N, V]
-        capacity = enc["input_ids"].shape[1] + self.max_new_tokens
-        cache.layers = [PreallocatedLayer(layer.keys[index], layer.values[index], capacity) for layer in cache.layers]
-        prompt_ids, prompt_mask, position = enc["input_ids"][index], enc["attention_mask"][index], positions[index, -1:]
-        attention = prompt_mask
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        return Prefill(enc["input_ids"][index], enc["attention_mask"][index], positions[index, -1:], logits,
+                       [(layer.keys[index], layer.values[index]) for layer in cache.layers],
+                       torch.tensor(seeds, dtype=torch.int64, device=device))
+
+    def _steps(self):
+        return tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, disable=not self.progress)
+
+    def _stop_after(self, t: int, finished: Tensor) -> bool:
+        """After token t: the last token, or (every ``check_every`` tokens) every row has finished on every rank."""
+        every = self.check_every or (1 if finished.device.type == "cpu" else 8)
+        return t == self.max_new_tokens - 1 or ((t + 1) % every == 0 and self._all_finished(finished))
+
+    def _decode(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
+        """Tokens and alive flags [N, T]: the static-cache decoder where chosen and supported, else the eager loop."""
+        from .static_rollout import StaticDecoder
+
+        wanted = self.static_cache if self.static_cache is not None else STATIC_BY_DEFAULT[prefill.logits.device.type]
+        if not (wanted and StaticDecoder.supports(self.model)):
+            return self._decode_eager(prefill)
+        if self._static is None:
+            self._static = StaticDecoder(self)
+        return self._static.decode(prefill)
+
+    def _decode_eager(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
+        """The eager loop: sample, then one cached forward of the new tokens; tokens and alive flags [N, T]."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        capacity = prefill.prompt_ids.shape[1] + self.max_new_tokens
+        cache = DynamicCache()
+        cache.layers = [PreallocatedLayer(keys, values, capacity) for keys, values in prefill.layers]
+        logits, attention, position = prefill.logits, prefill.prompt_mask, prefill.position
+        finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
         tokens, alive = [], []
-        for t in tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, **({} if self.progress else {"disable": True})):
-            next_tokens = sample_tokens(logits.float(), seeds_t, t, self.temperature)
+        for t in self._steps():
+            next_tokens = sample_tokens(logits, prefill.seeds, t, self.temperature)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
             alive.append(~finished)
             tokens.append(next_tokens)
             finished = finished | (next_tokens == eos)
-            if t == self.max_new_tokens - 1 or ((t + 1) % check_every == 0 and self._all_finished(finished)):
+            if self._stop_after(t, finished):
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             position = position + 1
             logits = self.model(
                 input_ids=next_tokens[:, None], attention_mask=attention, position_ids=position, use_cache=True,
-                **cache_arg,
+                **{cache_kwarg(self.model): cache},
             ).logits[:, -1]
-        self.model.train(was_training)
-        completion_mask = torch.stack(alive, dim=1).to(prompt_mask.dtype)  # [N, C]
-        length = int(completion_mask.any(0).sum())  # up to the token where every row had finished
-        completion_ids, completion_mask = torch.stack(tokens, dim=1)[:, :length], completion_mask[:, :length]
-        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+        return torch.stack(tokens, dim=1), torch.stack(alive, dim=1)
 
 
 def _all_ranks(flag: bool, device: torch.device) -> bool:
@@ -193,10 +264,64 @@ def _all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(agreed.item())
 
 
+LOGIT_CHUNK_ELEMENTS = 2**26  # fp32 logits computed at once by the log-prob pass (256 MB): tokens per chunk = this // V
+
+
+def _unwrap(model):
+    """The Hugging Face model inside DDP or DeepSpeed (a peft model stays: it forwards to its base)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _picked_logprobs(head, hidden: Tensor, targets: Tensor, temperature: float, softcap: float | None) -> Tensor:
+    """log softmax(head(hidden) / T) at ``targets``: hidden [K, H], targets [K] -> [K] float32."""
+    logits = head(hidden).float()  # [K, V]
+    if softcap:  # Gemma-style final logit soft-capping, as the model's own forward applies it
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def selective_log_softmax(model, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
+                          chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> Tensor:
+    """Log-probs [N, C] of ``targets`` [N, C] from last hidden states [N, C, H], chunk by chunk of tokens.
+
+    The LM head, the log-softmax and the gather run on ``chunk_elements // V`` tokens at a time, so
+    at most one chunk's [K, V] float32 logits exist. With grad, each chunk is checkpointed: its
+    logits are recomputed in the backward instead of kept, one chunk at a time (the head is
+    called as a module, so ZeRO-3 gathers its weight and peft adapters on it apply).
+    """
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or base.config.vocab_size
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    n, c, h = hidden.shape
+    flat, flat_targets = hidden.reshape(n * c, h), targets.reshape(n * c)  # [N*C, H], [N*C]
+    size = max(1, chunk_elements // vocab)
+    parts = []
+    for start in range(0, n * c, size):
+        args = (head, flat[start:start + size], flat_targets[start:start + size], temperature, softcap)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            parts.append(checkpoint(_picked_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_picked_logprobs(*args))
+    return torch.cat(parts).view(n, c)
+
+
+def _last_hidden(model, **inputs) -> Tensor:
+    """The final (normed) hidden states [N, L, H] of one forward; the LM head runs on no position."""
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    return model(**inputs, output_hidden_states=True, logits_to_keep=no_logits).hidden_states[-1]
+
+
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                        temperature: float = 1.0) -> Tensor:
+                        temperature: float = 1.0, chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> Tensor:
     """Per-token log-probs [N, C] of the completions under ``model`` (softmax(logits / T)).
 
+    The model runs to its last hidden states; ``selective_log_softmax`` applies the LM head and the
+    log-softmax a chunk of tokens at a time, so no [N, C, V] float32 tensor is ever built.
     Rows that repeat a prompt (a group) share its forward: the distinct prompts run once, with
     their KV cache, and the completions of all rows run in one more forward that attends to it
     (copied per row; gradients flow back through the copy). The same function of the weights as
@@ -209,22 +334,19 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([prompt_mask, completion_mask], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1).logits
-        logits = logits[:, :-1]  # [N, C, V]: position i predicts completion token i
+        hidden = _last_hidden(model, input_ids=input_ids, attention_mask=attention, position_ids=positions)
+        hidden = hidden[:, p - 1:-1]  # [N, C, H]: position i predicts completion token i
     else:
         shared_ids, shared_mask = distinct[:, :p], distinct[:, p:]
         cache = DynamicCache()
         kwargs = {cache_kwarg(model): cache, "use_cache": True}
         positions = (shared_mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions, logits_to_keep=1,
-                       **kwargs).logits[index]  # [N, 1, V]: predicts completion token 0
+        first = _last_hidden(model, input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions, **kwargs)
+        first = first[index, -1:]  # [N, 1, H]: predicts completion token 0
         cache.batch_select_indices(index)
         attention = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)[:, p:]
-        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions, **kwargs).logits
-        logits = torch.cat([logits, rest], dim=1)  # [N, C, V]
-    logits = logits.float()
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+        rest = _last_hidden(model, input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
+                            **kwargs)
+        hidden = torch.cat([first, rest], dim=1)  # [N, C, H]
+    return selective_log_softmax(model, hidden, completion_ids, temperature, chunk_elements)

@@ -195,7 +195,8 @@ class Trainer:
         self.model = load_model(config.model, self.device, config.seed)
         self.model.train()
         updates = config.steps * (config.rl.updates_per_batch if config.stage == "rl" else 1)
-        self.engine = make_engine(self.model, config.optim, updates, config.engine.backend, config.engine.deepspeed_config, self.device)
+        self.engine = make_engine(self.model, config.optim, updates, config.engine.backend, config.engine.deepspeed_config, self.device,
+                                  compile=config.engine.compile)
         self.stream = RowStream(self.rows, config.seed, config.data.shuffle)
         self.reference = self._reference_model() if config.stage == "rl" and config.rl.kl_coef > 0 else None
         self.state = TrainerState()
@@ -245,12 +246,9 @@ class Trainer:
             for m in range(cfg.optim.grad_accum):
                 sl = slice(m * rows_per_micro, (m + 1) * rows_per_micro)
                 micro = [t[sl] for t in batch]
-                logprobs = self._logprobs(self.engine.model, micro, grad=True)
-                out = self._rl_loss(logprobs, micro[3].float(), rewards[sl].to(self.device), q,
-                                    None if old is None else old[sl], None if ref is None else ref[sl],
-                                    None if counts is None else counts[sl])
-                self._check_finite(out.loss)
-                self.engine.backward(out.loss)
+                out = self._loss_and_backward(micro, lambda logprobs, sl=sl, micro=micro: self._rl_loss(
+                    logprobs, micro[3].float(), rewards[sl].to(self.device), q, None if old is None else old[sl],
+                    None if ref is None else ref[sl], None if counts is None else counts[sl]))
                 grad_norm = self._step(grad_norm)
                 diagnostics.append(out.diagnostics)
         elapsed = time.perf_counter() - started
@@ -302,6 +300,35 @@ class Trainer:
         """Log-probs of the sampling distribution softmax(logits / T) (T = 1 for greedy sampling)."""
         with torch.set_grad_enabled(grad):
             return completion_logprobs(model, *batch, temperature=self.cfg.rl.temperature or 1.0)
+
+    def _loss_and_backward(self, micro, loss_of):
+        """``loss_of(logprobs)`` on the micro-batch, its backward through the engine; returns the loss output.
+
+        Above ``rl.logprob_token_budget`` tokens the rows run in chunks (as many on every rank): log-probs
+        without grad give the loss and its gradient g [n, C] w.r.t. the log-probs, then each chunk's
+        forward and backward of sum(g * logprobs) adds its part of the same gradient.
+        """
+        budget, rows = self.cfg.rl.logprob_token_budget, len(micro[0])
+        chunks = 1 if budget is None else -(-rows * (micro[0].shape[1] + micro[2].shape[1]) // budget)
+        if budget is not None and _distributed():
+            agreed = torch.tensor([chunks], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            chunks = int(agreed.item())
+        chunks = min(chunks, rows)
+        if chunks == 1:
+            out = loss_of(self._logprobs(self.engine.model, micro, grad=True))
+            self._check_finite(out.loss)
+            self.engine.backward(out.loss)
+            return out
+        parts = list(zip(*(t.tensor_split(chunks) for t in micro)))
+        logprobs = torch.cat([self._logprobs(self.engine.model, part, grad=False) for part in parts])  # [n, C]
+        logprobs.requires_grad_(True)
+        out = loss_of(logprobs)
+        self._check_finite(out.loss)
+        (grad,) = torch.autograd.grad(out.loss, logprobs)  # [n, C]
+        for part, g in zip(parts, grad.tensor_split(chunks)):
+            self.engine.backward((self._logprobs(self.engine.model, part, grad=True) * g).sum())
+        return out
 
     def _reference_logprobs(self, batch):
         if self.reference is not None:

@@ -1,0 +1,45 @@
+"""What of the one-GPU setup runs on CPU: the config flag, the optimiser choice, SDPA, gpu_check --smoke."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from tsallis_core.config import ConfigError, ModelConfig, OptimConfig, load_config
+from tsallis_core.engines import _optimizer
+from tsallis_core.models import load_model
+
+
+def test_compile_is_for_the_torch_backend():
+    assert load_config(None, ["engine.compile=true"]).engine.compile
+    with pytest.raises(ConfigError, match="engine: compile applies to backend torch"):
+        load_config(None, ["engine.compile=true", "engine.backend=deepspeed"])
+
+
+def test_fused_adamw_only_for_cuda_parameters():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert not _optimizer(params, OptimConfig(), fused=True).defaults.get("fused")  # CPU parameters: the loop
+    assert isinstance(_optimizer(params, OptimConfig(optimizer="sgd"), fused=True), torch.optim.SGD)
+
+
+def test_models_load_with_sdpa_attention():
+    assert load_model(ModelConfig(), torch.device("cpu"), 0).config._attn_implementation == "sdpa"
+
+
+def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--work", str(tmp_path),
+                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    rollouts = report["rollouts"]["B=8"]
+    for name in ("ours_static_graph", "ours_eager", "hf_generate_dynamic", "hf_generate_static"):
+        assert rollouts[name]["tokens_per_s"] > 0
+    assert set(report["logprob_memory"]["8x8"]) == {"ours_chunked", "one_chunk_full_logits"}
+    assert report["sft"]["torch"]["train_tokens_per_s"] > 0
+    assert set(report["rl_step"]["split_s"]) == {"rollout", "logprobs", "backward", "optimizer"}

@@ -1,0 +1,189 @@
+"""Decoding over a static KV cache: one fixed-shape step (forward + sampling), a CUDA graph per batch on GPU.
+
+Every tensor a decode step reads or writes lives in buffers of fixed shape and address, sized
+for the rollout (prompt + max_new_tokens): the KV cache, an additive attention mask over the
+whole capacity, the write slot, the positions, the step index, the finished flags and the output
+columns. The step changes them in place and asks the host nothing, so on a GPU it is captured
+once per (rows, capacity bucket) as a CUDA graph and replayed per token. The write slot is our
+own device tensor, advanced only by the step itself: unlike transformers' ``StaticLayer``,
+whose internal counter also advances on warm-up calls, warming up and capturing leave the state
+as they found it (it is saved and restored around them).
+
+The tokens are those of the eager loop (``HFRollout``) with the same noise: the masked slots add
+exact zeros to attention, up to float rounding of the longer reductions (equal tokens in float32
+on CPU in our tests; in bf16 on GPU a near-tie token can differ, as between any two kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .rollout import HFRollout, Prefill, _unwrap, cache_kwarg, sample_tokens
+
+STATIC_MASK_ATTENTION = ("eager", "sdpa")  # attention implementations that take our additive [N, 1, 1, capacity] mask
+
+
+class StaticBufferLayer(DynamicLayer):
+    """A KV-cache layer of fixed shape [N, heads, capacity, D] that writes at ``write_at`` ([1], on the device)."""
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int, write_at: Tensor):
+        super().__init__()
+        shape = (*keys.shape[:-2], capacity, keys.shape[-1])
+        # zeros, not empty: masked slots are multiplied by exact zero weights, which needs finite values there
+        self.keys, self.values = keys.new_zeros(shape), values.new_zeros(shape)
+        self.write_at, self.device, self.is_initialized = write_at, keys.device, True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.keys.index_copy_(2, self.write_at, key_states)
+        self.values.index_copy_(2, self.write_at, value_states)
+        return self.keys, self.values
+
+
+@dataclass
+class DecodeState:
+    """The buffers of one (rows, capacity) bucket; a step reads and writes only these."""
+
+    tokens: Tensor  # [N] the last sampled token, input of the next forward
+    position: Tensor  # [N, 1] its position id
+    mask: Tensor  # [N, 1, 1, capacity] additive: 0 where a row attends, the dtype's minimum elsewhere
+    write_at: Tensor  # [1] the cache slot the next forward writes
+    step: Tensor  # [] index of the next token to sample
+    finished: Tensor  # [N] bool
+    seeds: Tensor  # [N] int64
+    out_tokens: Tensor  # [N, T]
+    out_alive: Tensor  # [N, T] bool: the row had not finished before this token
+    cache: DynamicCache  # StaticBufferLayer per layer, sharing write_at
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name).clone() for f in fields(self) if f.name != "cache"}
+
+    def restore(self, saved: dict[str, Tensor]) -> None:
+        for name, value in saved.items():
+            getattr(self, name).copy_(value)
+
+
+class StaticDecoder:
+    """The static-cache decode loop of an ``HFRollout`` (its model, tokenizer, temperature, length, rank sync).
+
+    Buffers and graphs are kept per (rows, capacity bucket) and reused by later rollouts of the same
+    shape: the capacity (prompt + max_new_tokens) is rounded up to a multiple of ``bucket`` (default
+    64 with CUDA graphs, else 1) so that prompts of other lengths reuse the graph.
+    """
+
+    def __init__(self, rollout: HFRollout, cuda_graphs: bool = True, bucket: int | None = None):
+        self.rollout, self.cuda_graphs, self.bucket = rollout, cuda_graphs, bucket
+        self._states: dict[tuple, DecodeState] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Attention kernels that take our additive [N, 1, 1, capacity] mask, and no sliding-window layers
+        (the mask is the same full mask for every layer)."""
+        config = _unwrap(model).config
+        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+        return getattr(config, "_attn_implementation", None) in STATIC_MASK_ATTENTION and not sliding
+
+    def _graphed(self, device: torch.device) -> bool:
+        # ZeRO-3 gathers weights in every forward; warm-up runs two steps past the current one
+        return (self.cuda_graphs and device.type == "cuda" and not self.rollout.sync_ranks
+                and self.rollout.max_new_tokens > 3)
+
+    def decode(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
+        """Tokens and alive flags [N, T] from the prefill, as ``HFRollout``'s eager loop gives them."""
+        rollout, logits = self.rollout, prefill.logits
+        n, p, device = len(logits), prefill.prompt_ids.shape[1], logits.device
+        bucket = self.bucket or (64 if self._graphed(device) else 1)
+        capacity = -(-(p + rollout.max_new_tokens) // bucket) * bucket
+        key = (n, capacity, prefill.layers[0][0].dtype, device)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = self._new_state(prefill, capacity)
+        self._load(state, prefill)
+        self._sample(state, logits)  # token 0, from the prefill's logits
+        for t in rollout._steps():
+            if rollout._stop_after(t, state.finished):
+                break
+            if self._graphed(device):
+                self._graph(key, state).replay()
+            else:
+                self._step(state)
+        steps = t + 1
+        return state.out_tokens[:, :steps].clone(), state.out_alive[:, :steps].clone()
+
+    def _new_state(self, prefill: Prefill, capacity: int) -> DecodeState:
+        n, device = len(prefill.logits), prefill.logits.device
+        dtype = prefill.layers[0][0].dtype
+        write_at = torch.zeros(1, dtype=torch.long, device=device)
+        cache = DynamicCache()
+        cache.layers = [StaticBufferLayer(keys, values, capacity, write_at) for keys, values in prefill.layers]
+        long = {"dtype": torch.long, "device": device}
+        return DecodeState(
+            tokens=torch.zeros(n, **long), position=torch.zeros(n, 1, **long),
+            mask=torch.zeros(n, 1, 1, capacity, dtype=dtype, device=device), write_at=write_at,
+            step=torch.zeros((), **long), finished=torch.zeros(n, dtype=torch.bool, device=device),
+            seeds=torch.zeros(n, **long), out_tokens=torch.zeros(n, self.rollout.max_new_tokens, **long),
+            out_alive=torch.zeros(n, self.rollout.max_new_tokens, dtype=torch.bool, device=device), cache=cache,
+        )
+
+    def _load(self, state: DecodeState, prefill: Prefill) -> None:
+        """This rollout's prompts into the bucket's buffers (in place: graphs keep their addresses)."""
+        p = prefill.prompt_ids.shape[1]
+        for layer, (keys, values) in zip(state.cache.layers, prefill.layers):
+            layer.keys[..., :p, :] = keys
+            layer.values[..., :p, :] = values
+        state.mask.fill_(torch.finfo(state.mask.dtype).min)
+        state.mask[:, 0, 0, :p].masked_fill_(prefill.prompt_mask.bool(), 0.0)
+        state.write_at.fill_(p)
+        state.position.copy_(prefill.position + 1)  # completion token 0 follows the last prompt token
+        state.step.zero_()
+        state.finished.zero_()
+        state.seeds.copy_(prefill.seeds)
+
+    def _sample(self, state: DecodeState, logits: Tensor) -> None:
+        """Sample token ``step`` from logits [N, V] and record it (in place, no host sync)."""
+        eos, pad = self.rollout.tokenizer.eos_token_id, self.rollout.tokenizer.pad_token_id
+        tokens = sample_tokens(logits, state.seeds, state.step, self.rollout.temperature)  # [N]
+        tokens = torch.where(state.finished, torch.full_like(tokens, pad), tokens)
+        column = state.step.view(1)
+        state.out_alive.index_copy_(1, column, (~state.finished).unsqueeze(1))
+        state.out_tokens.index_copy_(1, column, tokens.unsqueeze(1))
+        state.finished.logical_or_(tokens == eos)
+        state.tokens.copy_(tokens)
+
+    def _step(self, state: DecodeState) -> None:
+        """One decode step on the buffers: forward of the last token (written at ``write_at``), sample the next."""
+        state.mask.index_fill_(3, state.write_at, 0.0)  # the new token's slot becomes visible
+        model = self.rollout.model
+        logits = model(
+            input_ids=state.tokens.unsqueeze(1), attention_mask=state.mask, position_ids=state.position,
+            use_cache=True, **{cache_kwarg(model): state.cache},
+        ).logits[:, -1]  # [N, V]
+        state.step.add_(1)
+        self._sample(state, logits)
+        state.write_at.add_(1)
+        state.position.add_(1)
+
+    def _graph(self, key: tuple, state: DecodeState) -> torch.cuda.CUDAGraph:
+        """The step captured as a CUDA graph (once per bucket): warm-up on a side stream, then capture.
+        The state is restored after each, so neither shifts the rollout in progress."""
+        graph = self._graphs.get(key)
+        if graph is None:
+            saved = state.snapshot()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(state)
+            torch.cuda.current_stream().wait_stream(side)
+            state.restore(saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(state)
+            state.restore(saved)  # capture records without running; restore anyway, cheap and safe
+            self._graphs[key] = graph
+        return graph
