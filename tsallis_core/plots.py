@@ -17,6 +17,17 @@ if TYPE_CHECKING:
     from .sweep import SweepRun
 
 
+def label_axes(ax, xlabel: str, title: str | None = None, ylabel: str | None = None, fontsize: int = 8) -> None:
+    """The finishing touches every plot here shares: labels, a light grid and the legend."""
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=fontsize)
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
@@ -45,11 +56,7 @@ def plot_noise(records: list[NoiseRecord], path: str | Path) -> Path:
         rows = sorted((r for r in records if r.noise_share == share), key=lambda r: r.q)
         line = ax.plot([r.q for r in rows], [r.mass_on_wrong_label for r in rows], "o-", label=f"wrong labels {share:.0%}")
         ax.plot([r.q for r in rows], [r.limit_mass_on_wrong_label for r in rows], "--", color=line[0].get_color(), alpha=0.6)
-    ax.set_xlabel("q")
-    ax.set_ylabel("probability on the wrong label")
-    ax.set_title("Memorisation of wrong labels (solid: at horizon, dashed: limit)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "q", "Memorisation of wrong labels (solid: at horizon, dashed: limit)", "probability on the wrong label")
     return _save(fig, path)
 
 

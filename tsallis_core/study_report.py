@@ -183,7 +183,7 @@ def noise_table(summaries: list[dict]) -> str:
 
 
 def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float) -> Path:
-    from .plots import _save, plt
+    from .plots import _save, label_axes, plt
 
     regimes = list(dict.fromkeys(s["regime"] for s in summaries))
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 4), squeeze=False, sharey=True)
@@ -200,41 +200,35 @@ def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float)
                            ls="--" if s["setting"] == "grpo" else "-", color="k" if s["setting"] == "grpo" else None)
             ax.fill_between(x, arr.min(0), arr.max(0), color=line[0].get_color(), alpha=0.15)
         ax.axhline(threshold, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{title}: {regime}")
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        label_axes(ax, "step", f"{title}: {regime}", fontsize=7)
     axes[0][0].set_ylabel("training success (5-step mean; band: seed min-max)")
     return _save(fig, path)
 
 
 def plot_mechanism(points: list[dict], path: Path) -> Path:
-    from .plots import _save, plt
+    from .plots import _save, label_axes, plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for state in sorted({p["state_name"] for p in points}):
         for key, style in (("cos_adamw", "o-"), ("cos_adamw_same_scale", "^-"), ("cos_sgd", "s--")):
             ps = [p for p in points if p["state_name"] == state and key in p]
-            xs = sorted({p["prompts"] for p in ps})
-            means = [np.mean([p[key] for p in ps if p["prompts"] == x]) for x in xs]
             if not ps:
                 continue
+            xs = sorted({p["prompts"] for p in ps})
+            means = [np.mean([p[key] for p in ps if p["prompts"] == x]) for x in xs]
             name = {"cos_adamw": "AdamW", "cos_adamw_same_scale": "AdamW, same scale", "cos_sgd": "SGD"}[key]
             ax.plot(xs, means, style, label=f"{name}, {state}")
             for x in xs:
                 vals = [p[key] for p in ps if p["prompts"] == x]
                 ax.vlines(x, min(vals), max(vals), alpha=0.4)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompts per step (M = 8)")
-    ax.set_ylabel("cosine of the GRPO and GARL q=1 updates")
-    ax.set_title("Same state, same rollout batch: how alike are the updates?")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    label_axes(ax, "prompts per step (M = 8)", "Same state, same rollout batch: how alike are the updates?",
+               "cosine of the GRPO and GARL q=1 updates", fontsize=7)
     return _save(fig, path)
 
 
 def plot_noise(summaries: list[dict], path: Path) -> Path:
-    from .plots import _save, plt
+    from .plots import _save, label_axes, plt
 
     lrs = sorted({s["best_lr"] for s in summaries})
     fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.2), squeeze=False, sharey=True)
@@ -250,10 +244,7 @@ def plot_noise(summaries: list[dict], path: Path) -> Path:
             errs = [[m - s["heldout"][key][1] for m, s in zip(means, garl)],
                     [s["heldout"][key][2] - m for m, s in zip(means, garl)]]
             ax.errorbar(qs, means, yerr=errs, fmt="o-", capsize=3, label=f"GARL: {label}")
-        ax.set_title(f"Label noise (25% wrong, reachable labels), AdamW lr {lr:.3g}")
-        ax.set_xlabel("q")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        label_axes(ax, "q", f"Label noise (25% wrong, reachable labels), AdamW lr {lr:.3g}", fontsize=7)
     axes[0][0].set_ylabel("probability (95% bootstrap interval)")
     return _save(fig, path)
 
