@@ -10,7 +10,8 @@ from conftest import REPO
 
 TINY = ["data.p0=0.9", "data.num_train=64", "data.num_test=8", "warmup.steps=10", "warmup.batch_size=16",
         "train.steps=2", "train.batch_size=8", "train.group_size=4", "train.max_new_tokens=16",
-        "sweep.estimators=[garl]", "sweep.q=[1.0]", "evaluate.n=2", "evaluate.max_new_tokens=16", "report.metric=maj@2"]
+        "sweep.estimators=[garl]", "sweep.q=[1.0]", "sweep.seeds=[0]", "evaluate.n=2", "evaluate.max_new_tokens=16",
+        "report.metric=maj@2"]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
