@@ -1,5 +1,5 @@
 """One kfp v2 lightweight component per stage of the cold-start sweep, each a thin wrapper over the tsallis_core
-entry point that the same dvc.yaml stage calls (STYLE.md point 7: no logic lives only here).
+entry point that the same dvc.yaml stage calls (no logic lives only here).
 
 The functions below are plain Python; ``build(image)`` turns them into components whose base image is the
 project's image (``--image`` or ``$TSALLIS_IMAGE``; there is no default). The image has
