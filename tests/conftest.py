@@ -96,3 +96,23 @@ def mlflow_server(tmp_path_factory):
     yield uri
     proc.terminate()
     proc.wait(timeout=30)
+
+
+# Python run before the code under test in a child process: SIGKILL the process right after its step-N checkpoint
+# is complete on disk, as a preempted node dies. Killing from the test after seeing the checkpoint raced the run
+# (a quiet machine runs steps 4..8 between two polls, and checkpoint rotation then removes step 4).
+# The child needs TSALLIS_TEST_DIE_AFTER_STEP=N in its environment.
+DIE_AFTER_CHECKPOINT = """
+import os, signal, sys
+import tsallis_core.checkpoints as _checkpoints
+_save, _die_at = _checkpoints.save_checkpoint, int(os.environ["TSALLIS_TEST_DIE_AFTER_STEP"])
+def _save_then_die(engine, state, *args, **kwargs):
+    path = _save(engine, state, *args, **kwargs)
+    if state.step == _die_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+for _module in [m for name, m in list(sys.modules.items()) if name.startswith("tsallis_core")]:
+    if getattr(_module, "save_checkpoint", None) is _save:
+        _module.save_checkpoint = _save_then_die
+"""
+

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, free_port, run_tsallis
+from conftest import DIE_AFTER_CHECKPOINT, REPO, free_port, run_tsallis
 from safetensors.torch import load_file
 
 
@@ -71,6 +71,14 @@ def wait_for(condition, proc, what: str, timeout: float = 600):
         time.sleep(0.1)
 
 
+def same_weights(a_path, b_path) -> tuple[bool, str]:
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    if a.keys() != b.keys():
+        return False, f"different tensors: {sorted(set(a) ^ set(b))}"
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    return all((a[k] == b[k]).all() for k in a), f"largest difference {worst:.3g}"
+
+
 def sft_args(task_dir, out, steps: int):
     return ["train", "stage=sft", f"output_dir={out}", f"data.train_path={task_dir / 'pretrain.jsonl'}",
             "sft.batch_size=4", f"steps={steps}", "checkpoint_every=0", "tracking.log_model=false",
@@ -119,9 +127,9 @@ def test_a_server_that_stays_away_spools_the_metrics_and_resume_sends_them(serve
 
 
 def test_a_kubeflow_training_step_killed_mid_run_resumes_to_the_same_model(server, task_dir, tmp_path):
-    """The sft_warmup component's function, SIGKILLed after its step-4 checkpoint on the 'cache PVC' and called
+    """The sft_warmup component's function, SIGKILLed right after its step-4 checkpoint on the 'cache PVC' and called
     again (what a kfp retry does): it resumes there, and its model equals an uninterrupted call's bitwise."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": server.uri,
+    env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": server.uri, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     call = ("import sys; from types import SimpleNamespace as NS; from components.stages import sft_warmup\n"
             "model = NS(path=sys.argv[1], metadata={}); metrics = NS(log_metric=lambda k, v: None)\n"
@@ -129,23 +137,26 @@ def test_a_kubeflow_training_step_killed_mid_run_resumes_to_the_same_model(serve
             " batch_size=4, experiment='kfp-retry', gpus=0, deepspeed_config='', sweep='s1', checkpoint_root=sys.argv[3],"
             " checkpoint_every=2, pipeline_run=sys.argv[4])")
 
-    def component(out, run):
-        return subprocess.Popen([sys.executable, "-c", call, str(out), str(task_dir), str(tmp_path / "pvc"), run],
-                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def component(out, run, die_after_step: int = 0):
+        code = (DIE_AFTER_CHECKPOINT if die_after_step else "") + call
+        return subprocess.Popen([sys.executable, "-c", code, str(out), str(task_dir), str(tmp_path / "pvc"), run],
+                                env={**env, "TSALLIS_TEST_DIE_AFTER_STEP": str(die_after_step)}, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     straight = component(tmp_path / "straight", "job-a")
     assert straight.wait(timeout=900) == 0, straight.stderr.read()[-3000:]
-    killed = component(tmp_path / "killed-1", "job-b")
+    killed = component(tmp_path / "killed-1", "job-b", die_after_step=4)
+    _, stderr = killed.communicate(timeout=900)
+    assert killed.returncode == -signal.SIGKILL, stderr[-3000:]
     ckpt = tmp_path / "pvc" / "s1" / "job-b" / "warmup"
-    wait_for(lambda: (ckpt / "checkpoints" / "step-000004" / "trainer_state.json").exists(), killed, "step 4")
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    assert [p.name for p in sorted((ckpt / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
     retried = component(tmp_path / "killed-2", "job-b")  # the retry: a new pod, a new output path, the same PVC path
-    _, stderr = retried.communicate(timeout=900)
+    stdout, stderr = retried.communicate(timeout=900)
     assert retried.returncode == 0, stderr[-3000:]
-    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed-2" / "model" / "model.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert "resuming from" in stdout and "step-000004" in stdout, stdout[-2000:]
+    same, detail = same_weights(tmp_path / "straight" / "model" / "model.safetensors",
+                                tmp_path / "killed-2" / "model" / "model.safetensors")
+    assert same, detail
     assert not (tmp_path / "killed-2" / "checkpoints").exists() and not (ckpt / "checkpoints").exists()
     history = [json.loads(line)["step"] for line in (tmp_path / "killed-2" / "history.jsonl").read_text().splitlines()]
     assert history == list(range(1, 11))
@@ -163,17 +174,16 @@ class PreemptibleTrainer:
         command = next(o.command for o in options if hasattr(o, "command"))
         argv = [a for a in command[command.index("tsallis_core.cli"):] if not a.startswith("engine.")]
         self.output_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", *argv, "tracking.enabled=false"], env=env,
+        env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+               "TSALLIS_TEST_DIE_AFTER_STEP": "4" if self.preempt else "0"}
+        main = "import sys; from tsallis_core.cli import main; sys.exit(main(sys.argv[1:]))"
+        code = (DIE_AFTER_CHECKPOINT if self.preempt else "") + main
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *argv[1:], "tracking.enabled=false"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         return "tsallis-job"
 
     def wait_for_job_status(self, name, status, timeout, polling_interval):
-        if self.preempt:
-            step4 = self.output_dir / "checkpoints" / "step-000004" / "trainer_state.json"
-            wait_for(step4.exists, self.proc, "the step-4 checkpoint")
-            self.proc.send_signal(signal.SIGKILL)
-        code = self.proc.wait(timeout=900)
+        code = self.proc.wait(timeout=900)  # with ``preempt`` the node dies (SIGKILL) after its step-4 checkpoint
         return SimpleNamespace(name=name, status="Complete" if code == 0 else "Failed")
 
     def get_job_events(self, name):
@@ -210,7 +220,7 @@ def test_a_preempted_trainjob_is_retried_from_its_staged_checkpoints_to_the_same
     staged = tmp_path / "cache" / "trainjobs" / "s1" / "job-b" / "run" / "run" / "run"
     assert (staged / "checkpoints" / "step-000004").is_dir()  # kept on the PVC for the retry
     launch(tmp_path / "retry", "job-b", PreemptibleTrainer(preempt=False))  # the retried launcher step
-    a = load_file(str(tmp_path / "straight" / "run" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "retry" / "run" / "model" / "model.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    same, detail = same_weights(tmp_path / "straight" / "run" / "model" / "model.safetensors",
+                                tmp_path / "retry" / "run" / "model" / "model.safetensors")
+    assert same, detail
     assert not (tmp_path / "cache" / "trainjobs" / "s1" / "job-b" / "run").exists()  # removed once the run is back

@@ -7,11 +7,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, rl_args, run_tsallis, torchrun
+from conftest import DIE_AFTER_CHECKPOINT, REPO, rl_args, run_tsallis, torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -51,16 +50,12 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(base_model, task_dir, t
     run_tsallis(*rl_args(base_model, task_dir, straight, *args))
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tsallis_core.cli", *rl_args(base_model, task_dir, killed, *args)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000004" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "model").exists()
+    env = {**os.environ, "TQDM_DISABLE": "1", "TSALLIS_TEST_DIE_AFTER_STEP": "4"}  # SIGKILLed after checkpoint 4
+    main = "import sys; from tsallis_core.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", DIE_AFTER_CHECKPOINT + main, *rl_args(base_model, task_dir, killed, *args)],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=900, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (killed / "checkpoints" / "step-000004").is_dir() and not (killed / "model").exists()
     run_tsallis(*rl_args(base_model, task_dir, killed, *args), "--resume")
 
     a, b = weights(straight / "model"), weights(killed / "model")
