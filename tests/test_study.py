@@ -96,7 +96,7 @@ regimes:
   adamw: {{optimizer: adamw, grad_clip: 1.0, lr_grid: {{default: [1.0e-4, 1.0e-3]}}}}
 settings: [grpo, "garl:0.75"]
 run: {{steps: 3, group_size: 4, prompts_per_step: 2, max_new_tokens: 16}}
-factors: {{regimes: [adamw], settings: ["garl:0.75"], values: {{baseline: [none]}}}}
+factors: {{regimes: [adamw], settings: ["garl:0.75"], values: {{baseline: [none]}}, lr_offsets: [0]}}
 eval: {{prompts: 8, n: 2}}
 mechanism: {{regime: adamw, prompts_per_step: [4], batches: 1, state_steps: 2}}
 noise: {{base: {{name: noisy, task: {{min_terms: 2, max_terms: 3, p0: 0.6, label_noise: 0.5, num_train: 64, num_test: 16}},
@@ -119,6 +119,7 @@ def test_a_tiny_study_runs_every_part_caches_its_runs_and_reports(tmp_path):
             result = json.loads((run / "result.json").read_text())
             assert len(result["curves"]["success_rate"]) == cell["run"]["steps"] and result["error"] is None
             assert set(json.loads((run / "eval.json").read_text())) >= {"pass@1", "pass@2", "maj@2"}
+    assert all(len(c["grid"]) == 1 for c in cells.values() if c["group"] == "factor")  # lr_offsets [0]: no search
     noise_eval = Path(next(c for c in cells.values() if c["group"] == "noise")["run_dirs"][0]) / "eval.json"
     assert "noisy_wrong_label" in json.loads(noise_eval.read_text())
     assert len(list((tmp_path / "study" / "mechanism").glob("*.json"))) == 2  # fresh and after 2 steps

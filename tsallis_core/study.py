@@ -85,6 +85,8 @@ class Factors(_Section):
     settings: list[str] = ["grpo", "garl:0.75", "garl:1"]
     values: dict[str, list[Any]] = Field(default_factory=lambda: {
         "kl_coef": [0.04], "baseline": ["none"], "group_size": [32], "prompts_per_step": [64]})
+    lr_offsets: list[int] = Field([-2, -1, 0, 1, 2], min_length=1, description="the lr grid of a factor cell, in "
+                                  "half decades from its core cell's best lr; [0]: that lr only, no search")
 
 
 class EvalSettings(_Section):
@@ -384,7 +386,7 @@ def core_cells(study: StudyConfig) -> list[Cell]:
 
 
 def factor_cells(study: StudyConfig, core: dict[tuple[str, str], float]) -> list[Cell]:
-    """Each factor value for each setting, its 5-point grid centred on the core cell's best lr."""
+    """Each factor value for each setting, its lr grid (``factors.lr_offsets``) around the core cell's best lr."""
     cells = []
     for regime_name in study.factors.regimes:
         regime = study.regimes[regime_name]
@@ -394,7 +396,7 @@ def factor_cells(study: StudyConfig, core: dict[tuple[str, str], float]) -> list
                     if factor in ("baseline",) and not setting.startswith("garl"):
                         continue  # the baseline is GARL's
                     centre = core[(regime_name, setting)]
-                    grid = [round(centre * math.sqrt(10) ** k, 12) for k in (-2, -1, 0, 1, 2)]
+                    grid = [round(centre * math.sqrt(10) ** k, 12) for k in study.factors.lr_offsets]
                     run = {**study.run.model_dump(), factor: value, "changed": {factor: value}}
                     cells.append(Cell("factor", regime_name, regime, setting, run, grid))
     return cells
@@ -576,8 +578,12 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
         print(f"base {study.base.name}: start success {start['success']:.4f} ({strata})", flush=True)
         ctx = {"base": base, "data": data, "out": out}
         cells = core_cells(study)
+        if "core" not in parts:  # factors and mechanism need the best lrs of their own regimes' core cells only
+            needed = {*(study.factors.regimes if "factors" in parts else []),
+                      *([study.mechanism.regime] if "mechanism" in parts else [])}
+            cells = [c for c in cells if c.regime_name in needed]
         core: dict[tuple[str, str], float] = {}
-        if "core" in parts or {"factors", "mechanism"} & set(parts):
+        if cells:
             search_and_seed(cells, study, ctx)
             write_cells(cells, out / "cells.json")
             core = {(c.regime_name, c.setting): c.best_lr for c in cells}
