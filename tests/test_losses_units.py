@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from tsallis_core.estimators import get_loss
 from tsallis_core.losses import (
     aggregate,
     amplification,
     garl_loss,
-    get_loss,
     grpo_loss,
     j_q,
     ln_q,

@@ -1,11 +1,10 @@
 """tsallis_core: training reasoning models on the Tsallis loss continuum J_q (arXiv 2604.25907)."""
 
+from .estimators import ESTIMATORS, PolicyBatch, get_estimator, get_loss, register_estimator
 from .losses import (
-    LOSSES,
     LossOutput,
     amplification,
     garl_loss,
-    get_loss,
     grpo_loss,
     j_q,
     ln_q,
@@ -16,7 +15,7 @@ from .losses import (
 from .schedules import AdaptiveQ, ConstantQ, CosineQ, LinearQ, StepQ
 
 __all__ = [
-    "LOSSES", "LossOutput", "amplification", "garl_loss", "get_loss", "grpo_loss", "j_q", "ln_q", "paft_loss",
+    "ESTIMATORS", "PolicyBatch", "get_estimator", "register_estimator", "LossOutput", "amplification", "garl_loss", "get_loss", "grpo_loss", "j_q", "ln_q", "paft_loss",
     "paft_resample_counts", "sft_loss", "AdaptiveQ", "ConstantQ", "CosineQ", "LinearQ", "StepQ",
 ]
 __version__ = "0.1.0"

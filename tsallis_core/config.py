@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from .estimators import ESTIMATORS, get_estimator
 from .losses import AGGREGATIONS, BASELINES, GRPO_LOSS_TYPES, SCALE_REWARDS
 from .schedules import ConstantQ, QSchedule
 from .tasks.verify import VERIFIERS
@@ -79,7 +81,7 @@ class OptimConfig(_Section):
 class RLConfig(_Section):
     """Reinforcement learning from verified answers: sample a group, verify, weight, step."""
 
-    estimator: Literal["garl", "paft", "grpo"] = Field("garl", description="GARL, PAFT, or the GRPO baseline")
+    estimator: str = Field("garl", description="; ".join(f"{e.name}: {e.description}" for e in ESTIMATORS.values()))
     q: float | None = Field(None, ge=0.0, le=1.0, description="shortcut for a constant q (overrides q_schedule)")
     q_schedule: QSchedule = Field(default_factory=lambda: ConstantQ(q=0.75), description="q over steps: constant, step, linear, cosine, adaptive")
     group_size: int = Field(8, ge=2, description="M: completions sampled per prompt")
@@ -100,10 +102,22 @@ class RLConfig(_Section):
         "log-probs, then each chunk runs forward and backward (the same gradient, one more forward; tested with "
         "engine.backend=torch). None: the whole micro-batch at once")
 
+    @field_validator("estimator")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in ESTIMATORS:  # worded as pydantic words a Literal
+            *first, last = [repr(n) for n in ESTIMATORS]
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": f"{', '.join(first)} or {last}" if first else last})
+        return name
+
     @model_validator(mode="after")
     def _checks(self) -> "RLConfig":
-        if self.kl_coef and self.estimator == "paft":
-            raise ValueError("kl_coef applies to garl and grpo; PAFT has no KL term (set kl_coef=0)")
+        estimator = get_estimator(self.estimator)
+        if self.kl_coef and not estimator.has_kl:
+            with_kl = " and ".join(e.name for e in ESTIMATORS.values() if e.has_kl)
+            raise ValueError(f"kl_coef applies to {with_kl}; {self.estimator.upper()} has no KL term (set kl_coef=0)")
+        estimator.args_from(self)  # the estimator's own view of this section validates
         if self.batch_size % self.group_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by group_size ({self.group_size})")
         for name, value, allowed in (

@@ -18,9 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .config import ConfigError, _format_error, _merge, parse_overrides
+from .estimators import ESTIMATORS, get_estimator
 
 LOCAL_IMAGE = "tsallis:local"  # `docker build -t tsallis:local .` for a local cluster (README, section Kubeflow)
-ESTIMATORS = ("garl", "paft", "grpo")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -96,9 +96,11 @@ class SweepGrid(_Section):
     def items(self) -> list[dict[str, Any]]:
         """One dict per training run, named as dvc.yaml names its output directories (garl-q0.5-s0, grpo-s0)."""
         runs = [{"run_name": f"{e}-q{q}-s{s}", "estimator": e, "q": float(q), "seed": s}
-                for e in self.estimators if e != "grpo" for q in self.q for s in self.seeds]
-        if self.baseline or "grpo" in self.estimators:
-            runs += [{"run_name": f"grpo-s{s}", "estimator": "grpo", "q": 0.0, "seed": s} for s in self.seeds]
+                for e in self.estimators if get_estimator(e).uses_q for q in self.q for s in self.seeds]
+        without_q = [e for e in self.estimators if not get_estimator(e).uses_q]
+        if self.baseline and "grpo" not in without_q:
+            without_q.append("grpo")
+        runs += [{"run_name": f"{e}-s{s}", "estimator": e, "q": 0.0, "seed": s} for e in without_q for s in self.seeds]
         return runs
 
 

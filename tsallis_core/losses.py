@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -371,17 +371,3 @@ def sft_loss(logprobs: Tensor, mask: Tensor, aggregation: Aggregation = "token_m
     loss = aggregate(-logprobs, mask, aggregation)
     return LossOutput(loss, {"loss": loss.item(), "nll_per_token": _masked_mean(-logprobs.detach(), mask)})
 
-
-LOSSES: dict[str, Callable[..., LossOutput]] = {
-    "garl": garl_loss,
-    "paft": paft_loss,
-    "grpo": grpo_loss,
-    "sft": sft_loss,
-}
-
-
-def get_loss(name: str) -> Callable[..., LossOutput]:
-    """The loss function registered under ``name`` (garl, paft, grpo, sft)."""
-    if name not in LOSSES:
-        raise ValueError(f"estimator must be one of {', '.join(LOSSES)}; got {name!r}")
-    return LOSSES[name]

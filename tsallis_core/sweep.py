@@ -54,14 +54,18 @@ def _read_json(path: Path, made_by: str) -> dict:
 
 
 def run_identity(run_dir: Path) -> tuple[str, float | None, int]:
-    """(estimator, q, seed) from a run's config.yaml; q is None for GRPO (and for q schedules)."""
+    """(estimator, q, seed) from a run's config.yaml; q is None for an estimator without q (GRPO) and for
+    q schedules."""
     config = _read_json(run_dir / "config.yaml", "tsallis train")
     rl = config.get("rl", {})
     estimator = rl.get("estimator", "garl") if config.get("stage") == "rl" else "sft"
     q = rl.get("q")
     if q is None and rl.get("q_schedule", {}).get("kind") == "constant":
         q = rl["q_schedule"].get("q")
-    return estimator, None if estimator == "grpo" else q, int(config.get("seed", 0))
+    from .estimators import ESTIMATORS
+
+    has_q = estimator in ESTIMATORS and ESTIMATORS[estimator].uses_q
+    return estimator, q if has_q else None, int(config.get("seed", 0))
 
 
 def load_run(run_dir: str | Path, evaluation_path: str | Path) -> SweepRun:

@@ -22,7 +22,8 @@ from .checkpoints import OutputDirLock, check_output_dir, checkpoint_dirs, load_
 from .config import ConfigError, TrainConfig
 from .data import load_records
 from .engines import init_distributed, make_engine, pick_device, world
-from .losses import garl_loss, group_diagnostics, grpo_loss, paft_loss, paft_resample_counts, sft_loss
+from .estimators import PolicyBatch, get_estimator
+from .losses import group_diagnostics, paft_resample_counts, sft_loss
 from .models import check_model_source, check_prompts_fit, load_model, load_tokenizer, model_facts, save_model
 from .rollout import HFRollout, completion_logprobs, row_seed
 from .schedules import AdaptiveQ, update_success_ema
@@ -155,6 +156,8 @@ def _mean_across(values: dict[str, float], device: torch.device) -> dict[str, fl
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.cfg = config
+        self.estimator = get_estimator(config.rl.estimator)  # the registry (estimators.py) picks the loss
+        self.estimator_args = self.estimator.args_from(config.rl)
         self.output_dir = Path(config.output_dir)
         self.rank, self.world_size = world()
         # everything that can be checked is checked before any model loads
@@ -237,7 +240,7 @@ class Trainer:
         batch = [t.to(self.device) for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)]
         old = self._logprobs(self.engine.module, batch, grad=False) if rl.updates_per_batch > 1 else None
         ref = self._reference_logprobs(batch) if rl.kl_coef > 0 else None
-        counts = self._paft_counts(rewards, local) if rl.estimator == "paft" and rl.paft_resample == "multinomial" else None
+        counts = self._paft_counts(rewards, local) if self.estimator.wants_resample_counts(self.estimator_args) else None
         groups_per_micro = per_rank // cfg.optim.grad_accum
         rows_per_micro = groups_per_micro * rl.group_size
         diagnostics: list[dict[str, float]] = []
@@ -268,7 +271,7 @@ class Trainer:
             self.tracker.log_samples({"prompt": prompts[:shown], "completion": rollout.texts[:shown],
                                       "answer": answers[:shown], "reward": rewards[:shown].tolist()}, step)
         self.state.data_position += len(draws)
-        uses_q = rl.estimator != "grpo"  # GRPO has no q: no q, no amplification logged
+        uses_q = self.estimator.uses_q  # GRPO has no q: no q, no amplification logged
         return {
             **group_diagnostics(all_rewards, rl.group_size, q if uses_q else None),
             **loss_diag,
@@ -345,15 +348,10 @@ class Trainer:
         return torch.cat(counts).to(self.device)
 
     def _rl_loss(self, logprobs, mask, rewards, q, old, ref, counts):
-        rl = self.cfg.rl
-        if rl.estimator == "garl":
-            clip = rl.clip_eps if rl.updates_per_batch > 1 else None
-            return garl_loss(logprobs, mask, rewards, rl.group_size, q, rl.baseline, rl.aggregation, old, clip, ref, rl.kl_coef)
-        if rl.estimator == "paft":
-            return paft_loss(logprobs, mask, rewards, rl.group_size, q, resample_counts=counts, aggregation=rl.aggregation)
-        return grpo_loss(logprobs, mask, rewards, rl.group_size, loss_type=rl.grpo_loss_type,
-                         scale_rewards=rl.grpo_scale_rewards, old_logprobs=old, clip_eps=rl.clip_eps, ref_logprobs=ref,
-                         kl_coef=rl.kl_coef, max_completion_length=rl.max_new_tokens)
+        """The registered estimator's loss on one micro-batch (tsallis_core/estimators.py)."""
+        batch = PolicyBatch(logprobs, mask, rewards, self.cfg.rl.group_size, q, self.cfg.rl.max_new_tokens,
+                            old_logprobs=old, ref_logprobs=ref, resample_counts=counts)
+        return self.estimator.loss(batch, self.estimator_args)
 
     # --------------------------------------------------------------------------------- sft step
 

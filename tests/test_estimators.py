@@ -1,0 +1,73 @@
+"""The estimator registry: a tiny estimator registered here is validated by the config, swept by the Kubeflow
+settings and trained by the trainer, with no other file edited (tsallis_core/estimators.py)."""
+
+import json
+
+import pytest
+import torch
+
+from tsallis_core.config import ConfigError, load_config
+from tsallis_core.estimators import ESTIMATORS, EstimatorArgs, PolicyBatch, get_estimator, register_estimator
+from tsallis_core.kubeflow import load_settings
+from tsallis_core.losses import LossOutput, aggregate
+from tsallis_core.trainer import train
+
+CALLS: list[PolicyBatch] = []
+
+
+class MeanBaselineArgs(EstimatorArgs):
+    aggregation: str = "seq_sum"  # an rl field, read by name
+
+
+def mean_baseline(batch: PolicyBatch, args: MeanBaselineArgs) -> LossOutput:
+    """REINFORCE with the group-mean baseline, no amplification and no q: the smallest estimator there is."""
+    CALLS.append(batch)
+    grouped = batch.rewards.view(-1, batch.group_size)  # [B, M]
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # [N]
+    loss = aggregate(-advantages.unsqueeze(1) * batch.logprobs, batch.mask, args.aggregation)
+    return LossOutput(loss, {"loss": loss.item()})
+
+
+@pytest.fixture
+def registered():
+    register_estimator("mean_baseline", MeanBaselineArgs, uses_q=False,
+                       description="REINFORCE with a group-mean baseline (a test)")(mean_baseline)
+    CALLS.clear()
+    yield "mean_baseline"
+    del ESTIMATORS["mean_baseline"]
+
+
+def test_the_registry_lists_the_project_estimators_with_their_args():
+    assert list(ESTIMATORS) == ["garl", "paft", "grpo"]
+    assert [e.uses_q for e in ESTIMATORS.values()] == [True, True, False]
+    assert {name for name, e in ESTIMATORS.items() if e.has_kl} == {"garl", "grpo"}
+    rl = load_config(None, ["rl.estimator=garl", "rl.baseline=none", "rl.updates_per_batch=2"]).rl
+    args = get_estimator("garl").args_from(rl)
+    assert (args.baseline, args.updates_per_batch, args.clip_eps) == ("none", 2, 0.2)
+    with pytest.raises(ValueError, match="estimator must be one of garl, paft, grpo; got 'ppo'"):
+        get_estimator("ppo")
+    with pytest.raises(ValueError, match="already registered"):
+        register_estimator("garl", EstimatorArgs, uses_q=True, description="")(mean_baseline)
+
+
+def test_a_registered_estimator_is_validated_swept_and_trained(registered, task_dir, tmp_path):
+    with pytest.raises(ConfigError, match="Input should be 'garl', 'paft', 'grpo' or 'mean_baseline'"):
+        load_config(None, ["rl.estimator=ppo"])
+    with pytest.raises(ConfigError, match="kl_coef applies to garl and grpo; MEAN_BASELINE has no KL term"):
+        load_config(None, [f"rl.estimator={registered}", "rl.kl_coef=0.1"])
+
+    grid = load_settings(None, [f"sweep.estimators=[garl,{registered}]", "sweep.q=[0.5]", "sweep.seeds=[0]"]).sweep
+    assert [r["run_name"] for r in grid.items()] == ["garl-q0.5-s0", f"{registered}-s0", "grpo-s0"]
+
+    out = tmp_path / "run"
+    result = train(load_config(None, [
+        "stage=rl", f"rl.estimator={registered}", f"output_dir={out}", "model.name_or_path=embedded:tiny",
+        f"data.train_path={task_dir / 'train.jsonl'}", "rl.group_size=4", "rl.batch_size=8", "rl.max_new_tokens=8",
+        "steps=2", "checkpoint_every=0", "seed=3", "engine.threads=1", "tracking.enabled=false",
+    ]))
+    assert len(CALLS) == 2 and all(b.logprobs.shape[0] == 8 and b.group_size == 4 for b in CALLS)
+    assert all(b.logprobs.requires_grad and b.old_logprobs is None and b.resample_counts is None for b in CALLS)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and "q" not in history[0]  # uses_q=False: no q logged, as for GRPO
+    assert history[-1]["loss"] == pytest.approx(result.final_metrics["loss"])
+    assert torch.isfinite(torch.tensor([h["loss"] for h in history])).all()

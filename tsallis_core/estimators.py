@@ -1,0 +1,148 @@
+"""The estimator registry: every RL estimator is one function registered under its name, with one signature.
+
+    @register_estimator("garl", GarlArgs, uses_q=True, maths=garl_loss, description="...")
+    def garl(batch: PolicyBatch, args: GarlArgs) -> LossOutput: ...
+
+- ``PolicyBatch``: what the trainer hands every estimator for one micro-batch (log-probs, mask, rewards, the group
+  layout, q, and the optional old and reference log-probs and PAFT's resample counts).
+- ``args``: the estimator's own typed view of the ``rl`` config section. Its fields are ``rl`` fields, read by
+  name (``spec.args_from(rl)``), so ``rl.baseline=none`` on the command line reaches GARL as ``args.baseline``.
+- Config validation (``rl.estimator``, and ``kl_coef`` only for estimators with a KL term), the CLI help, the
+  Kubeflow sweep settings and the trainer all read this registry; nothing else lists the names.
+
+Adding an estimator: one function, one args class (fields named as in ``RLConfig``), and its tests
+(tests/test_estimators.py registers one for real). The maths stays in small pure functions (``losses.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from .losses import LossOutput, garl_loss, grpo_loss, paft_loss, sft_loss
+
+
+@dataclass(frozen=True)
+class PolicyBatch:
+    """One micro-batch of scored completions, grouped by prompt (N = B prompts x M completions, L tokens)."""
+
+    logprobs: Tensor  # [N, L] log-probs of the sampled tokens under the policy being trained (with grad)
+    mask: Tensor  # [N, L] 1.0 on completion tokens, 0.0 on padding
+    rewards: Tensor  # [N] verifier rewards, group by group
+    group_size: int  # M
+    q: float  # the step's q (from the q schedule); estimators without q ignore it
+    max_new_tokens: int  # the longest completion that could be sampled (GRPO's dr_grpo normaliser)
+    old_logprobs: Tensor | None = None  # [N, L] of the sampling policy, when a batch is reused (clipped ratio)
+    ref_logprobs: Tensor | None = None  # [N, L] of the reference policy, when kl_coef > 0
+    resample_counts: Tensor | None = None  # [N] posterior draws per completion (PAFT, paft_resample=multinomial)
+
+
+class EstimatorArgs(BaseModel):
+    """Base of an estimator's typed view of the ``rl`` section: each field must be an ``RLConfig`` field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    loss: Callable[[PolicyBatch, EstimatorArgs], LossOutput]
+    args: type[EstimatorArgs]
+    uses_q: bool  # False: q is neither swept nor logged (the GRPO baseline)
+    description: str
+    maths: Callable[..., LossOutput] | None = None  # the pure tensor function (``get_loss``), where there is one
+    wants_resample_counts: Callable[[EstimatorArgs], bool] = lambda args: False
+
+    def args_from(self, rl) -> EstimatorArgs:
+        """This estimator's args from an ``RLConfig`` (or any object with those attributes)."""
+        return self.args.model_validate({name: getattr(rl, name) for name in self.args.model_fields})
+
+    @property
+    def has_kl(self) -> bool:
+        return "kl_coef" in self.args.model_fields
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, args: type[EstimatorArgs], *, uses_q: bool, description: str,
+                       maths: Callable[..., LossOutput] | None = None,
+                       wants_resample_counts: Callable[[EstimatorArgs], bool] | None = None):
+    """Decorator: register ``fn(batch: PolicyBatch, args) -> LossOutput`` as the estimator ``name``."""
+
+    def register(fn: Callable[[PolicyBatch, EstimatorArgs], LossOutput]):
+        if name in ESTIMATORS:
+            raise ValueError(f"estimator {name!r} is already registered")
+        ESTIMATORS[name] = Estimator(name, fn, args, uses_q, description, maths,
+                                     wants_resample_counts or (lambda a: False))
+        return fn
+
+    return register
+
+
+def get_estimator(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {name!r}")
+    return ESTIMATORS[name]
+
+
+def get_loss(name: str) -> Callable[..., LossOutput]:
+    """The pure tensor loss of an estimator (garl, paft, grpo), or ``sft``, by name."""
+    losses = {**{n: e.maths for n, e in ESTIMATORS.items() if e.maths is not None}, "sft": sft_loss}
+    if name not in losses:
+        raise ValueError(f"estimator must be one of {', '.join(losses)}; got {name!r}")
+    return losses[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# the three estimators of the project
+# ---------------------------------------------------------------------------------------------
+
+
+class GarlArgs(EstimatorArgs):
+    baseline: str = "loo"
+    aggregation: str = "seq_sum"
+    updates_per_batch: int = 1
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+
+
+@register_estimator("garl", GarlArgs, uses_q=True, maths=garl_loss,
+                    description="Gradient-Amplified RL: the policy gradient with each group's advantage times P_hat^-q")
+def garl(batch: PolicyBatch, args: GarlArgs) -> LossOutput:
+    clip = args.clip_eps if args.updates_per_batch > 1 else None  # the ratio clip only when a batch is reused
+    return garl_loss(batch.logprobs, batch.mask, batch.rewards, batch.group_size, batch.q, baseline=args.baseline,
+                     aggregation=args.aggregation, old_logprobs=batch.old_logprobs, clip_eps=clip,
+                     ref_logprobs=batch.ref_logprobs, kl_coef=args.kl_coef)
+
+
+class PaftArgs(EstimatorArgs):
+    aggregation: str = "seq_sum"
+    paft_resample: str = "multinomial"
+
+
+@register_estimator("paft", PaftArgs, uses_q=True, maths=paft_loss,
+                    wants_resample_counts=lambda args: args.paft_resample == "multinomial",
+                    description="Posterior-Attenuated Fine-Tuning: SFT on posterior-resampled successes, "
+                                "weighted P_hat^(1-q)")
+def paft(batch: PolicyBatch, args: PaftArgs) -> LossOutput:
+    return paft_loss(batch.logprobs, batch.mask, batch.rewards, batch.group_size, batch.q,
+                     resample_counts=batch.resample_counts, aggregation=args.aggregation)
+
+
+class GrpoArgs(EstimatorArgs):
+    grpo_loss_type: str = "dapo"
+    grpo_scale_rewards: str = "group"
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+
+
+@register_estimator("grpo", GrpoArgs, uses_q=False, maths=grpo_loss,
+                    description="the GRPO baseline, as TRL's GRPOTrainer computes it (no q)")
+def grpo(batch: PolicyBatch, args: GrpoArgs) -> LossOutput:
+    return grpo_loss(batch.logprobs, batch.mask, batch.rewards, batch.group_size, loss_type=args.grpo_loss_type,
+                     scale_rewards=args.grpo_scale_rewards, old_logprobs=batch.old_logprobs, clip_eps=args.clip_eps,
+                     ref_logprobs=batch.ref_logprobs, kl_coef=args.kl_coef, max_completion_length=batch.max_new_tokens)
