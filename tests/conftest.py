@@ -21,7 +21,7 @@ def run_tsallis(*args: str, cwd: Path | None = None, env: dict | None = None, ch
     full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "tsallis_core.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-        timeout=timeout,
+        timeout=timeout, check=False,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"tsallis {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
@@ -41,7 +41,7 @@ def torchrun(*args: str, env: dict | None = None, timeout: int = 900) -> subproc
     full_env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "tsallis_core.cli", *args], env=full_env, capture_output=True, text=True, timeout=timeout,
+         "-m", "tsallis_core.cli", *args], env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 

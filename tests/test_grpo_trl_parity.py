@@ -7,9 +7,9 @@ import pytest
 import torch
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is a test dependency: pip install -e '.[test]'")
-from trl.trainer.utils import nanstd  # noqa: E402
+from trl.trainer.utils import nanstd
 
-from tsallis_core.losses import grpo_advantages, grpo_loss  # noqa: E402
+from tsallis_core.losses import grpo_advantages, grpo_loss
 
 N_GROUPS, GROUP, LENGTH = 3, 4, 6
 

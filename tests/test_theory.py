@@ -101,6 +101,6 @@ def test_cli_json_and_table(tmp_path):
 
 def test_cli_reports_bad_input_without_traceback():
     out = subprocess.run(
-        [sys.executable, "-m", "tsallis_core.cli", "theory", "escape", "--p0", "2"], capture_output=True, text=True
+        [sys.executable, "-m", "tsallis_core.cli", "theory", "escape", "--p0", "2"], capture_output=True, text=True, check=False
     )
     assert out.returncode == 2 and "p0 must be" in out.stderr and "Traceback" not in out.stderr

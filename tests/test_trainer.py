@@ -61,7 +61,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(base_model, task_dir, t
     a, b = weights(straight / "model"), weights(killed / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = ("completion_tokens_per_s", "rollout_s", "step_s", "peak_memory_gb")  # measurements of the machine, not of training
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
     assert strip(history(straight)) == strip(history(killed))
 
 

@@ -15,7 +15,24 @@ from .losses import (
 from .schedules import AdaptiveQ, ConstantQ, CosineQ, LinearQ, StepQ
 
 __all__ = [
-    "ESTIMATORS", "PolicyBatch", "get_estimator", "register_estimator", "LossOutput", "amplification", "garl_loss", "get_loss", "grpo_loss", "j_q", "ln_q", "paft_loss",
-    "paft_resample_counts", "sft_loss", "AdaptiveQ", "ConstantQ", "CosineQ", "LinearQ", "StepQ",
+    "ESTIMATORS",
+    "AdaptiveQ",
+    "ConstantQ",
+    "CosineQ",
+    "LinearQ",
+    "LossOutput",
+    "PolicyBatch",
+    "StepQ",
+    "amplification",
+    "garl_loss",
+    "get_estimator",
+    "get_loss",
+    "grpo_loss",
+    "j_q",
+    "ln_q",
+    "paft_loss",
+    "paft_resample_counts",
+    "register_estimator",
+    "sft_loss",
 ]
 __version__ = "0.1.0"

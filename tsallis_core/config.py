@@ -56,7 +56,7 @@ class DataConfig(_Section):
     shuffle: bool = Field(True, description="shuffle rows each epoch (seeded)")
 
     @model_validator(mode="after")
-    def _known_verifier(self) -> "DataConfig":
+    def _known_verifier(self) -> DataConfig:
         if self.verifier not in VERIFIERS:
             raise ValueError(f"verifier must be one of {', '.join(VERIFIERS)}; got {self.verifier!r}")
         return self
@@ -112,7 +112,7 @@ class RLConfig(_Section):
         return name
 
     @model_validator(mode="after")
-    def _checks(self) -> "RLConfig":
+    def _checks(self) -> RLConfig:
         estimator = get_estimator(self.estimator)
         if self.kl_coef and not estimator.has_kl:
             with_kl = " and ".join(e.name for e in ESTIMATORS.values() if e.has_kl)
@@ -193,7 +193,7 @@ class TrainConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "TrainConfig":
+    def _cross_checks(self) -> TrainConfig:
         if self.steps == 0 and self.stage == "rl":
             raise ValueError("steps must be at least 1 for stage rl (steps=0 is for skipping an SFT warm-up)")
         if self.stage == "rl" and self.rl.prompts_per_step % self.optim.grad_accum:

@@ -9,9 +9,9 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .theory import EscapeRecord, NoiseRecord  # noqa: E402
+from .theory import EscapeRecord, NoiseRecord
 
 if TYPE_CHECKING:
     from .sweep import SweepRun

@@ -8,7 +8,7 @@ running mean in its checkpoint, so a resumed run sees the same q.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -91,7 +91,7 @@ class AdaptiveQ(_Schedule):
     ema_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="weight of the old value in the running success rate")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AdaptiveQ":
+    def _ordered(self) -> AdaptiveQ:
         if self.success_low >= self.success_high:
             raise ValueError(f"success_low ({self.success_low}) must be below success_high ({self.success_high})")
         if self.q_min > self.q_max:
@@ -107,7 +107,7 @@ class AdaptiveQ(_Schedule):
         return self.q_max + (self.q_min - self.q_max) * t
 
 
-QSchedule = Annotated[Union[ConstantQ, StepQ, LinearQ, CosineQ, AdaptiveQ], Field(discriminator="kind")]
+QSchedule = Annotated[ConstantQ | StepQ | LinearQ | CosineQ | AdaptiveQ, Field(discriminator="kind")]
 
 
 def update_success_ema(previous: float | None, observed: float, momentum: float) -> float:

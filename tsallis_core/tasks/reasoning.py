@@ -11,9 +11,10 @@ skipped or made an error (``bad_rows``); nothing is dropped silently.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..data import DatasetError
 
