@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import bootstrap_interval, t_interval
+from .stats import bootstrap_interval, paired_bootstrap_difference, t_interval
 from .study import StudyConfig, final_success
 
 
@@ -51,7 +51,8 @@ def cell_summary(name: str, cell: dict, results: dict, study: StudyConfig) -> di
                     key=lambda k: int(k.rsplit("_", 1)[1]))
     summary = {
         "cell": name, "setting": cell["setting"], "regime": cell["regime"], "best_lr": cell["best_lr"],
-        "lr_on_edge": cell["best_lr"] in (min(cell["grid"]), max(cell["grid"])), "grid": cell["grid"],
+        "lr_on_edge": len(cell["grid"]) > 1 and cell["best_lr"] in (min(cell["grid"]), max(cell["grid"])),
+        "grid": cell["grid"],
         "seeds": len(runs), "errors": [r["error"] for r in runs if r["error"]],
         "start": [float(np.mean(r["curves"]["success_rate"][:10])) if r["curves"].get("success_rate") else float("nan")
                   for r in runs],
@@ -67,6 +68,7 @@ def cell_summary(name: str, cell: dict, results: dict, study: StudyConfig) -> di
         summary["heldout"] = {m: bootstrap_interval([e[m] for e in evals], study.eval.bootstrap)
                               for m in evals[0] if "@" in m or m.startswith("noisy_")}
         summary["heldout_seeds"] = {m: [float(np.mean(e[m])) for e in evals] for m in summary["heldout"]}
+        summary["noisy_per_prompt"] = {m: [e[m] for e in evals] for m in evals[0] if m.startswith("noisy_")}
     if any("noise/wrong_label_rate" in r["curves"] for r in runs):
         summary["train_wrong_label"] = [final_success([x for x in r["curves"].get("noise/wrong_label_rate", [])
                                                        if not math.isnan(x)], 20) for r in runs]
@@ -182,6 +184,28 @@ def noise_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def noise_differences(summaries: list[dict], resamples: int, reference: str = "garl:0") -> str:
+    """Each setting minus ``reference`` at the same lr, on the same noisy prompts: the seed means' difference with
+    a 95% bootstrap interval over prompts resampled jointly (stats.paired_bootstrap_difference), a t interval over
+    the seeds' differences (seed s of both settings shares its data order), and every seed."""
+    lines = [f"| lr | setting | wrong label, minus {reference} [95% CI over prompts] | the same, t over seeds (paired "
+             f"by seed) | true answer, minus {reference} [95% CI over prompts] | wrong label by seed: setting / "
+             f"{reference} |", "|---|---|---|---|---|---|"]
+    for lr in sorted({s["best_lr"] for s in summaries}):
+        at_lr = [s for s in summaries if s["best_lr"] == lr and s.get("noisy_per_prompt")]
+        ref = next((s for s in at_lr if s["setting"] == reference), None)
+        for s in (x for x in at_lr if ref is not None and x is not ref):
+            wrong, true = (paired_bootstrap_difference(s["noisy_per_prompt"][m], ref["noisy_per_prompt"][m], resamples)
+                           for m in ("noisy_wrong_label", "noisy_true_answer"))
+            seeds = (", ".join(f"{v:.3f}" for v in s["heldout_seeds"]["noisy_wrong_label"]) + " / "
+                     + ", ".join(f"{v:.3f}" for v in ref["heldout_seeds"]["noisy_wrong_label"]))
+            by_seed = t_interval([a - b for a, b in zip(s["heldout_seeds"]["noisy_wrong_label"],
+                                                        ref["heldout_seeds"]["noisy_wrong_label"])])
+            lines.append(f"| {lr:.3g} | {s['setting']} | {_fmt_ci(wrong)} | {_fmt_ci(by_seed)} | {_fmt_ci(true)} | "
+                         f"{seeds} |")
+    return "\n".join(lines)
+
+
 def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float) -> Path:
     from .plots import _save, label_axes, plt
 
@@ -279,8 +303,10 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
         if any("cos_adamw" in p for p in points):
             plot_mechanism([p for p in points if "cos_adamw" in p], report / "mechanism.png")
     if by_group["noise"]:
-        parts += ["## Label noise\n", noise_table(by_group["noise"]), "\n", summary_table(by_group["noise"], heldout), "\n",
-                  "![noise](noise.png)\n"]
+        parts += ["## Label noise\n", noise_table(by_group["noise"]), "\n",
+                  "Paired differences (the same noisy prompts; an interval that excludes 0 separates the two):\n",
+                  noise_differences(by_group["noise"], study.eval.bootstrap), "\n",
+                  summary_table(by_group["noise"], heldout), "\n", "![noise](noise.png)\n"]
         plot_noise(by_group["noise"], report / "noise.png")
     if by_group["factor"]:
         parts += ["## One factor at a time\n", summary_table(by_group["factor"], heldout), "\n",
@@ -291,5 +317,6 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
     parts += ["## Learning-rate search (seed 0)\n", lr_search_table(cells, results, None), "\n"]
     (report / "report.md").write_text("\n".join(parts))
     (report / "summary.json").write_text(json.dumps({"start": start, "wall": ledger, "cells": {
-        n: {k: v for k, v in s.items() if k != "curves"} for n, s in summaries.items()}}, indent=1, default=str))
+        n: {k: v for k, v in s.items() if k not in ("curves", "noisy_per_prompt")} for n, s in summaries.items()}},
+        indent=1, default=str))
     return report / "report.md"
