@@ -188,9 +188,10 @@ def noise_differences(summaries: list[dict], resamples: int, reference: str = "g
     """Each setting minus ``reference`` at the same lr, on the same noisy prompts: the seed means' difference with
     a 95% bootstrap interval over prompts resampled jointly (stats.paired_bootstrap_difference), a t interval over
     the seeds' differences (seed s of both settings shares its data order), and every seed."""
-    lines = [f"| lr | setting | wrong label, minus {reference} [95% CI over prompts] | the same, t over seeds (paired "
-             f"by seed) | true answer, minus {reference} [95% CI over prompts] | wrong label by seed: setting / "
-             f"{reference} |", "|---|---|---|---|---|---|"]
+    head = (f"| lr | setting | wrong label, minus {reference} [95% CI over prompts] | the same, t over seeds (paired "
+            f"by seed) | true answer, minus {reference} [95% CI over prompts] | wrong label by seed: setting / "
+            f"{reference} |")
+    lines = [head, "|---|---|---|---|---|---|"]
     for lr in sorted({s["best_lr"] for s in summaries}):
         at_lr = [s for s in summaries if s["best_lr"] == lr and s.get("noisy_per_prompt")]
         ref = next((s for s in at_lr if s["setting"] == reference), None)
