@@ -56,15 +56,14 @@ def train_rl(data: Input[Dataset], base_model: Input[Model], model: Output[Model
     """dvc.yaml train/baseline: one RL run of the sweep, nested under the sweep's MLflow parent run
     -> trainer.train(load_config("configs/rl.yaml", overrides)); torchrun + DeepSpeed when gpus > 1. Checkpoints
     go to <checkpoint_root>/<sweep>/<pipeline_run>/<run_name> (the cache PVC); a retried step resumes there."""
-    from tsallis_core.kubeflow import checkpoint_path
+    from tsallis_core.kubeflow import checkpoint_path, sweep_run_overrides
     from tsallis_core.launch import run_training
 
     final = run_training("configs/rl.yaml", [
-        f"output_dir={model.path}/{run_name}", f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}",
-        f"steps={steps}", f"optim.lr={lr}", f"rl.group_size={group_size}", f"rl.batch_size={batch_size}",
-        f"rl.max_new_tokens={max_new_tokens}", f"rl.temperature={temperature}", f"model.name_or_path={base_model.path}/model",
-        f"data.train_path={data.path}/train.jsonl", f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2",
-        f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
+        f"output_dir={model.path}/{run_name}", f"model.name_or_path={base_model.path}/model",
+        f"data.train_path={data.path}/train.jsonl", *sweep_run_overrides(
+            run_name, estimator, q, seed, steps, lr, group_size, batch_size, max_new_tokens, temperature, sweep,
+            experiment, checkpoint_every),
     ], gpus, deepspeed_config, checkpoint_path(checkpoint_root, sweep, pipeline_run, run_name))
     model.metadata.update({"run_name": run_name, "estimator": estimator, "q": float(q), "seed": int(seed)})
     for key, value in final.items():
@@ -78,15 +77,13 @@ def train_rl_trainjob(data: Input[Dataset], base_model: Input[Model], model: Out
     """train_rl across nodes: submits a Kubeflow Trainer TrainJob that runs the same `tsallis train` on
     cluster["num_nodes"] nodes, waits, and fails with the job's error -> launch.run_trainjob. The run's staging
     is <cache>/trainjobs/<sweep>/<pipeline_run>/<run_name>: a retried launcher resumes from its checkpoints."""
-    from tsallis_core.kubeflow import ClusterSettings, checkpoint_path
+    from tsallis_core.kubeflow import ClusterSettings, checkpoint_path, sweep_run_overrides
     from tsallis_core.launch import run_trainjob
 
-    final = run_trainjob("configs/rl.yaml", [
-        f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}", f"steps={steps}", f"optim.lr={lr}",
-        f"rl.group_size={group_size}", f"rl.batch_size={batch_size}", f"rl.max_new_tokens={max_new_tokens}",
-        f"rl.temperature={temperature}", f"checkpoint_every={cluster['checkpoint_every']}", "keep_checkpoints=2",
-        f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
-    ], data.path, f"{base_model.path}/model", model.path, run_name, ClusterSettings.model_validate(cluster),
+    final = run_trainjob("configs/rl.yaml", sweep_run_overrides(
+        run_name, estimator, q, seed, steps, lr, group_size, batch_size, max_new_tokens, temperature, sweep, experiment,
+        cluster["checkpoint_every"],
+    ), data.path, f"{base_model.path}/model", model.path, run_name, ClusterSettings.model_validate(cluster),
         work_dir=checkpoint_path(f"{cluster['cache_path']}/trainjobs", sweep, pipeline_run, run_name))
     model.metadata.update({"run_name": run_name, "estimator": estimator, "q": float(q), "seed": int(seed)})
     for key, value in final.items():

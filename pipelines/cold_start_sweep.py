@@ -15,17 +15,17 @@ from kfp import compiler, dsl, kubernetes
 
 from components import build
 from tsallis_core.kubeflow import LOCAL_IMAGE, ClusterSettings, PipelineSettings, load_settings
+from tsallis_core.launch import SECRET_ENV
 
 PIPELINE_NAME = "tsallis-cold-start-sweep"
-SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def _cluster_access(task, cluster: ClusterSettings):
     """The model and dataset cache PVC (HF_HOME on it) and the MLflow credentials from the Secret."""
     kubernetes.mount_pvc(task, pvc_name=cluster.cache_pvc, mount_path=cluster.cache_path)
     task.set_env_variable("HF_HOME", f"{cluster.cache_path}/huggingface")
-    kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {SECRET_KEYS[0]: SECRET_KEYS[0]})
-    kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {k: k for k in SECRET_KEYS[1:]}, optional=True)
+    kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {SECRET_ENV[0]: SECRET_ENV[0]})
+    kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {k: k for k in SECRET_ENV[1:]}, optional=True)
     return task
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tsallis_core.engines import free_port
 from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,14 +27,6 @@ def run_tsallis(*args: str, cwd: Path | None = None, env: dict | None = None, ch
     if check and result.returncode != 0:
         raise AssertionError(f"tsallis {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
     return result
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:

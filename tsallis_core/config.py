@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,11 +26,16 @@ class ConfigError(ValueError):
     """A config that cannot run: the message names the field and the fix."""
 
 
-class _Section(BaseModel):
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """A settings section: an unknown key is an error, and so is a bad value assigned later."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LoraSettings(_Section):
+class LoraSettings(Section):
     """LoRA adapters through peft (the KL reference is then the base model with adapters off)."""
 
     r: int = Field(16, ge=1, description="adapter rank")
@@ -39,7 +44,7 @@ class LoraSettings(_Section):
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="module names to adapt")
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The policy: any Hugging Face causal LM by local path or hub id, or the embedded tiny model."""
 
     name_or_path: str = Field(EMBEDDED_MODEL, description=f"local directory, hub id, or {EMBEDDED_MODEL!r} (built from a config that ships, random weights)")
@@ -48,7 +53,7 @@ class ModelConfig(_Section):
     lora: LoraSettings | None = Field(None, description="LoRA adapters (needs peft); None trains all weights")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Training data: a JSONL file of rows with ``prompt`` and ``answer`` (and ``completion`` for SFT)."""
 
     train_path: str = Field("data/synthetic/train.jsonl", description="JSONL training rows")
@@ -62,7 +67,7 @@ class DataConfig(_Section):
         return self
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """Optimiser and learning-rate schedule."""
 
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (what users run) or sgd (what the gradient-flow theory assumes)")
@@ -78,7 +83,7 @@ class OptimConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step (the step's groups are split evenly)")
 
 
-class RLConfig(_Section):
+class RLConfig(Section):
     """Reinforcement learning from verified answers: sample a group, verify, weight, step."""
 
     estimator: str = Field("garl", description="; ".join(f"{e.name}: {e.description}" for e in ESTIMATORS.values()))
@@ -139,14 +144,14 @@ class RLConfig(_Section):
         return self.batch_size // self.group_size
 
 
-class SFTConfig(_Section):
+class SFTConfig(Section):
     """Supervised warm-up on ``prompt`` + ``completion`` rows (token-level NLL on the completion)."""
 
     batch_size: int = Field(64, ge=1, description="rows per optimiser step")
     max_length: int = Field(128, ge=8, description="longest prompt + completion in tokens (longer rows are an error)")
 
 
-class EngineConfig(_Section):
+class EngineConfig(Section):
     """Where the optimiser runs."""
 
     backend: Literal["torch", "deepspeed"] = Field("torch", description="plain PyTorch, or DeepSpeed (ZeRO, on GPU or CPU)")
@@ -164,7 +169,7 @@ class EngineConfig(_Section):
         return self
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """MLflow tracking: MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME are honoured."""
 
     enabled: bool = Field(True, description="log to MLflow")
@@ -175,7 +180,7 @@ class TrackingConfig(_Section):
     sweep: str | None = Field(None, description="sweep name: nest the run under that sweep's parent run (created when missing)")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """One training run: ``tsallis train --config FILE.yaml key=value ...``."""
 
     stage: Literal["sft", "rl"] = Field("rl", description="sft (warm-up on completions) or rl (GARL, PAFT, GRPO)")
@@ -215,36 +220,56 @@ class TrainConfig(_Section):
                               f"{processes} x {self.optim.grad_accum}")
 
 
+def parse_assignment(item: str, label: str = "override", example: str = "rl.q=0.5") -> tuple[str, Any]:
+    """``"key=value"`` -> (key, value parsed as a YAML scalar; an empty value is None)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{label} {item!r} must look like {'key' if label == 'override' else 'name'}=value, "
+                          f"e.g. {example}")
+    return key, yaml.safe_load(raw) if raw != "" else None
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["rl.q=0.5", "model.lora.r=8"]`` -> nested dict; values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. rl.q=0.5")
+        key, value = parse_assignment(item)
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} sets inside {part!r}, which was given a value")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        node[parts[-1]] = value
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, nested mappings merged key by key."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def _format_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError) -> str:
+    """Every field error on one line: ``rl.q: Input should be ...; optim.lr: ...``."""
     lines = []
     for e in error.errors():
         where = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "tagged-union")))
         lines.append(f"{where or 'config'}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
+
+
+def validate_settings(model: type[SettingsT], data: dict[str, Any], overrides: list[str] | None, what: str,
+                      **fields: Any) -> SettingsT:
+    """``model`` from ``data`` with ``key=value`` overrides and keyword fields merged over it; a bad value is a
+    one-line ConfigError that starts with ``what`` and names every bad field."""
+    data = merge_dicts(merge_dicts(data, parse_overrides(overrides or [])), fields)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{what}: {format_validation_error(error)}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, **fields: Any) -> TrainConfig:
@@ -258,12 +283,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a YAML mapping, got {type(loaded).__name__}")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
-    data = _merge(data, fields)
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(f"invalid config: {_format_error(error)}") from None
+    return validate_settings(TrainConfig, data, overrides, "invalid config", **fields)
 
 
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:

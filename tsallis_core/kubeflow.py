@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from .config import ConfigError, _format_error, _merge, parse_overrides
+from .config import ConfigError, Section, parse_assignment, validate_settings
 from .estimators import ESTIMATORS, get_estimator
 
 LOCAL_IMAGE = "tsallis:local"  # `docker build -t tsallis:local .` for a local cluster (README, section Kubeflow)
@@ -45,6 +45,19 @@ def checkpoint_path(root: str, sweep: str, pipeline_run: str, run_name: str) -> 
     return str(Path(root) / sweep / pipeline_run / run_name) if root else ""
 
 
+def sweep_run_overrides(run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
+                        batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str,
+                        checkpoint_every: int) -> list[str]:
+    """The ``tsallis train`` overrides of one RL run of the sweep (as dvc.yaml's train stage sets them), shared by
+    the components train_rl (one node) and train_rl_trainjob (a TrainJob)."""
+    return [
+        f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}", f"steps={steps}", f"optim.lr={lr}",
+        f"rl.group_size={group_size}", f"rl.batch_size={batch_size}", f"rl.max_new_tokens={max_new_tokens}",
+        f"rl.temperature={temperature}", f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2",
+        f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
+    ]
+
+
 def resolve_path(path: str) -> str:
     """A repository file (``configs/rl.yaml``) as given when it exists, else under ``$TSALLIS_HOME`` (the image
     sets it to where it keeps ``configs/``), else under the checkout that holds this package."""
@@ -54,11 +67,7 @@ def resolve_path(path: str) -> str:
     return path  # load_config names the missing file
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SweepGrid(_Section):
+class SweepGrid(Section):
     """The ParallelFor of the pipeline: every estimator at every q and seed (GRPO, which has no q, once per seed)."""
 
     estimators: list[str] = Field(["garl", "paft"], description=f"estimators swept over q: {', '.join(ESTIMATORS)}")
@@ -104,7 +113,7 @@ class SweepGrid(_Section):
         return runs
 
 
-class ClusterSettings(_Section):
+class ClusterSettings(Section):
     """Where the training steps run on Kubernetes (the local run ignores all of it)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)  # cluster.cpu=64
@@ -130,7 +139,7 @@ class ClusterSettings(_Section):
     retry_backoff: str = Field("120s", description="wait before the first retry (doubling), over an NFS lock lease")
 
 
-class DataParams(_Section):
+class DataParams(Section):
     seed: int = 0
     p0: float = Field(0.05, gt=0.0, le=1.0)
     num_train: int = Field(2000, ge=1)
@@ -138,14 +147,14 @@ class DataParams(_Section):
     num_pretrain: int = Field(38400, ge=1)
 
 
-class WarmupParams(_Section):
+class WarmupParams(Section):
     model: str = "embedded:tiny"
     steps: int = Field(600, ge=0, description="0 skips the warm-up (the model passes through unchanged)")
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, ge=1)
 
 
-class TrainParams(_Section):
+class TrainParams(Section):
     model_config = ConfigDict(extra="ignore")  # params.yaml's estimator, q, seed belong to DVC's single experiment
 
     steps: int = Field(40, ge=1)
@@ -156,14 +165,14 @@ class TrainParams(_Section):
     temperature: float = Field(1.0, ge=0)
 
 
-class EvaluateParams(_Section):
+class EvaluateParams(Section):
     n: int = Field(8, ge=1)
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, ge=0)
     seed: int = 0
 
 
-class ReportParams(_Section):
+class ReportParams(Section):
     metric: str = "maj@8"
     escape_threshold: float = 0.25
     registered_model: str = "tsallis-synthetic"
@@ -171,7 +180,7 @@ class ReportParams(_Section):
     experiment: str = "tsallis"
 
 
-class PipelineSettings(_Section):
+class PipelineSettings(Section):
     """Everything ``tsallis pipeline compile`` needs: params.yaml's sections plus the fields below."""
 
     platform: Literal["kubernetes", "local"] = Field("kubernetes", description="local: no GPU or Kubernetes settings (kfp.local)")
@@ -200,11 +209,7 @@ def load_settings(params: str | os.PathLike | None = "params.yaml", overrides: l
     if params is not None and Path(params).is_file():
         loaded = yaml.safe_load(Path(params).read_text()) or {}
         data = {k: v for k, v in loaded.items() if k in PipelineSettings.model_fields}
-    data = _merge(_merge(data, parse_overrides(overrides or [])), fields)
-    try:
-        return PipelineSettings.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(f"invalid pipeline settings: {_format_error(error)}") from None
+    return validate_settings(PipelineSettings, data, overrides, "invalid pipeline settings", **fields)
 
 
 def pipeline_module():
@@ -223,10 +228,4 @@ def pipeline_module():
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``["train_steps=5", "report_metric=maj@4"]`` -> run-time parameters, values parsed as YAML scalars."""
-    params = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--param {item!r} must look like name=value, e.g. train_steps=30")
-        params[key] = yaml.safe_load(raw)
-    return params
+    return dict(parse_assignment(item, "--param", "train_steps=30") for item in items or [])

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from .theory import EscapeRecord, NoiseRecord
 
 if TYPE_CHECKING:
-    from .sweep import SweepRun
+    from .runs import SweepRun
 
 
 def label_axes(ax, xlabel: str, title: str | None = None, ylabel: str | None = None, fontsize: int = 8) -> None:
@@ -105,7 +105,7 @@ def plot_success_curves(runs: list[SweepRun], threshold: float, path: str | Path
 def plot_escape_steps(runs: list[SweepRun], threshold: float, path: str | Path) -> Path:
     """Steps to escape (moving-average success >= threshold) against q: seed median, bars from the fastest to the
     slowest seed; runs that never escape sit at the top."""
-    from .sweep import steps_to_escape
+    from .runs import steps_to_escape
 
     groups = _by_estimator(runs)
     baselines = groups.pop("grpo", {}).get(None, [])

@@ -10,8 +10,6 @@ bf16 an occasional near-tie token can differ).
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,63 +20,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-_MASK32 = 0xFFFFFFFF
-
-
-def row_seed(*parts: object) -> int:
-    """A 32-bit seed from any identifying parts (run seed, step, prompt index, sample index)."""
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (lowbias32) of int64 values in [0, 2^32); every product stays below 2^63."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x5C6A5A7B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _as_int32(x: Tensor) -> Tensor:
-    """Values in [0, 2^32) as int32 bit patterns (two's complement)."""
-    return (x - ((x >> 31) << 32)).to(torch.int32)
-
-
-def _mix32_int32(x: Tensor) -> Tensor:
-    """``_mix32`` on int32 bit patterns: products wrap mod 2^32, right shifts are made logical by masking."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * 0x7FEB352D
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * 0x5C6A5A7B
-    return x ^ ((x >> 16) & 0xFFFF)
-
-
-def hashed_uniform(seeds: Tensor, position: int | Tensor, vocab_size: int) -> Tensor:
-    """Uniform (0, 1) noise [N, V] (float32) from row seeds [N] (int64), a position and the vocabulary index.
-
-    The row key (seed, position) is hashed in int64 on [N]; only the last hash, of (row key, token),
-    runs on [N, V], in int32. The top 23 bits of the hash give u = (k + 0.5) / 2^23, exact in float32.
-    """
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    key = _mix32((seeds & _MASK32) ^ 0x9E3779B9)
-    key = _mix32(key ^ ((position * 0x27D4EB2F) & _MASK32))  # [N]
-    x = _mix32_int32(_as_int32(key).unsqueeze(1) ^ _as_int32((token * 0x165667B1) & _MASK32))  # [N, V] int32
-    return ((x >> 9) & 0x7FFFFF).to(torch.float32).add_(0.5).mul_(2.0**-23)
-
-
-def sample_tokens(logits: Tensor, seeds: Tensor, position: int | Tensor, temperature: float) -> Tensor:
-    """Gumbel-max sampling from softmax(logits / T): logits [N, V], seeds [N] -> tokens [N] (float32 arithmetic)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    gumbel = hashed_uniform(seeds, position, logits.shape[-1]).log_().neg_().log_().neg_()  # [N, V]
-    return (logits.float() / temperature + gumbel).argmax(dim=-1)
-
-
-def cache_kwarg(model) -> str:
-    """transformers >= 5.2x calls the KV cache argument ``cache``; older releases ``past_key_values``."""
-    base = getattr(model, "module", model)  # under DDP or DeepSpeed
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+from .sampling import Prefill, _unwrap, cache_kwarg, hashed_uniform, row_seed, sample_tokens  # noqa: F401 - public here too
 
 
 @dataclass
@@ -92,18 +34,6 @@ class Rollout:
     @property
     def num_completion_tokens(self) -> int:
         return int(self.completion_mask.sum().item())
-
-
-@dataclass
-class Prefill:
-    """The prompts' forward, one row per completion: what a decode loop starts from."""
-
-    prompt_ids: Tensor  # [N, P] left-padded
-    prompt_mask: Tensor  # [N, P]
-    position: Tensor  # [N, 1] position of the last prompt token
-    logits: Tensor  # [N, V] predicting completion token 0
-    layers: list[tuple[Tensor, Tensor]]  # per layer: keys and values [N, heads, P, D]
-    seeds: Tensor  # [N] int64 row seeds
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -265,13 +195,6 @@ def _all_ranks(flag: bool, device: torch.device) -> bool:
 
 
 LOGIT_CHUNK_ELEMENTS = 2**26  # fp32 logits computed at once by the log-prob pass (256 MB): tokens per chunk = this // V
-
-
-def _unwrap(model):
-    """The Hugging Face model inside DDP or DeepSpeed (a peft model stays: it forwards to its base)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _picked_logprobs(head, hidden: Tensor, targets: Tensor, temperature: float, softcap: float | None) -> Tensor:

@@ -17,13 +17,17 @@ on CPU in our tests; in bf16 on GPU a near-tie token can differ, as between any 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .rollout import HFRollout, Prefill, _unwrap, cache_kwarg, sample_tokens
+from .sampling import Prefill, _unwrap, cache_kwarg, sample_tokens
+
+if TYPE_CHECKING:
+    from .rollout import HFRollout
 
 STATIC_MASK_ATTENTION = ("eager", "sdpa")  # attention implementations that take our additive [N, 1, 1, capacity] mask
 

@@ -32,16 +32,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
+
+from .config import ConfigError, Section, validate_settings
 
 PARTS = ("core", "mechanism", "noise", "factors")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BaseSpec(_Section):
+class BaseSpec(Section):
     """The base model: the synthetic task and the SFT that makes its start (cold or warm)."""
 
     name: str = Field("cold", description="directory name of the base under the study's out")
@@ -53,7 +51,7 @@ class BaseSpec(_Section):
     measure_samples: int = Field(16, ge=1, description="samples per prompt for that measurement")
 
 
-class Regime(_Section):
+class Regime(Section):
     """An optimiser regime and the starting lr grid of each estimator family (key ``default`` for the others)."""
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -66,7 +64,7 @@ class Regime(_Section):
         return sorted(self.lr_grid.get(family, self.lr_grid["default"]))
 
 
-class RunSettings(_Section):
+class RunSettings(Section):
     """What every RL run of the study shares unless a factor changes it."""
 
     steps: int = Field(100, ge=1)
@@ -78,44 +76,44 @@ class RunSettings(_Section):
     temperature: float = Field(1.0, gt=0)
 
 
-class Factors(_Section):
+class Factors(Section):
     """One factor at a time, for ``settings`` under each of ``regimes`` (values other than the run default)."""
 
-    regimes: list[str] = ["adamw"]
-    settings: list[str] = ["grpo", "garl:0.75", "garl:1"]
+    regimes: list[str] = Field(["adamw"])
+    settings: list[str] = Field(["grpo", "garl:0.75", "garl:1"])
     values: dict[str, list[Any]] = Field(default_factory=lambda: {
         "kl_coef": [0.04], "baseline": ["none"], "group_size": [32], "prompts_per_step": [64]})
     lr_offsets: list[int] = Field([-2, -1, 0, 1, 2], min_length=1, description="the lr grid of a factor cell, in "
                                   "half decades from its core cell's best lr; [0]: that lr only, no search")
 
 
-class EvalSettings(_Section):
+class EvalSettings(Section):
     prompts: int = Field(500, ge=1, description="held-out prompts")
     n: int = Field(8, ge=1, description="samples per prompt: pass@1, pass@n, maj@n")
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the prompts for the 95% intervals")
 
 
-class MechanismSettings(_Section):
+class MechanismSettings(Section):
     """Cosine of two estimators' updates from the same state and batch (state: fresh, and after some steps)."""
 
     regime: str = "adamw"
     pair: tuple[str, str] = ("grpo", "garl:1")
-    prompts_per_step: list[int] = [8, 16, 32, 64, 128]
+    prompts_per_step: list[int] = Field([8, 16, 32, 64, 128])
     batches: int = Field(3, ge=1, description="rollout batches per point (the spread)")
     state_steps: int = Field(30, ge=1, description="steps of the first estimator's run whose AdamW state is used")
 
 
-class NoiseSettings(_Section):
+class NoiseSettings(Section):
     base: BaseSpec = Field(default_factory=lambda: BaseSpec(name="noisy", task={"p0": 0.3, "label_noise": 0.25}))
     regime: str = "adamw"
     lrs: list[float] = Field([1e-4], min_length=1, description="lrs shared by every q (AdamW is blind to a common "
                              "scale); each is its own set of cells")
-    settings: list[str] = ["garl:0", "garl:0.5", "garl:0.75", "garl:1"]
+    settings: list[str] = Field(["garl:0", "garl:0.5", "garl:0.75", "garl:1"])
     steps: int = Field(150, ge=1)
     noisy_prompts: int = Field(300, ge=1, description="noisy training prompts sampled after training")
 
 
-class StudyConfig(_Section):
+class StudyConfig(Section):
     out: str = "outputs/study/escape"
     workers: int = Field(2, ge=1, description="runs in parallel (one CPU thread each)")
     seeds: int = Field(3, ge=1)
@@ -123,7 +121,7 @@ class StudyConfig(_Section):
     widen_limit: int = Field(3, ge=0, description="most grid points added on each side of a cell's lr grid")
     base: BaseSpec = Field(default_factory=BaseSpec)
     regimes: dict[str, Regime] = Field(default_factory=lambda: {"adamw": Regime(grad_clip=1.0)})
-    settings: list[str] = ["grpo", "garl:0", "garl:0.5", "garl:0.75", "garl:1", "paft:0.5", "paft:0.75", "paft:1"]
+    settings: list[str] = Field(["grpo", "garl:0", "garl:0.5", "garl:0.75", "garl:1", "paft:0.5", "paft:0.75", "paft:1"])
     run: RunSettings = Field(default_factory=RunSettings)
     factors: Factors = Field(default_factory=Factors)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -132,16 +130,11 @@ class StudyConfig(_Section):
 
 
 def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> StudyConfig:
-    from .config import ConfigError, _format_error, _merge, parse_overrides
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study params file {path} does not exist")
-    data = _merge(yaml.safe_load(path.read_text()) or {}, parse_overrides(overrides or []))
-    try:
-        study = StudyConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(f"invalid study params {path}: {_format_error(error)}") from None
+    study = validate_settings(StudyConfig, yaml.safe_load(path.read_text()) or {}, overrides,
+                              f"invalid study params {path}")
     for name in [study.mechanism.regime, study.noise.regime, *study.factors.regimes]:
         if name not in study.regimes:
             raise ConfigError(f"regime {name!r} is not in regimes ({', '.join(study.regimes)}) of {path}")

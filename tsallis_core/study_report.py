@@ -19,8 +19,8 @@ from .study import StudyConfig, final_success
 
 
 def steps_to_escape(curve: list[float], threshold: float, window: int = 5) -> int | None:
-    """sweep.steps_to_escape on a bare per-step curve (step k is curve[k-1])."""
-    from .sweep import steps_to_escape as from_history
+    """runs.steps_to_escape on a bare per-step curve (step k is curve[k-1])."""
+    from .runs import steps_to_escape as from_history
 
     return from_history([{"step": k, "success_rate": x} for k, x in enumerate(curve, start=1)], threshold, window)
 
