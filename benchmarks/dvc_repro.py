@@ -29,7 +29,8 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "configs", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "configs", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore",
+                  "tsallis_core")  # the library: training stages depend on its files
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
                 "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
 
@@ -48,7 +49,10 @@ def make_repo(root: Path, overrides: list[str]) -> None:
     for name in PIPELINE_FILES:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
     params = yaml.safe_load((root / "params.yaml").read_text())
     for assignment in overrides:
         set_param(params, assignment)

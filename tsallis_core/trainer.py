@@ -25,7 +25,7 @@ from .engines import init_distributed, make_engine, pick_device, world
 from .estimators import PolicyBatch, get_estimator
 from .losses import group_diagnostics, paft_resample_counts, sft_loss
 from .models import check_model_source, check_prompts_fit, load_model, load_tokenizer, model_facts, save_model
-from .rollout import HFRollout, completion_logprobs, row_seed
+from .rollout import HFRollout, Rollout, completion_logprobs, row_seed
 from .schedules import AdaptiveQ, update_success_ema
 from .tasks.verify import get_verifier
 from .tracking import make_tracker
@@ -153,7 +153,30 @@ def _mean_across(values: dict[str, float], device: torch.device) -> dict[str, fl
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class SampledBatch:
+    """What an RL step sampled on this rank: the step's draws (all ranks), this rank's share, its prompts
+    (each repeated M times) and the rollout."""
+
+    draws: list  # [(stream index, row)] of the whole step
+    local: list  # this rank's slice of ``draws``
+    prompts: list[str]  # [N]: each local prompt M times
+    rollout: Rollout
+
+
 class Trainer:
+    """One training stage (``stage: rl`` or ``sft``); ``train()`` is the loop, each step in named phases:
+
+        while state.step < cfg.steps:
+            metrics = rl_step()   # _sample -> _score -> _loss_and_update -> _rl_metrics
+                   or sft_step()  # _draw + _sft_batch -> _sft_update -> metrics
+            state.step += 1; append metrics to history.jsonl and MLflow
+            every checkpoint_every steps: save_checkpoint (checkpoints.py)
+        save_checkpoint; save the model; metrics.json; end the MLflow run
+
+    The loss of an RL step comes from the estimator registry (estimators.py), by ``rl.estimator``.
+    """
+
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.cfg = config
         self.estimator = get_estimator(config.rl.estimator)  # the registry (estimators.py) picks the loss
@@ -224,25 +247,45 @@ class Trainer:
         return self.cfg.rl.schedule.q_at(self.state.step, self.state.success_ema)
 
     def rl_step(self) -> dict[str, float]:
-        cfg, rl = self.cfg, self.cfg.rl
+        """One RL step in four phases: sample -> score -> loss and update -> metrics."""
         started = time.perf_counter()
-        draws = self.stream.take(self.state.data_position, rl.prompts_per_step)
+        sampled = self._sample()
+        rewards = self._score(sampled)
+        scored = time.perf_counter()
+        q, grad_norm, diagnostics = self._loss_and_update(sampled, rewards)
+        return self._rl_metrics(sampled, rewards, q, grad_norm, diagnostics, started, scored)
+
+    def _draw(self, count: int) -> tuple[list, list]:
+        """The step's ``count`` rows of the data stream (every rank draws the same) and this rank's contiguous share."""
+        draws = self.stream.take(self.state.data_position, count)
         per_rank = len(draws) // self.world_size
-        local = draws[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return draws, draws[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def _sample(self) -> SampledBatch:
+        """Phase 1: this rank's share of the step's prompts, M completions each (hashed seeds: layout-free)."""
+        rl = self.cfg.rl
+        draws, local = self._draw(rl.prompts_per_step)
         prompts = [row["prompt"] for _, row in local for _ in range(rl.group_size)]
-        seeds = [row_seed(cfg.seed, self.state.step, k, j) for k, _ in local for j in range(rl.group_size)]
-        rollout = self.rollout.generate(prompts, seeds)
-        golds = [(row["answer"], row.get("aliases", [])) for _, row in local for _ in range(rl.group_size)]
-        rewards = torch.tensor([self.verify(t, a, al) for t, (a, al) in zip(rollout.texts, golds)], dtype=torch.float32)
-        answers = [a for a, _ in golds]
-        sampled = time.perf_counter()
+        seeds = [row_seed(self.cfg.seed, self.state.step, k, j) for k, _ in local for j in range(rl.group_size)]
+        return SampledBatch(draws, local, prompts, self.rollout.generate(prompts, seeds))
+
+    def _score(self, sampled: SampledBatch) -> torch.Tensor:
+        """Phase 2: the verifier's reward of every completion against its prompt's gold answer (and aliases) [N]."""
+        golds = [(row["answer"], row.get("aliases", [])) for _, row in sampled.local for _ in range(self.cfg.rl.group_size)]
+        return torch.tensor([self.verify(t, a, al) for t, (a, al) in zip(sampled.rollout.texts, golds)],
+                            dtype=torch.float32)
+
+    def _loss_and_update(self, sampled: SampledBatch, rewards: torch.Tensor) -> tuple[float, float, list[dict]]:
+        """Phase 3: the estimator's loss on each micro-batch, backward, and an optimiser step per micro-batch
+        (``updates_per_batch`` passes over the batch). Returns q, the last gradient norm and the diagnostics."""
+        cfg, rl = self.cfg, self.cfg.rl
+        rollout, local = sampled.rollout, sampled.local
         q = self._q()
         batch = [t.to(self.device) for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)]
         old = self._logprobs(self.engine.module, batch, grad=False) if rl.updates_per_batch > 1 else None
         ref = self._reference_logprobs(batch) if rl.kl_coef > 0 else None
         counts = self._paft_counts(rewards, local) if self.estimator.wants_resample_counts(self.estimator_args) else None
-        groups_per_micro = per_rank // cfg.optim.grad_accum
-        rows_per_micro = groups_per_micro * rl.group_size
+        rows_per_micro = len(local) // cfg.optim.grad_accum * rl.group_size
         diagnostics: list[dict[str, float]] = []
         grad_norm = float("nan")
         for _ in range(rl.updates_per_batch):
@@ -254,9 +297,15 @@ class Trainer:
                     None if ref is None else ref[sl], None if counts is None else counts[sl]))
                 grad_norm = self._step(grad_norm)
                 diagnostics.append(out.diagnostics)
+        return q, grad_norm, diagnostics
+
+    def _rl_metrics(self, sampled: SampledBatch, rewards: torch.Tensor, q: float, grad_norm: float,
+                    diagnostics: list[dict], started: float, scored: float) -> dict[str, float]:
+        """Phase 4: gather across ranks, update the success EMA, log samples, and the step's metrics."""
+        cfg, rl = self.cfg, self.cfg.rl
         elapsed = time.perf_counter() - started
         all_rewards = _all_gather(rewards, self.device)
-        tokens = _all_gather(torch.tensor([float(rollout.num_completion_tokens)]), self.device).sum().item()
+        tokens = _all_gather(torch.tensor([float(sampled.rollout.num_completion_tokens)]), self.device).sum().item()
         # loss-side diagnostics (loss, clip_frac, kl, attenuation_mean), averaged over micro-batches and ranks
         keys = [k for k in diagnostics[0] if k in ("loss", "clip_frac", "kl", "attenuation_mean")]
         loss_diag = _mean_across({k: sum(d[k] for d in diagnostics) / len(diagnostics) for k in keys}, self.device)
@@ -264,13 +313,14 @@ class Trainer:
             self.state.success_ema, all_rewards.mean().item(),
             rl.schedule.ema_momentum if isinstance(rl.schedule, AdaptiveQ) else 0.9,
         )
-        by_row = self._row_metrics([row for _, row in draws], all_rewards, local, rollout.texts)
+        by_row = self._row_metrics([row for _, row in sampled.draws], all_rewards, sampled.local, sampled.rollout.texts)
         step = self.state.step + 1  # metrics and samples are numbered 1..steps
         if self.rank == 0 and cfg.tracking.samples_every and step % cfg.tracking.samples_every == 0:
-            shown = min(len(prompts), 2 * rl.group_size)
-            self.tracker.log_samples({"prompt": prompts[:shown], "completion": rollout.texts[:shown],
+            shown = min(len(sampled.prompts), 2 * rl.group_size)
+            answers = [row["answer"] for _, row in sampled.local for _ in range(rl.group_size)]
+            self.tracker.log_samples({"prompt": sampled.prompts[:shown], "completion": sampled.rollout.texts[:shown],
                                       "answer": answers[:shown], "reward": rewards[:shown].tolist()}, step)
-        self.state.data_position += len(draws)
+        self.state.data_position += len(sampled.draws)
         uses_q = self.estimator.uses_q  # GRPO has no q: no q, no amplification logged
         return {
             **group_diagnostics(all_rewards, rl.group_size, q if uses_q else None),
@@ -282,7 +332,7 @@ class Trainer:
             **by_row,
             "completion_tokens_per_s": tokens / elapsed,
             "completion_len": tokens / len(all_rewards),
-            "rollout_s": sampled - started,
+            "rollout_s": scored - started,
             "step_s": elapsed,
         }
 
@@ -356,15 +406,22 @@ class Trainer:
     # --------------------------------------------------------------------------------- sft step
 
     def sft_step(self) -> dict[str, float]:
-        cfg = self.cfg
+        """One SFT step in three phases: draw and tokenise -> loss and update -> metrics."""
         started = time.perf_counter()
-        draws = self.stream.take(self.state.data_position, cfg.sft.batch_size)
-        per_rank = len(draws) // self.world_size
-        local = draws[self.rank * per_rank:(self.rank + 1) * per_rank]
+        draws, local = self._draw(self.cfg.sft.batch_size)
         batch = self._sft_batch([row for _, row in local])
-        rows_per_micro = per_rank // cfg.optim.grad_accum
+        losses, grad_norm = self._sft_update(batch)
+        tokens = _all_gather(batch[3].sum().reshape(1).float(), self.device).sum().item()
+        self.state.data_position += len(draws)
+        loss = _mean_across({"loss": sum(losses) / len(losses)}, self.device)["loss"]
+        return {"loss": loss, "grad_norm": grad_norm, "lr": self.engine.lr,
+                "tokens_per_s": tokens / (time.perf_counter() - started)}
+
+    def _sft_update(self, batch: list[torch.Tensor]) -> tuple[list[float], float]:
+        """The NLL of each micro-batch, backward, and an optimiser step per micro-batch; (losses, last grad norm)."""
+        rows_per_micro = len(batch[0]) // self.cfg.optim.grad_accum
         losses, grad_norm = [], float("nan")
-        for m in range(cfg.optim.grad_accum):
+        for m in range(self.cfg.optim.grad_accum):
             micro = [t[m * rows_per_micro:(m + 1) * rows_per_micro] for t in batch]
             logprobs = completion_logprobs(self.engine.model, *micro)
             out = sft_loss(logprobs, micro[3].float())
@@ -372,11 +429,7 @@ class Trainer:
             self.engine.backward(out.loss)
             grad_norm = self._step(grad_norm)
             losses.append(out.loss.item())
-        tokens = _all_gather(batch[3].sum().reshape(1).float(), self.device).sum().item()
-        self.state.data_position += len(draws)
-        loss = _mean_across({"loss": sum(losses) / len(losses)}, self.device)["loss"]
-        return {"loss": loss, "grad_norm": grad_norm, "lr": self.engine.lr,
-                "tokens_per_s": tokens / (time.perf_counter() - started)}
+        return losses, grad_norm
 
     def _sft_batch(self, rows: list[dict]):
         tok = self.tokenizer
