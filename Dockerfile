@@ -23,9 +23,11 @@ COPY --chown=1000 docker/requirements.txt docker/requirements.txt
 RUN pip install --no-cache-dir -r docker/requirements.txt
 
 # The package with its DeepSpeed and Kubeflow extras (already satisfied by the pins above), the configs that
-# `tsallis train --config configs/...` reads, and the pipeline sources for `tsallis pipeline` in the image.
+# `tsallis train --config configs/...` reads; tsallis_kubeflow (components, pipeline, `tsallis pipeline`) is
+# installed with the package, and components/ and pipelines/ re-export it.
 COPY --chown=1000 pyproject.toml README.md ./
 COPY --chown=1000 tsallis_core/ tsallis_core/
+COPY --chown=1000 tsallis_kubeflow/ tsallis_kubeflow/
 RUN pip install --no-cache-dir --constraint docker/requirements.txt ".[deepspeed,kubeflow]" && pip check
 COPY --chown=1000 configs/ configs/
 COPY --chown=1000 components/ components/

@@ -1,5 +1,5 @@
-"""kfp v2 components of the tsallis pipeline, one per stage (see stages.py)."""
+"""kfp v2 components of the tsallis pipeline, one per stage: tsallis_kubeflow/components.py."""
 
-from .stages import STAGES, build
+from tsallis_kubeflow.components import STAGES, build
 
 __all__ = ["STAGES", "build"]

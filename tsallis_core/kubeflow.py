@@ -1,6 +1,6 @@
 """Settings of the Kubeflow cold-start sweep, checked before a pipeline is compiled.
 
-The pipeline itself is ``pipelines/cold_start_sweep.py`` and its steps are ``components/stages.py``; both read
+The pipeline itself is ``tsallis_kubeflow/cold_start_sweep.py`` and its steps are ``tsallis_kubeflow/components.py``; both read
 these settings. Two kinds of values: the *build-time* ones here (the q grid, estimators, parallelism and where
 training runs: image, GPUs, nodes, Kubernetes settings), which shape the compiled YAML, and the *run-time*
 parameters of the pipeline (the knobs of params.yaml: data, warm-up, training, evaluation, report), which
@@ -212,20 +212,39 @@ def load_settings(params: str | os.PathLike | None = "params.yaml", overrides: l
     return validate_settings(PipelineSettings, data, overrides, "invalid pipeline settings", **fields)
 
 
-def pipeline_module():
-    """``pipelines/cold_start_sweep.py`` of the checkout (the pipeline and components live next to the package,
-    as dvc.yaml does): found from the working directory or from this package's checkout."""
-    import importlib
-    import sys
-
-    for root in (Path.cwd(), REPO_ROOT):
-        if (root / "pipelines" / "cold_start_sweep.py").is_file():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            return importlib.import_module("pipelines.cold_start_sweep")
-    raise FileNotFoundError("pipelines/cold_start_sweep.py not found: run `tsallis pipeline` in a checkout of tsallis-pipeline")
-
-
 def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``["train_steps=5", "report_metric=maj@4"]`` -> run-time parameters, values parsed as YAML scalars."""
     return dict(parse_assignment(item, "--param", "train_steps=30") for item in items or [])
+
+
+def check_params(settings: PipelineSettings, params: dict[str, Any]) -> dict[str, Any]:
+    """Run-time parameters by name (``train_steps``), each converted to the type of its default (``train_lr=1e-4``,
+    which YAML reads as a string, becomes 0.0001); an unknown name or a value of the wrong kind is an error."""
+    from pydantic import TypeAdapter, ValidationError
+
+    known = settings.runtime_defaults()
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"unknown pipeline parameter {', '.join(unknown)}; known: {', '.join(known)}")
+    typed = {}
+    for name, value in params.items():
+        default = known[name]
+        try:
+            typed[name] = TypeAdapter(type(default)).validate_python(value)
+        except ValidationError:
+            raise ValueError(f"pipeline parameter {name}={value!r}: expected {type(default).__name__}, "
+                             f"like its default {default!r}") from None
+    return typed
+
+
+# Small settings for `tsallis pipeline run-local`: the embedded tiny model, two q values, a few steps (minutes on CPU)
+LOCAL_OVERRIDES = [
+    "platform=local", "parallelism=1", "sweep.estimators=[garl]", "sweep.q=[0.5,1.0]", "sweep.seeds=[0]", "sweep.baseline=false",
+    "data.num_pretrain=2000", "data.num_train=64", "data.num_test=16", "warmup.steps=20", "warmup.batch_size=16",
+    "train.steps=3", "train.group_size=4", "train.batch_size=8", "train.max_new_tokens=16",
+    "evaluate.n=4", "evaluate.max_new_tokens=16", "report.metric=maj@4",
+]
+
+
+def local_settings(params: str | None = "params.yaml", overrides: list[str] | None = None) -> PipelineSettings:
+    return load_settings(params, [*LOCAL_OVERRIDES, *(overrides or [])])

@@ -1,0 +1,168 @@
+"""The cold-start q-sweep as a Kubeflow pipeline (the same stages as dvc.yaml, on the same library entry points):
+
+    prepare -> SFT warm-up (warmup_steps=0 skips it) -> ParallelFor over estimators x q x seeds (+ GRPO baseline):
+    train -> evaluate -> Collected -> register the champion in MLflow -> report
+
+The q grid, estimators, parallelism and where training runs are fixed when the pipeline is built
+(``tsallis_core.kubeflow.PipelineSettings``, checked first); the knobs of params.yaml are run-time parameters.
+Commands: ``tsallis pipeline compile | submit | run-local`` (see README, section Kubeflow).
+"""
+
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl, kubernetes
+
+from tsallis_core.kubeflow import (  # noqa: F401 - check_params and local_settings: importable here too
+    LOCAL_IMAGE,
+    ClusterSettings,
+    PipelineSettings,
+    check_params,
+    local_settings,
+)
+from tsallis_core.launch import SECRET_ENV
+
+from .components import build
+
+PIPELINE_NAME = "tsallis-cold-start-sweep"
+
+
+def _cluster_access(task, cluster: ClusterSettings):
+    """The model and dataset cache PVC (HF_HOME on it) and the MLflow credentials from the Secret."""
+    kubernetes.mount_pvc(task, pvc_name=cluster.cache_pvc, mount_path=cluster.cache_path)
+    task.set_env_variable("HF_HOME", f"{cluster.cache_path}/huggingface")
+    kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {SECRET_ENV[0]: SECRET_ENV[0]})
+    kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {k: k for k in SECRET_ENV[1:]}, optional=True)
+    return task
+
+
+def _on_gpu_node(task, cluster: ClusterSettings, gpus: int):
+    """CPU, memory and GPUs of a training pod, on a GPU node, with /dev/shm in memory."""
+    task.set_cpu_request(cluster.cpu).set_cpu_limit(cluster.cpu)
+    task.set_memory_request(cluster.memory).set_memory_limit(cluster.memory)
+    if gpus:
+        task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
+        for key, value in cluster.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for toleration in cluster.tolerations:
+            kubernetes.add_toleration(task, **toleration)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size)
+    return _cluster_access(task, cluster)
+
+
+def build_pipeline(settings: PipelineSettings):
+    """The pipeline function for ``settings`` (platform local: no GPU or Kubernetes settings, for kfp.local)."""
+    cluster, kube = settings.cluster, settings.platform == "kubernetes"
+    stages = build(cluster.image if kube else cluster.image or LOCAL_IMAGE)  # kfp.local's subprocesses use no image
+    gpus = cluster.gpus_per_node if kube else 0
+    multinode = kube and cluster.num_nodes > 1
+    runs = [{k: str(v) for k, v in run.items()} for run in settings.sweep.items()]  # loop items reach steps as strings
+    d = settings.runtime_defaults()
+    # training checkpoints on the cache PVC, under the sweep, this pipeline run and the run name (kfp.local: none)
+    resumable = {"checkpoint_root": f"{cluster.cache_path}/checkpoints" if kube else "",
+                 "checkpoint_every": cluster.checkpoint_every if kube else 0,
+                 "pipeline_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+
+    def retried(task):
+        """A preempted or failed training step is retried; it resumes from its newest checkpoint."""
+        if kube and cluster.retries:
+            task.set_retry(cluster.retries, backoff_duration=cluster.retry_backoff)
+        return task
+
+    def on_gpu(task, count: int):
+        return _on_gpu_node(task, cluster, count) if kube else task
+
+    def with_access(task):
+        return _cluster_access(task, cluster) if kube else task
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Cold-start q-sweep: GARL/PAFT over q (+ GRPO), champion to MLflow")
+    def cold_start_sweep(
+        data_seed: int = d["data_seed"], data_p0: float = d["data_p0"], data_num_train: int = d["data_num_train"],
+        data_num_test: int = d["data_num_test"], data_num_pretrain: int = d["data_num_pretrain"],
+        warmup_model: str = d["warmup_model"], warmup_steps: int = d["warmup_steps"], warmup_lr: float = d["warmup_lr"],
+        warmup_batch_size: int = d["warmup_batch_size"],
+        train_steps: int = d["train_steps"], train_lr: float = d["train_lr"], train_group_size: int = d["train_group_size"],
+        train_batch_size: int = d["train_batch_size"], train_max_new_tokens: int = d["train_max_new_tokens"],
+        train_temperature: float = d["train_temperature"],
+        evaluate_n: int = d["evaluate_n"], evaluate_max_new_tokens: int = d["evaluate_max_new_tokens"],
+        evaluate_temperature: float = d["evaluate_temperature"], evaluate_seed: int = d["evaluate_seed"],
+        report_metric: str = d["report_metric"], report_escape_threshold: float = d["report_escape_threshold"],
+        report_registered_model: str = d["report_registered_model"], report_sweep: str = d["report_sweep"],
+        report_experiment: str = d["report_experiment"],
+    ) -> dsl.Markdown:
+        data = stages.prepare_data(seed=data_seed, p0=data_p0, num_train=data_num_train, num_test=data_num_test,
+                                   num_pretrain=data_num_pretrain).set_display_name("prepare")
+        parent = with_access(stages.sweep_parent(experiment=report_experiment, sweep=report_sweep))
+        parent.set_caching_options(False).set_display_name("mlflow sweep run")
+        warm = retried(on_gpu(stages.sft_warmup(
+            data=data.outputs["data"], base_model=warmup_model, steps=warmup_steps, lr=warmup_lr,
+            batch_size=warmup_batch_size, experiment=report_experiment, gpus=gpus,
+            deepspeed_config=cluster.deepspeed_config, sweep=report_sweep, **resumable), gpus)).set_display_name("sft warm-up")
+        with dsl.ParallelFor(runs, parallelism=settings.parallelism) as run:
+            common = {"data": data.outputs["data"], "base_model": warm.outputs["model"], "run_name": run.run_name,
+                      "estimator": run.estimator, "q": run.q, "seed": run.seed, "steps": train_steps, "lr": train_lr,
+                      "group_size": train_group_size, "batch_size": train_batch_size,
+                      "max_new_tokens": train_max_new_tokens, "temperature": train_temperature,
+                      "sweep": report_sweep, "experiment": report_experiment}
+            if multinode:  # the launcher needs no GPU: the TrainJob's nodes have them
+                train = stages.train_rl_trainjob(**common, cluster=cluster.model_dump(),
+                                                 pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+                kubernetes.mount_pvc(train, pvc_name=cluster.cache_pvc, mount_path=cluster.cache_path)
+            else:
+                train = on_gpu(stages.train_rl(**common, gpus=gpus, deepspeed_config=cluster.deepspeed_config,
+                                               **resumable), gpus)
+            retried(train).after(parent).set_display_name("train")
+            evaluation = on_gpu(stages.evaluate_model(
+                data=data.outputs["data"], model=train.outputs["model"], run_name=run.run_name, n=evaluate_n,
+                max_new_tokens=evaluate_max_new_tokens, temperature=evaluate_temperature, seed=evaluate_seed),
+                min(gpus, 1)).set_display_name("evaluate")
+        champion = with_access(stages.register_champion(
+            models=dsl.Collected(train.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
+            metric=report_metric, registered_model=report_registered_model))
+        champion.set_caching_options(False).set_display_name("register champion")
+        report = with_access(stages.sweep_report(
+            models=dsl.Collected(train.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
+            registered=champion.output, metric=report_metric,
+            escape_threshold=report_escape_threshold, sweep_name=report_sweep, experiment=report_experiment))
+        report.set_caching_options(False).set_display_name("report")
+        return report.outputs["report"]
+
+    return cold_start_sweep
+
+
+def compile_pipeline(settings: PipelineSettings, out: str | Path) -> Path:
+    """Write the pipeline YAML (IR) that Kubeflow Pipelines runs."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(settings), str(out))
+    return out
+
+
+def submit(settings: PipelineSettings, host: str, params: dict[str, Any], experiment: str = "tsallis",
+           run_name: str | None = None, namespace: str | None = None, package: str | Path | None = None) -> str:
+    """Compile and submit one run with kfp.Client; returns the run id. Credentials for the cluster come from
+    the environment (kfp.Client's usual ways: in-cluster token, KF_PIPELINES_SA_TOKEN_PATH, kube-config)."""
+    import tempfile
+
+    import kfp
+
+    params = check_params(settings, params)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = compile_pipeline(settings, package or Path(tmp) / "pipeline.yaml")
+        client = kfp.Client(host=host, namespace=namespace)
+        run = client.create_run_from_pipeline_package(str(path), arguments=params, run_name=run_name,
+                                                      experiment_name=experiment, namespace=namespace)
+    return run.run_id
+
+
+def run_local(settings: PipelineSettings, workdir: str | Path, params: dict[str, Any] | None = None) -> Path:
+    """The whole pipeline on this machine: kfp.local with the SubprocessRunner in the current environment.
+    Every step runs as a subprocess; outputs go under ``workdir``. Returns the report's path."""
+    from kfp import local
+
+    settings = settings.model_copy(update={"platform": "local"})
+    workdir = Path(workdir).resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "outputs"),
+               workspace_root=str(workdir / "workspace"))
+    result = build_pipeline(settings)(**check_params(settings, params or {}))
+    return Path(result.output.path)
