@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tsallis_core.engines import free_port
+from tsallis_core.distributed import free_port
 from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .config import ConfigError
+from .distributed import barrier
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,6 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(p for p in found if p.suffix == "" and (p / "trainer_state.json").is_file())
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(engine, state, output_dir: Path, keep: int) -> Path:
     """Save the engine, the RNG states and ``state`` (a dataclass) as ``checkpoints/step-NNNNNN``; every rank calls
     it. Written to ``.tmp`` and renamed: a kill mid-save leaves the previous checkpoint as the newest."""
@@ -114,9 +109,9 @@ def save_checkpoint(engine, state, output_dir: Path, keep: int) -> Path:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     engine.save(tmp)  # DeepSpeed: every rank writes its shard; plain PyTorch: rank 0
-    _barrier()
+    barrier()
     if rank == 0:
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -124,7 +119,7 @@ def save_checkpoint(engine, state, output_dir: Path, keep: int) -> Path:
         tmp.rename(final)
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -17,11 +16,7 @@ import torch.distributed as dist
 from transformers import get_scheduler
 
 from .config import ConfigError, OptimConfig
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment (torchrun or deepspeed), or (0, 1)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+from .distributed import world
 
 
 def pick_device(name: str) -> torch.device:
@@ -30,37 +25,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the rendezvous port of a lone process, a test server)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(device: torch.device, deepspeed: bool) -> None:
-    """Start the process group when launched with several processes (gloo on CPU, nccl on GPU).
-
-    DeepSpeed wants a process group even alone; a lone process gets a local one-member group.
-    """
-    rank, size = world()
-    if dist.is_initialized() or (size == 1 and not deepspeed):
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if deepspeed:
-        import deepspeed as ds
-
-        ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    else:
-        dist.init_process_group(backend=backend, rank=rank, world_size=size)
 
 
 def _optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .distributed import all_ranks
 from .sampling import Prefill, _unwrap, cache_kwarg, hashed_uniform, row_seed, sample_tokens  # noqa: F401 - public here too
 
 
@@ -90,12 +91,8 @@ class HFRollout:
         self.model = model  # same process, same weights: nothing to copy
 
     def _all_finished(self, finished: Tensor) -> bool:
-        done = torch.tensor([float(finished.all())], device=finished.device)
-        if self.sync_ranks:
-            import torch.distributed as dist
-
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        return bool(done.item())
+        done = bool(finished.all())
+        return all_ranks(done, finished.device) if self.sync_ranks else done
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> Rollout:
@@ -181,19 +178,6 @@ class HFRollout:
         return torch.stack(tokens, dim=1), torch.stack(alive, dim=1)
 
 
-def _all_ranks(flag: bool, device: torch.device) -> bool:
-    """``flag`` on every process of the job (True only if True on all); ``flag`` when not distributed.
-
-    Ranks must run the same number of forwards: ZeRO-3 gathers the weights in each and DDP syncs buffers."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    agreed = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    return bool(agreed.item())
-
-
 LOGIT_CHUNK_ELEMENTS = 2**26  # fp32 logits computed at once by the log-prob pass (256 MB): tokens per chunk = this // V
 
 
@@ -253,7 +237,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     """
     n, p, length = *prompt_ids.shape, completion_ids.shape[1]
     distinct, index = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
-    if not _all_ranks(len(distinct) < n and length > 1, prompt_ids.device):  # nothing shared: one forward
+    if not all_ranks(len(distinct) < n and length > 1, prompt_ids.device):  # nothing shared: one forward
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([prompt_mask, completion_mask], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)

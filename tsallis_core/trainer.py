@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checkpoints import OutputDirLock, check_output_dir, checkpoint_dirs, load_newest_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import load_records
-from .engines import init_distributed, make_engine, pick_device, world
+from .distributed import all_gather, barrier, init_distributed, is_distributed, max_across, mean_across, world
+from .engines import make_engine, pick_device
 from .estimators import PolicyBatch, get_estimator
 from .losses import group_diagnostics, paft_resample_counts, sft_loss
 from .models import check_model_source, check_prompts_fit, load_model, load_tokenizer, model_facts, save_model
@@ -120,34 +120,6 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _distributed() -> bool:
-    return dist.is_initialized() and world()[1] > 1
-
-
-def _all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate ``t`` from every rank (on ``device``: nccl takes no CPU tensors); returned on the CPU."""
-    if not _distributed():
-        return t.cpu()
-    t = t.to(device).contiguous()
-    parts = [torch.empty_like(t) for _ in range(world()[1])]
-    dist.all_gather(parts, t)
-    return torch.cat(parts).cpu()
-
-
-def _mean_across(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The mean over ranks of each value (every rank passes the same keys)."""
-    if not _distributed() or not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / world()[1]).tolist()))
-
-
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +201,7 @@ class Trainer:
         if resume:
             self.state = load_checkpoint(self.engine, self.output_dir) or TrainerState()
         self.rollout = HFRollout(self.engine.module, self.tokenizer, config.rl.temperature, config.rl.max_new_tokens,
-                                 progress=self.rank == 0, sync_ranks=getattr(self.engine, "stage", 0) == 3 and _distributed())
+                                 progress=self.rank == 0, sync_ranks=getattr(self.engine, "stage", 0) == 3 and is_distributed())
         self.verify = get_verifier(config.data.verifier)
         self.history_path = self.output_dir / "history.jsonl"
         self.has_label_noise = config.stage == "rl" and any(row.get("noisy") for row in self.rows)
@@ -304,11 +276,11 @@ class Trainer:
         """Phase 4: gather across ranks, update the success EMA, log samples, and the step's metrics."""
         cfg, rl = self.cfg, self.cfg.rl
         elapsed = time.perf_counter() - started
-        all_rewards = _all_gather(rewards, self.device)
-        tokens = _all_gather(torch.tensor([float(sampled.rollout.num_completion_tokens)]), self.device).sum().item()
+        all_rewards = all_gather(rewards, self.device)
+        tokens = all_gather(torch.tensor([float(sampled.rollout.num_completion_tokens)]), self.device).sum().item()
         # loss-side diagnostics (loss, clip_frac, kl, attenuation_mean), averaged over micro-batches and ranks
         keys = [k for k in diagnostics[0] if k in ("loss", "clip_frac", "kl", "attenuation_mean")]
-        loss_diag = _mean_across({k: sum(d[k] for d in diagnostics) / len(diagnostics) for k in keys}, self.device)
+        loss_diag = mean_across({k: sum(d[k] for d in diagnostics) / len(diagnostics) for k in keys}, self.device)
         self.state.success_ema = update_success_ema(
             self.state.success_ema, all_rewards.mean().item(),
             rl.schedule.ema_momentum if isinstance(rl.schedule, AdaptiveQ) else 0.9,
@@ -345,7 +317,7 @@ class Trainer:
         if self.has_label_noise:
             true_hits = torch.tensor([float(self.verify(texts[g * m + j], row["true_answer"])) if row.get("noisy") else 0.0
                                       for g, (_, row) in enumerate(local) for j in range(m)], dtype=torch.float32)
-            true_hits = _all_gather(true_hits, self.device).view(len(rows), m).mean(dim=1)  # [B]
+            true_hits = all_gather(true_hits, self.device).view(len(rows), m).mean(dim=1)  # [B]
             metrics.update(label_noise_rates(rows, per_prompt, true_hits))
         return metrics
 
@@ -363,10 +335,8 @@ class Trainer:
         """
         budget, rows = self.cfg.rl.logprob_token_budget, len(micro[0])
         chunks = 1 if budget is None else -(-rows * (micro[0].shape[1] + micro[2].shape[1]) // budget)
-        if budget is not None and _distributed():
-            agreed = torch.tensor([chunks], device=self.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            chunks = int(agreed.item())
+        if budget is not None:
+            chunks = int(max_across(chunks, self.device))  # as many chunks on every rank
         chunks = min(chunks, rows)
         if chunks == 1:
             out = loss_of(self._logprobs(self.engine.model, micro, grad=True))
@@ -411,9 +381,9 @@ class Trainer:
         draws, local = self._draw(self.cfg.sft.batch_size)
         batch = self._sft_batch([row for _, row in local])
         losses, grad_norm = self._sft_update(batch)
-        tokens = _all_gather(batch[3].sum().reshape(1).float(), self.device).sum().item()
+        tokens = all_gather(batch[3].sum().reshape(1).float(), self.device).sum().item()
         self.state.data_position += len(draws)
-        loss = _mean_across({"loss": sum(losses) / len(losses)}, self.device)["loss"]
+        loss = mean_across({"loss": sum(losses) / len(losses)}, self.device)["loss"]
         return {"loss": loss, "grad_norm": grad_norm, "lr": self.engine.lr,
                 "tokens_per_s": tokens / (time.perf_counter() - started)}
 
@@ -448,10 +418,7 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf loss. Nothing is saved: the weights that made it may be bad already."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-        if _distributed():
-            dist.all_reduce(bad)
-        if bad.item():
+        if max_across(0.0 if torch.isfinite(loss) else 1.0, self.device):  # any rank's bad loss stops every rank
             found = checkpoint_dirs(self.output_dir)
             latest = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
             raise TrainingDiverged(
@@ -553,7 +520,7 @@ class Trainer:
             save_model(self.engine.module, self.tokenizer, model_dir, state_dict)
             if self.cfg.tracking.log_model:
                 self.tracker.log_model(model_dir)
-        _barrier()
+        barrier()
         return model_dir
 
 
