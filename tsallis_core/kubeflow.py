@@ -195,8 +195,14 @@ class PipelineSettings(Section):
 
     def runtime_defaults(self) -> dict[str, Any]:
         """The pipeline's run-time parameters and their defaults, ``section_field`` (e.g. ``train_steps``)."""
-        return {f"{section}_{name}": value for section in ("data", "warmup", "train", "evaluate", "report")
-                for name, value in getattr(self, section).model_dump().items()}
+        return {name: default for name, (_, default) in self.runtime_parameters().items()}
+
+    def runtime_parameters(self) -> dict[str, tuple[type, Any]]:
+        """The pipeline's run-time parameters, ``section_field`` -> (the field's type, its value here): the
+        pipeline function's signature is made from these (tsallis_kubeflow/cold_start_sweep.py)."""
+        return {f"{section}_{name}": (field.annotation, getattr(getattr(self, section), name))
+                for section in ("data", "warmup", "train", "evaluate", "report")
+                for name, field in type(getattr(self, section)).model_fields.items()}
 
 
 def load_settings(params: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None,

@@ -8,7 +8,9 @@ The q grid, estimators, parallelism and where training runs are fixed when the p
 Commands: ``tsallis pipeline compile | submit | run-local`` (see README, section Kubeflow).
 """
 
+import inspect
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kfp import compiler, dsl, kubernetes
@@ -57,7 +59,6 @@ def build_pipeline(settings: PipelineSettings):
     gpus = cluster.gpus_per_node if kube else 0
     multinode = kube and cluster.num_nodes > 1
     runs = [{k: str(v) for k, v in run.items()} for run in settings.sweep.items()]  # loop items reach steps as strings
-    d = settings.runtime_defaults()
     # training checkpoints on the cache PVC, under the sweep, this pipeline run and the run name (kfp.local: none)
     resumable = {"checkpoint_root": f"{cluster.cache_path}/checkpoints" if kube else "",
                  "checkpoint_every": cluster.checkpoint_every if kube else 0,
@@ -75,35 +76,24 @@ def build_pipeline(settings: PipelineSettings):
     def with_access(task):
         return _cluster_access(task, cluster) if kube else task
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Cold-start q-sweep: GARL/PAFT over q (+ GRPO), champion to MLflow")
-    def cold_start_sweep(
-        data_seed: int = d["data_seed"], data_p0: float = d["data_p0"], data_num_train: int = d["data_num_train"],
-        data_num_test: int = d["data_num_test"], data_num_pretrain: int = d["data_num_pretrain"],
-        warmup_model: str = d["warmup_model"], warmup_steps: int = d["warmup_steps"], warmup_lr: float = d["warmup_lr"],
-        warmup_batch_size: int = d["warmup_batch_size"],
-        train_steps: int = d["train_steps"], train_lr: float = d["train_lr"], train_group_size: int = d["train_group_size"],
-        train_batch_size: int = d["train_batch_size"], train_max_new_tokens: int = d["train_max_new_tokens"],
-        train_temperature: float = d["train_temperature"],
-        evaluate_n: int = d["evaluate_n"], evaluate_max_new_tokens: int = d["evaluate_max_new_tokens"],
-        evaluate_temperature: float = d["evaluate_temperature"], evaluate_seed: int = d["evaluate_seed"],
-        report_metric: str = d["report_metric"], report_escape_threshold: float = d["report_escape_threshold"],
-        report_registered_model: str = d["report_registered_model"], report_sweep: str = d["report_sweep"],
-        report_experiment: str = d["report_experiment"],
-    ) -> dsl.Markdown:
-        data = stages.prepare_data(seed=data_seed, p0=data_p0, num_train=data_num_train, num_test=data_num_test,
-                                   num_pretrain=data_num_pretrain).set_display_name("prepare")
-        parent = with_access(stages.sweep_parent(experiment=report_experiment, sweep=report_sweep))
+    parameters = settings.runtime_parameters()  # the run-time parameters: the settings model's sections
+
+    def cold_start_sweep(*values) -> dsl.Markdown:
+        p = SimpleNamespace(**dict(zip(parameters, values)))  # kfp passes one channel per parameter, in order
+        data = stages.prepare_data(seed=p.data_seed, p0=p.data_p0, num_train=p.data_num_train, num_test=p.data_num_test,
+                                   num_pretrain=p.data_num_pretrain).set_display_name("prepare")
+        parent = with_access(stages.sweep_parent(experiment=p.report_experiment, sweep=p.report_sweep))
         parent.set_caching_options(False).set_display_name("mlflow sweep run")
         warm = retried(on_gpu(stages.sft_warmup(
-            data=data.outputs["data"], base_model=warmup_model, steps=warmup_steps, lr=warmup_lr,
-            batch_size=warmup_batch_size, experiment=report_experiment, gpus=gpus,
-            deepspeed_config=cluster.deepspeed_config, sweep=report_sweep, **resumable), gpus)).set_display_name("sft warm-up")
+            data=data.outputs["data"], base_model=p.warmup_model, steps=p.warmup_steps, lr=p.warmup_lr,
+            batch_size=p.warmup_batch_size, experiment=p.report_experiment, gpus=gpus,
+            deepspeed_config=cluster.deepspeed_config, sweep=p.report_sweep, **resumable), gpus)).set_display_name("sft warm-up")
         with dsl.ParallelFor(runs, parallelism=settings.parallelism) as run:
             common = {"data": data.outputs["data"], "base_model": warm.outputs["model"], "run_name": run.run_name,
-                      "estimator": run.estimator, "q": run.q, "seed": run.seed, "steps": train_steps, "lr": train_lr,
-                      "group_size": train_group_size, "batch_size": train_batch_size,
-                      "max_new_tokens": train_max_new_tokens, "temperature": train_temperature,
-                      "sweep": report_sweep, "experiment": report_experiment}
+                      "estimator": run.estimator, "q": run.q, "seed": run.seed, "steps": p.train_steps, "lr": p.train_lr,
+                      "group_size": p.train_group_size, "batch_size": p.train_batch_size,
+                      "max_new_tokens": p.train_max_new_tokens, "temperature": p.train_temperature,
+                      "sweep": p.report_sweep, "experiment": p.report_experiment}
             if multinode:  # the launcher needs no GPU: the TrainJob's nodes have them
                 train = stages.train_rl_trainjob(**common, cluster=cluster.model_dump(),
                                                  pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -113,21 +103,25 @@ def build_pipeline(settings: PipelineSettings):
                                                **resumable), gpus)
             retried(train).after(parent).set_display_name("train")
             evaluation = on_gpu(stages.evaluate_model(
-                data=data.outputs["data"], model=train.outputs["model"], run_name=run.run_name, n=evaluate_n,
-                max_new_tokens=evaluate_max_new_tokens, temperature=evaluate_temperature, seed=evaluate_seed),
+                data=data.outputs["data"], model=train.outputs["model"], run_name=run.run_name, n=p.evaluate_n,
+                max_new_tokens=p.evaluate_max_new_tokens, temperature=p.evaluate_temperature, seed=p.evaluate_seed),
                 min(gpus, 1)).set_display_name("evaluate")
         champion = with_access(stages.register_champion(
             models=dsl.Collected(train.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
-            metric=report_metric, registered_model=report_registered_model))
+            metric=p.report_metric, registered_model=p.report_registered_model))
         champion.set_caching_options(False).set_display_name("register champion")
         report = with_access(stages.sweep_report(
             models=dsl.Collected(train.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
-            registered=champion.output, metric=report_metric,
-            escape_threshold=report_escape_threshold, sweep_name=report_sweep, experiment=report_experiment))
+            registered=champion.output, metric=p.report_metric,
+            escape_threshold=p.report_escape_threshold, sweep_name=p.report_sweep, experiment=p.report_experiment))
         report.set_caching_options(False).set_display_name("report")
         return report.outputs["report"]
 
-    return cold_start_sweep
+    cold_start_sweep.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+         for name, (kind, default) in parameters.items()], return_annotation=dsl.Markdown)
+    return dsl.pipeline(name=PIPELINE_NAME, description="Cold-start q-sweep: GARL/PAFT over q (+ GRPO), champion to "
+                        "MLflow")(cold_start_sweep)
 
 
 def compile_pipeline(settings: PipelineSettings, out: str | Path) -> Path:
