@@ -142,3 +142,6 @@ def test_bad_study_params_are_one_line_errors(tmp_path):
     assert result.returncode == 2 and "regimes.adamw.optimizer" in result.stderr and "Traceback" not in result.stderr
     result = run_tsallis("study", "escape", "--params", str(tmp_path / "missing.yaml"), check=False)
     assert result.returncode == 2 and "does not exist" in result.stderr
+    params.write_text("seeds: 3\n")  # key=value after --parts is an override, not a part
+    result = run_tsallis("study", "escape", "--params", str(params), "--parts", "core", "workers=0", check=False)
+    assert result.returncode == 2 and "workers: Input should be greater than or equal to 1" in result.stderr

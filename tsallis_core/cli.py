@@ -146,8 +146,10 @@ def _report(args: argparse.Namespace) -> int:
 def _study_escape(args: argparse.Namespace) -> int:
     from .study import load_study, run_study
 
-    study = load_study(args.params, args.overrides)
-    out = run_study(study, args.parts)
+    parts = [p for p in args.parts or [] if "=" not in p]  # --parts core workers=2: the override is not a part
+    overrides = [*args.overrides, *(p for p in args.parts or [] if "=" in p)]
+    study = load_study(args.params, overrides)
+    out = run_study(study, parts or None)
     if args.report:
         from .study_report import write_study_report
 
