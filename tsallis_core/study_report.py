@@ -123,11 +123,13 @@ def claim_check(summaries: list[dict], start: float) -> list[str]:
         stalls = all(f <= 2 * max(start, 1e-9) for f in grpo["final"])
         escapes = all(f >= 0.3 for f in garl["final"])
         apart = max(grpo["final"]) < min(garl["final"])
+        reversed_ = min(grpo["final"]) > max(garl["final"])  # apart the other way: GRPO above in every seed
         verdict = "reproduces" if stalls and escapes and apart else "does not reproduce"
+        ranges = "apart (GARL above)" if apart else "apart (GRPO above)" if reversed_ else "overlap"
         lines.append(f"- {group}: GRPO final {min(grpo['final']):.3f}..{max(grpo['final']):.3f} "
                      f"({'stalls' if stalls else 'moves'}: limit {2 * start:.4f}); GARL q=0.75 "
                      f"{min(garl['final']):.3f}..{max(garl['final']):.3f} ({'>= 0.3 in every seed' if escapes else 'below 0.3 in some seed'}); "
-                     f"seed ranges {'apart' if apart else 'overlap'}: the claim **{verdict}**.")
+                     f"seed ranges {ranges}: the claim **{verdict}**.")
     return lines
 
 
