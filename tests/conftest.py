@@ -29,11 +29,11 @@ def run_tsallis(*args: str, cwd: Path | None = None, env: dict | None = None, ch
     return result
 
 
-def torchrun(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``tsallis`` on 2 CPU processes with torch.distributed.run (gloo)."""
+def torchrun(*args: str, env: dict | None = None, timeout: int = 900, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``tsallis`` on ``nproc`` (2) CPU processes with torch.distributed.run (gloo)."""
     full_env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
          "-m", "tsallis_core.cli", *args], env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
     )
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.dvc_repro import make_repo
 
@@ -129,7 +130,7 @@ def test_exp_run_with_one_parameter_reruns_only_what_depends_on_it(repo):
     result = dvc(repo, "exp", "run", "-S", "train.q=0.6")
     assert "Running stage 'experiment'" in result.stdout and "Running stage 'report'" in result.stdout
     assert "Running stage 'train@" not in result.stdout and "Running stage 'warmup'" not in result.stdout
-    assert json.loads((repo / "outputs/experiment/config.yaml").read_text())["rl"]["q"] == 0.6
+    assert yaml.safe_load((repo / "outputs/experiment/config.yaml").read_text())["rl"]["q"] == 0.6
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
     values = [run["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]["q"] for run in experiments]

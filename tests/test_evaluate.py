@@ -96,4 +96,4 @@ def test_evaluate_logs_to_mlflow(task_dir, base_model, tmp_path):
     runs = mlflow.search_runs(experiment_names=["eval-test"], output_format="list")
     assert len(runs) == 1 and runs[0].data.tags["stage"] == "evaluate"
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
-    assert runs[0].data.metrics["pass_at_1"] == pytest.approx(metrics["pass@1"])
+    assert runs[0].data.metrics["eval/pass_at_1"] == pytest.approx(metrics["pass@1"])

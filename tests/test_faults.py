@@ -1,6 +1,7 @@
 """Faults and bad inputs, tried for real: crafted pickles, truncated checkpoints, killed processes, two runs on one
 output_dir, unwritable or full disks, prompts longer than the model's context, non-UTF-8 rows (docs/reliability.md)."""
 
+import json
 import os
 import shutil
 import signal
@@ -10,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_tsallis
+from conftest import REPO, run_tsallis, torchrun
 from safetensors.torch import load_file
 
 from tsallis_core.checkpoints import CheckpointError, check_output_dir, safe_load
@@ -81,6 +82,33 @@ def test_resume_refuses_a_tampered_checkpoint_in_one_line_and_runs_nothing(finis
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"checkpoint file {target} was refused" in lines[0] and "(the global io.open)" in lines[0]
     assert not marker.exists() and not (run / "model").exists()
+
+
+def test_deepspeed_checkpoint_files_are_loaded_weights_only_before_deepspeed_reads_them(task_dir, tmp_path):
+    """DeepSpeed reads its files with weights_only=False, so tsallis loads them weights-only first, allowing exactly
+    the DeepSpeed classes of a ZeRO-2 checkpoint: a genuine one resumes; one with a crafted object is refused,
+    naming the file, and the object never runs."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra")
+    deepspeed = ["engine.backend=deepspeed", f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero2.json'}"]
+    env = {"DS_ACCELERATOR": "cpu"}
+    run = tmp_path / "run"
+    result = torchrun(*sft_args(task_dir, run, "steps=2", "checkpoint_every=1", *deepspeed), env=env, nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tampered = copy_run(run, tmp_path / "tampered")
+    result = torchrun(*sft_args(task_dir, run, "steps=3", "checkpoint_every=1", *deepspeed), "--resume", env=env, nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
+    target = tampered / "checkpoints" / "step-000002" / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "pwned"
+    state = torch.load(target, weights_only=False)  # the genuine file, written by the run above
+    state["extra"] = CreatesFile(marker)
+    torch.save(state, target)
+    result = torchrun(*sft_args(task_dir, tampered, "steps=3", "checkpoint_every=1", *deepspeed), "--resume", env=env,
+                      nproc=1)
+    refused = [line for line in result.stderr.splitlines() if line.startswith("tsallis: error:")]
+    assert result.returncode != 0 and len(refused) == 1, result.stderr[-3000:]
+    assert f"checkpoint file {target} was refused" in refused[0] and "(the global io.open)" in refused[0]
+    assert not marker.exists() and not (tampered / "model").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate engine.pt", "truncate rng.pt", "truncate trainer_state.json"])

@@ -17,7 +17,7 @@ pytest.importorskip("kfp", reason="kfp is in the test extra")
 
 from pipelines.cold_start_sweep import check_params, compile_pipeline, local_settings, run_local
 from tsallis_core.config import ConfigError
-from tsallis_core.kubeflow import load_settings
+from tsallis_core.kubeflow import load_settings, params_train_overrides
 from tsallis_core.launch import TrainJobFailed, run_trainjob, train_argv, trainjob_manifest, trainjob_request
 
 
@@ -129,6 +129,22 @@ def test_compiling_without_an_image_names_both_ways_to_give_one(tmp_path):
         image = extra[-1] if extra else "tsallis:local"
         spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
         assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {image}
+
+
+def test_train_params_give_the_three_dvc_rl_stages_one_list_of_overrides(tmp_path):
+    from tsallis_core.config import load_config
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    config = load_config(str(REPO / "configs/rl.yaml"), [*params_train_overrides(REPO / "params.yaml"), "steps=3"])
+    train = params["train"]
+    assert config.steps == 3  # an override given after --params wins
+    assert (config.optim.lr, config.rl.group_size, config.rl.batch_size) == (train["lr"], train["group_size"], train["batch_size"])
+    assert (config.rl.max_new_tokens, config.rl.temperature) == (train["max_new_tokens"], train["temperature"])
+    assert config.tracking.sweep == params["report"]["sweep"]
+    dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert all("--params params.yaml" in dvc_stages[name]["cmd"] for name in ("train", "baseline", "experiment"))
+    with pytest.raises(ConfigError, match=r"--params .*missing.yaml: no such file"):
+        params_train_overrides(tmp_path / "missing.yaml")
 
 
 def test_single_node_launch_uses_torchrun_with_deepspeed():

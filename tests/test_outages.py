@@ -100,7 +100,7 @@ def test_a_server_killed_and_restarted_mid_run_loses_nothing_and_stalls_nothing(
     warnings = [line for line in stderr.splitlines() if line.startswith("warning: MLflow server")]
     assert len(warnings) == 1 and "training goes on" in warnings[0], stderr[-3000:]
     run_id = json.loads((out / "mlflow.json").read_text())["run_id"]
-    assert server.metric_steps(run_id, "loss") == list(range(1, steps + 1))  # every step, once
+    assert server.metric_steps(run_id, "train/loss") == list(range(1, steps + 1))  # every step, once
     import mlflow
 
     assert mlflow.MlflowClient(server.uri).get_run(run_id).info.status == "FINISHED"
@@ -122,7 +122,7 @@ def test_a_server_that_stays_away_spools_the_metrics_and_resume_sends_them(serve
     server.start()
     run_tsallis(*sft_args(task_dir, out, steps), "--resume", env={"MLFLOW_TRACKING_URI": server.uri})
     run_id = json.loads((out / "mlflow.json").read_text())["run_id"]
-    assert server.metric_steps(run_id, "loss") == list(range(1, steps + 1))
+    assert server.metric_steps(run_id, "train/loss") == list(range(1, steps + 1))
     assert not (out / "mlflow_spool.jsonl").exists()
 
 

@@ -19,8 +19,8 @@ def test_run_logs_config_metrics_samples_and_a_loadable_model(mlflow_server, bas
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "test-tracking"
     assert run.data.params["rl.estimator"] == "garl" and run.data.params["rl.group_size"] == "4"
-    for key in ("success_rate", "frac_zero_success", "amp_mean", "amp_max", "loss", "grad_norm", "lr", "q",
-                "completion_tokens_per_s"):
+    for key in ("rollout/success_rate", "rollout/frac_zero_success", "rollout/amp_mean", "rollout/amp_max", "train/loss",
+                "train/grad_norm", "train/lr", "train/q", "rollout/completion_tokens_per_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/step_000001.json", "samples/step_000002.json"} <= artifacts

@@ -38,28 +38,53 @@ class CheckpointError(ConfigError):
     """A checkpoint that must not be used: the message names the file and why."""
 
 
+class UnsafeCheckpoint(CheckpointError):
+    """A ``.pt`` file that names a class or function (``global_name``) that a weights-only load does not allow."""
+
+    def __init__(self, message: str, global_name: str):
+        super().__init__(message)
+        self.global_name = global_name
+
+
 class CorruptCheckpoint(Exception):
     """A checkpoint that cannot be read (truncated, not a torch file, bad JSON): the previous one is tried."""
 
 
-def safe_load(path: Path, map_location: str | None = "cpu"):
+def safe_load(path: Path, map_location: str | None = "cpu", mmap: bool = False):
     """``torch.load`` of tensors and plain containers only; CheckpointError when the file holds any other object
-    (it would run code), CorruptCheckpoint when it cannot be read."""
+    (it would run code), CorruptCheckpoint when it cannot be read. ``mmap``: tensors are mapped, not read."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
         if found:  # a pickle that names a function or class to call: written to run code, not by tsallis
-            raise CheckpointError(
+            raise UnsafeCheckpoint(
                 f"checkpoint file {path} was refused: it holds objects other than tensors (the global "
                 f"{found.group(1)}), which could run code; tsallis did not write it: delete its checkpoint directory "
-                f"or choose another output_dir"
+                f"or choose another output_dir", found.group(1)
             ) from None
         detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(error))  # garbage: refused as unreadable
         raise CorruptCheckpoint(f"{path}: {detail.group(1) if detail else str(error).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptCheckpoint(f"{path}: {first}") from None
+
+
+def check_weights_only(paths: list[Path], allowed: list[type]) -> None:
+    """Refuse (CheckpointError) any of ``paths`` that ``torch.load(weights_only=True)`` with the classes
+    ``allowed`` besides tensors would refuse, before a library that loads them with ``weights_only=False``
+    (DeepSpeed) reads them. The pickles are read in full; the tensors are memory-mapped, not read."""
+    with torch.serialization.safe_globals(allowed):
+        for path in paths:
+            try:
+                safe_load(path, mmap=True)
+            except UnsafeCheckpoint as error:
+                raise CheckpointError(
+                    f"checkpoint file {path} was refused: it holds objects other than tensors and the allowed "
+                    f"{', '.join(a.__name__ for a in allowed)} (the global {error.global_name}), which could run code; "
+                    f"if your DeepSpeed version writes that class, add it to the list in DeepSpeedEngine.load "
+                    f"(tsallis_core/engines.py), else delete that checkpoint directory"
+                ) from None
 
 
 # ----------------------------------------------------------------------------------------------- RNG states

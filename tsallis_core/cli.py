@@ -50,7 +50,12 @@ def _train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import train
 
-    config = load_config(args.config, args.overrides)
+    overrides = args.overrides
+    if args.params:
+        from .kubeflow import params_train_overrides
+
+        overrides = [*params_train_overrides(args.params), *overrides]  # the key=value overrides given win
+    config = load_config(args.config, overrides)
     result = train(config, resume=args.resume)
     summary = {k: round(v, 4) for k, v in result.final_metrics.items() if isinstance(v, float)}
     print(f"done: {result.output_dir} (model: {result.model_dir}); last step: {json.dumps(summary)}")
@@ -98,11 +103,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     metrics = record["metrics"]
     path = write_json(record, args.out)
     if args.track:
-        from .tracking import MlflowTracker
+        from .tracking import MlflowTracker, eval_metric_name
 
         tracker = MlflowTracker()
         tracker.start(vars(args) | {"func": None}, run_name=f"evaluate-{Path(args.model).name}", tags={"stage": "evaluate"})
-        tracker.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=0)
+        tracker.log_metrics({eval_metric_name(k): v for k, v in metrics.items()}, step=0)
         tracker.log_artifact(path)
         tracker.end()
     print(json.dumps(metrics, indent=2))
@@ -228,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="YAML config file (fields below); omitted: all defaults")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    train.add_argument("--params", metavar="PARAMS_YAML",
+                       help="also set what params.yaml sets on every RL run of the DVC sweep (its train section: "
+                            "steps, optim.lr, rl.group_size, rl.batch_size, rl.max_new_tokens, rl.temperature; "
+                            "report.sweep: tracking.sweep); key=value overrides win")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.q=0.5 optim.lr=3e-4")
     train.set_defaults(func=_train)
 

@@ -150,6 +150,15 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory), tag="deepspeed")
 
     def load(self, directory: Path) -> None:
+        """DeepSpeed's loader runs ``torch.load(weights_only=False)``: its files are first loaded weights-only, with
+        exactly the DeepSpeed classes that its ZeRO checkpoints hold allowed, so a tampered file is refused."""
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        from .checkpoints import check_weights_only
+
+        check_weights_only(sorted((Path(directory) / "deepspeed").glob("*.pt")), [LossScaler, ZeroStageEnum, fragment_address])
         self.engine.load_checkpoint(str(directory), tag="deepspeed")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -54,11 +54,15 @@ class Estimator:
     uses_q: bool  # False: q is neither swept nor logged (the GRPO baseline)
     description: str
     maths: Callable[..., LossOutput] | None = None  # the pure tensor function (``get_loss``), where there is one
-    wants_resample_counts: Callable[[EstimatorArgs], bool] = lambda args: False
+    wants_resample_counts: Callable[[EstimatorArgs], bool] | None = None  # PAFT: draw the resampling counts
 
     def args_from(self, rl) -> EstimatorArgs:
         """This estimator's args from an ``RLConfig`` (or any object with those attributes)."""
         return self.args.model_validate({name: getattr(rl, name) for name in self.args.model_fields})
+
+    def draws_resample_counts(self, args: EstimatorArgs) -> bool:
+        """Whether the trainer draws resampling counts for this estimator (PAFT's multinomial resampling)."""
+        return self.wants_resample_counts is not None and self.wants_resample_counts(args)
 
     @property
     def has_kl(self) -> bool:
@@ -76,8 +80,7 @@ def register_estimator(name: str, args: type[EstimatorArgs], *, uses_q: bool, de
     def register(fn: Callable[[PolicyBatch, EstimatorArgs], LossOutput]):
         if name in ESTIMATORS:
             raise ValueError(f"estimator {name!r} is already registered")
-        ESTIMATORS[name] = Estimator(name, fn, args, uses_q, description, maths,
-                                     wants_resample_counts or (lambda a: False))
+        ESTIMATORS[name] = Estimator(name, fn, args, uses_q, description, maths, wants_resample_counts)
         return fn
 
     return register

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from .config import ConfigError, Section, parse_assignment, validate_settings
 from .estimators import ESTIMATORS, get_estimator
@@ -45,19 +45,6 @@ def checkpoint_path(root: str, sweep: str, pipeline_run: str, run_name: str) -> 
     return str(Path(root) / sweep / pipeline_run / run_name) if root else ""
 
 
-def sweep_run_overrides(run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
-                        batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str,
-                        checkpoint_every: int) -> list[str]:
-    """The ``tsallis train`` overrides of one RL run of the sweep (as dvc.yaml's train stage sets them), shared by
-    the components train_rl (one node) and train_rl_trainjob (a TrainJob)."""
-    return [
-        f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}", f"steps={steps}", f"optim.lr={lr}",
-        f"rl.group_size={group_size}", f"rl.batch_size={batch_size}", f"rl.max_new_tokens={max_new_tokens}",
-        f"rl.temperature={temperature}", f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2",
-        f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
-    ]
-
-
 def resolve_path(path: str) -> str:
     """A repository file (``configs/rl.yaml``) as given when it exists, else under ``$TSALLIS_HOME`` (the image
     sets it to where it keeps ``configs/``), else under the checkout that holds this package."""
@@ -65,6 +52,13 @@ def resolve_path(path: str) -> str:
         if candidate.exists():
             return str(candidate.resolve())
     return path  # load_config names the missing file
+
+
+EMPTY_SWEEP_LIST = {
+    "estimators": "the estimator list is empty; give at least one of {estimators}",
+    "q": "the q grid is empty; give at least one q in [0, 1], e.g. sweep.q=[0.5,1.0]",
+    "seeds": "the seed list is empty; give at least one seed, e.g. sweep.seeds=[0]",
+}
 
 
 class SweepGrid(Section):
@@ -75,31 +69,27 @@ class SweepGrid(Section):
     seeds: list[int] = Field([0, 1], description="seeds of every run (the report compares seed means)")
     baseline: bool = Field(True, description="also train the GRPO baseline once per seed (dvc.yaml's stage baseline)")
 
+    @field_validator("estimators", "q", "seeds")
+    @classmethod
+    def _not_empty(cls, value: list, info: ValidationInfo) -> list:
+        if not value:
+            raise ValueError(EMPTY_SWEEP_LIST[info.field_name].format(estimators=", ".join(ESTIMATORS)))
+        return value
+
     @field_validator("estimators")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
         unknown = [e for e in value if e not in ESTIMATORS]
         if unknown:
             raise ValueError(f"unknown estimator {', '.join(map(repr, unknown))}; choose from {', '.join(ESTIMATORS)}")
-        if not value:
-            raise ValueError(f"the estimator list is empty; give at least one of {', '.join(ESTIMATORS)}")
         return value
 
     @field_validator("q")
     @classmethod
     def _in_unit_interval(cls, value: list[float]) -> list[float]:
-        if not value:
-            raise ValueError("the q grid is empty; give at least one q in [0, 1], e.g. sweep.q=[0.5,1.0]")
         bad = [q for q in value if not (math.isfinite(q) and 0.0 <= q <= 1.0)]
         if bad:
             raise ValueError(f"every q must be in [0, 1]; got {', '.join(map(str, bad))}")
-        return value
-
-    @field_validator("seeds")
-    @classmethod
-    def _some_seed(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("the seed list is empty; give at least one seed, e.g. sweep.seeds=[0]")
         return value
 
     def items(self) -> list[dict[str, Any]]:
@@ -216,6 +206,36 @@ def load_settings(params: str | os.PathLike | None = "params.yaml", overrides: l
         loaded = yaml.safe_load(Path(params).read_text()) or {}
         data = {k: v for k, v in loaded.items() if k in PipelineSettings.model_fields}
     return validate_settings(PipelineSettings, data, overrides, "invalid pipeline settings", **fields)
+
+
+def train_overrides(train: TrainParams) -> list[str]:
+    """The ``tsallis train`` overrides that params.yaml's ``train`` section sets on every RL run of a sweep."""
+    return [f"steps={train.steps}", f"optim.lr={train.lr}", f"rl.group_size={train.group_size}",
+            f"rl.batch_size={train.batch_size}", f"rl.max_new_tokens={train.max_new_tokens}",
+            f"rl.temperature={train.temperature}"]
+
+
+def params_train_overrides(params: str | os.PathLike) -> list[str]:
+    """``tsallis train --params params.yaml``: the overrides of every RL run of the DVC sweep (params.yaml's ``train``
+    section and ``report.sweep``), so that dvc.yaml's train, baseline and experiment stages share one list."""
+    if not Path(params).is_file():
+        raise ConfigError(f"--params {params}: no such file; give the params.yaml that holds the train section")
+    settings = load_settings(params)
+    return [*train_overrides(settings.train), f"tracking.sweep={settings.report.sweep}"]
+
+
+def sweep_run_overrides(run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
+                        batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str,
+                        checkpoint_every: int) -> list[str]:
+    """The ``tsallis train`` overrides of one RL run of the sweep (as dvc.yaml's train stage sets them), shared by
+    the components train_rl (one node) and train_rl_trainjob (a TrainJob)."""
+    train = TrainParams(steps=steps, lr=lr, group_size=group_size, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, temperature=temperature)
+    return [
+        f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}", *train_overrides(train),
+        f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2",
+        f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
+    ]
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:

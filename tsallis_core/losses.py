@@ -203,10 +203,7 @@ def group_diagnostics(rewards: Tensor, group_size: int, q: float | None = None) 
 
 
 def garl_loss(
-    logprobs: Tensor,
-    mask: Tensor,
-    rewards: Tensor,
-    group_size: int,
+    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * M
     q: float,
     baseline: Baseline = "loo",
     aggregation: Aggregation = "seq_sum",
@@ -270,10 +267,7 @@ def paft_resample_counts(rewards: Tensor, group_size: int, num_samples: int, gen
 
 
 def paft_loss(
-    logprobs: Tensor,
-    mask: Tensor,
-    rewards: Tensor,
-    group_size: int,
+    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * M
     q: float,
     resample_counts: Tensor | None = None,
     aggregation: Aggregation = "seq_sum",
@@ -332,10 +326,7 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "grou
 
 
 def grpo_loss(
-    logprobs: Tensor,
-    mask: Tensor,
-    rewards: Tensor,
-    group_size: int,
+    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * M
     loss_type: str = "dapo",
     scale_rewards: str = "group",
     old_logprobs: Tensor | None = None,

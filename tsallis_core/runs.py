@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 
 class SweepError(ValueError):
     """A sweep that cannot be reported: the message names the file or the setting and the fix."""
@@ -38,19 +40,21 @@ class SweepRun:
         return self.evaluation[name]
 
 
-def _read_json(path: Path, made_by: str) -> dict:
+def _read_file(path: Path, made_by: str) -> dict:
+    """A JSON or YAML file (by its suffix) that ``made_by`` writes; a missing or unreadable one is a SweepError."""
     if not path.is_file():
         raise SweepError(f"{path} is missing: {made_by} writes it (run that stage first)")
+    kind, parse, failure = ("YAML", yaml.safe_load, yaml.YAMLError) if path.suffix == ".yaml" else ("JSON", json.loads, ValueError)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SweepError(f"{path} is not valid JSON ({error}); delete it and rerun {made_by}") from None
+        return parse(path.read_text()) or {}
+    except failure as error:
+        raise SweepError(f"{path} is not valid {kind} ({str(error).splitlines()[0]}); delete it and rerun {made_by}") from None
 
 
 def run_identity(run_dir: Path) -> tuple[str, float | None, int]:
     """(estimator, q, seed) from a run's config.yaml; q is None for an estimator without q (GRPO) and for
     q schedules."""
-    config = _read_json(run_dir / "config.yaml", "tsallis train")
+    config = _read_file(run_dir / "config.yaml", "tsallis train")
     rl = config.get("rl", {})
     estimator = rl.get("estimator", "garl") if config.get("stage") == "rl" else "sft"
     q = rl.get("q")
@@ -76,7 +80,7 @@ def load_run(run_dir: str | Path, evaluation_path: str | Path) -> SweepRun:
                 history.append(json.loads(line))
             except json.JSONDecodeError:
                 raise SweepError(f"{history_path} line {number} is not valid JSON; rerun the training stage") from None
-    record = _read_json(evaluation_path, "tsallis evaluate")
+    record = _read_file(evaluation_path, "tsallis evaluate")
     evaluation = record.get("metrics")
     if not isinstance(evaluation, dict):
         raise SweepError(f"{evaluation_path} has no 'metrics' mapping; rerun tsallis evaluate")

@@ -25,6 +25,7 @@ from .runs import (  # noqa: F401 - the sweep's runs, used by the CLI and the Ku
     select_runs,
     steps_to_escape,
 )
+from .tracking import eval_metric_name
 
 CHAMPION_ALIAS = "champion"
 
@@ -221,11 +222,6 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
 # ---------------------------------------------------------------------------------------------
 
 
-def mlflow_metric_key(name: str) -> str:
-    """MLflow metric names take no '@': maj@16 -> eval/maj_at_16."""
-    return "eval/" + name.replace("@", "_at_")
-
-
 def register_champion(champion: SweepRun, registered_name: str, metric: str) -> dict:
     """Register the champion's logged model under ``registered_name`` and point the alias ``champion`` at it.
 
@@ -293,9 +289,9 @@ def log_sweep(runs: list[SweepRun], sweep: str, report_dir: str | Path, champion
         client.set_tag(run.mlflow_run_id, PARENT_TAG, parent)
         client.set_tag(run.mlflow_run_id, SWEEP_TAG, sweep)
         for name, value in run.evaluation.items():
-            client.log_metric(run.mlflow_run_id, mlflow_metric_key(name), float(value))
-        client.log_metric(run.mlflow_run_id, f"{mlflow_metric_key(metric)}_vs_champion", run.metric(metric) - champion.metric(metric))
-    client.log_metric(parent, mlflow_metric_key(metric), champion.metric(metric))
+            client.log_metric(run.mlflow_run_id, eval_metric_name(name), float(value))
+        client.log_metric(run.mlflow_run_id, f"{eval_metric_name(metric)}_vs_champion", run.metric(metric) - champion.metric(metric))
+    client.log_metric(parent, eval_metric_name(metric), champion.metric(metric))
     client.set_tag(parent, "champion", champion.name)
     client.log_artifacts(parent, str(report_dir), artifact_path="report")
     return parent

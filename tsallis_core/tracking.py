@@ -14,6 +14,21 @@ from typing import Any
 
 DEFAULT_EXPERIMENT = "tsallis"
 
+# training metrics about the update; every other training metric describes the sampled completions (rollout/)
+UPDATE_METRICS = frozenset({"loss", "grad_norm", "lr", "q", "kl", "clip_frac", "attenuation_mean", "tokens_per_s",
+                            "step_s", "peak_memory_gb"})
+
+
+def train_metric_name(key: str) -> str:
+    """The MLflow name of a training metric (history.jsonl keeps the bare key): ``train/`` for the update
+    (loss, grad_norm, lr, q, kl, ...), ``rollout/`` for the samples (success_rate, amp_mean, completion_len, ...)."""
+    return ("train/" if key in UPDATE_METRICS else "rollout/") + key
+
+
+def eval_metric_name(key: str) -> str:
+    """The MLflow name of an evaluation metric; MLflow names take no '@': maj@16 -> eval/maj_at_16."""
+    return "eval/" + key.replace("@", "_at_")
+
 
 class TrackingUnreachable(RuntimeError):
     """The MLflow tracking server does not answer."""

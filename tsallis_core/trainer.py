@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .checkpoints import OutputDirLock, check_output_dir, checkpoint_dirs, load_newest_checkpoint, save_checkpoint
@@ -28,7 +29,7 @@ from .models import check_model_source, check_prompts_fit, load_model, load_toke
 from .rollout import HFRollout, Rollout, completion_logprobs, row_seed
 from .schedules import AdaptiveQ, update_success_ema
 from .tasks.verify import get_verifier
-from .tracking import make_tracker
+from .tracking import make_tracker, train_metric_name
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class Trainer:
         batch = [t.to(self.device) for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)]
         old = self._logprobs(self.engine.module, batch, grad=False) if rl.updates_per_batch > 1 else None
         ref = self._reference_logprobs(batch) if rl.kl_coef > 0 else None
-        counts = self._paft_counts(rewards, local) if self.estimator.wants_resample_counts(self.estimator_args) else None
+        counts = self._paft_counts(rewards, local) if self.estimator.draws_resample_counts(self.estimator_args) else None
         rows_per_micro = len(local) // cfg.optim.grad_accum * rl.group_size
         diagnostics: list[dict[str, float]] = []
         grad_norm = float("nan")
@@ -451,7 +452,7 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         history = self._read_history()
         self.tracker.start(cfg.model_dump(mode="json"), self._run_name(), {"stage": cfg.stage}, run_id=self.state.mlflow_run_id,
                            sweep=cfg.tracking.sweep)
@@ -470,7 +471,8 @@ class Trainer:
                 if self.rank == 0:
                     with self.history_path.open("a") as f:
                         f.write(json.dumps(metrics) + "\n")
-                    self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step" and math.isfinite(v)}, self.state.step)
+                    self.tracker.log_metrics({train_metric_name(k): v for k, v in metrics.items() if k != "step" and math.isfinite(v)},
+                                            self.state.step)
                 bar.set_postfix(self._postfix(metrics))
                 bar.update(1)
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.steps:
