@@ -232,13 +232,14 @@ def main() -> None:
                 if done.returncode:
                     sys.exit(f"{name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
                 raw = json.loads(result.read_text())
-                run = {**summarise(raw["steps"]), "peak_rss_mb": raw["peak_rss_mb"], "import_rss_mb": raw["import_rss_mb"]}
+                run = {**summarise(raw["steps"]), "peak_rss_mb": raw["peak_rss_mb"], "import_rss_mb": raw["import_rss_mb"],
+                       "step_s_each": [r["step_s"] for r in raw["steps"]]}
                 runs[name].append(run)
                 print(f"repeat {repeat + 1}/{args.repeats} {name:9s} {run['tokens_per_s']:8.0f} tok/s "
                       f"{run['step_s']:6.3f} s/step {run['peak_rss_mb']:6.0f} MB | "
                       + " ".join(f"{p} {run[p + '_s']:.3f}" for p in (*PARTS, "other")), flush=True)
 
-    keys = runs[args.contenders[0]][0].keys()
+    keys = [k for k in runs[args.contenders[0]][0] if k != "step_s_each"]
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
     ratios = {}
     if "trl-grpo" in medians:
