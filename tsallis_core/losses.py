@@ -203,7 +203,7 @@ def group_diagnostics(rewards: Tensor, group_size: int, q: float | None = None) 
 
 
 def garl_loss(
-    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * M
+    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
     q: float,
     baseline: Baseline = "loo",
     aggregation: Aggregation = "seq_sum",
@@ -267,7 +267,7 @@ def paft_resample_counts(rewards: Tensor, group_size: int, num_samples: int, gen
 
 
 def paft_loss(
-    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * M
+    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
     q: float,
     resample_counts: Tensor | None = None,
     aggregation: Aggregation = "seq_sum",
@@ -326,7 +326,7 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "grou
 
 
 def grpo_loss(
-    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * M
+    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
     loss_type: str = "dapo",
     scale_rewards: str = "group",
     old_logprobs: Tensor | None = None,

@@ -44,7 +44,8 @@ def _read_file(path: Path, made_by: str) -> dict:
     """A JSON or YAML file (by its suffix) that ``made_by`` writes; a missing or unreadable one is a SweepError."""
     if not path.is_file():
         raise SweepError(f"{path} is missing: {made_by} writes it (run that stage first)")
-    kind, parse, failure = ("YAML", yaml.safe_load, yaml.YAMLError) if path.suffix == ".yaml" else ("JSON", json.loads, ValueError)
+    is_yaml = path.suffix == ".yaml"
+    kind, parse, failure = ("YAML", yaml.safe_load, yaml.YAMLError) if is_yaml else ("JSON", json.loads, ValueError)
     try:
         return parse(path.read_text()) or {}
     except failure as error:
