@@ -52,7 +52,8 @@ def barrier() -> None:
 
 
 def is_distributed() -> bool:
-    return dist.is_initialized() and world()[1] > 1
+    """A process group of more than one process (however it was started: torchrun, deepspeed, mp.spawn)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -60,7 +61,7 @@ def all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not is_distributed():
         return t.cpu()
     t = t.to(device).contiguous()
-    parts = [torch.empty_like(t) for _ in range(world()[1])]
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t)
     return torch.cat(parts).cpu()
 
@@ -71,18 +72,14 @@ def mean_across(values: dict[str, float], device: torch.device) -> dict[str, flo
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return dict(zip(values, (t / world()[1]).tolist()))
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
 
 
 def all_ranks(flag: bool, device: torch.device) -> bool:
     """``flag`` on every process of the job (True only if True on all); ``flag`` when not distributed.
 
     Ranks must run the same number of forwards: ZeRO-3 gathers the weights in each and DDP syncs buffers."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    agreed = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    return bool(agreed.item())
+    return not max_across(0.0 if flag else 1.0, device)  # any rank's False is the job's False
 
 
 def max_across(value: float, device: torch.device) -> float:
