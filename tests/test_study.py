@@ -98,6 +98,7 @@ settings: [grpo, "garl:0.75"]
 run: {{steps: 3, group_size: 4, prompts_per_step: 2, max_new_tokens: 16}}
 factors: {{regimes: [adamw], settings: ["garl:0.75"], values: {{baseline: [none]}}, lr_offsets: [0]}}
 eval: {{prompts: 8, n: 2}}
+horizon: {{regimes: [adamw], settings: [grpo], lrs: {{adamw: {{grpo: 1.0e-3}}}}, steps: 8, stop_after: 0}}
 mechanism: {{regime: adamw, prompts_per_step: [4], batches: 1, state_steps: 2}}
 noise: {{base: {{name: noisy, task: {{min_terms: 2, max_terms: 3, p0: 0.6, label_noise: 0.5, num_train: 64, num_test: 16}},
          sft_steps: 40, measure_prompts: 8, measure_samples: 2}}, lrs: [1.0e-3], settings: ["garl:0", "garl:1"], steps: 2,
@@ -111,7 +112,14 @@ def test_a_tiny_study_runs_every_part_caches_its_runs_and_reports(tmp_path):
     first = run_tsallis("study", "escape", "--params", str(params), "--report", str(tmp_path / "report"), timeout=900)
     assert "lr search:" in first.stdout and "evaluations:" in first.stdout
     cells = json.loads((tmp_path / "study" / "cells.json").read_text())
-    assert {c["group"] for c in cells.values()} == {"core", "noise", "factor"}
+    assert {c["group"] for c in cells.values()} == {"core", "noise", "factor", "horizon"}
+    horizon = next(c for c in cells.values() if c["group"] == "horizon")
+    assert horizon["best_lr"] == 1e-3 and horizon["run"]["stop_after_escape"] == 0
+    for run in map(Path, horizon["run_dirs"]):  # a horizon run stops once it escapes (at its cap otherwise)
+        curve = json.loads((run / "result.json").read_text())["curves"]["success_rate"]
+        escaped = steps_to_escape(curve, 0.2)
+        assert len(curve) == (escaped if escaped is not None else 8)
+    cells = {n: c for n, c in cells.items() if c["group"] != "horizon"}
     for name, cell in cells.items():
         assert cell["best_lr"] in cell["grid"], name
         assert len(cell["run_dirs"]) == 2

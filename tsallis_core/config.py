@@ -101,6 +101,10 @@ class RLConfig(Section):
     paft_resample: Literal["multinomial", "expected"] = Field("multinomial", description="PAFT: draw the posterior resample, or use its expectation")
     grpo_loss_type: str = Field("dapo", description=f"GRPO aggregation as in TRL: {', '.join(GRPO_LOSS_TYPES)}")
     grpo_scale_rewards: str = Field("group", description=f"GRPO reward scaling as in TRL: {', '.join(SCALE_REWARDS)}")
+    stop_after_escape: int | None = Field(
+        None, ge=0, description="stop this many steps after the 5-step mean training success first reaches "
+        "rl.escape_threshold (long-horizon escape runs); None: run every step")
+    escape_threshold: float = Field(0.2, gt=0, lt=1, description="5-step mean training success that counts as escaped")
     logprob_token_budget: int | None = Field(
         None, ge=1, description="most prompt + completion tokens (padding included) per log-prob forward and backward; "
         "a micro-batch above it runs in row chunks: one forward without grad gives the loss's gradient w.r.t. the "

@@ -34,3 +34,15 @@ def paired_bootstrap_difference(a: list[list[float]], b: list[list[float]], resa
     95% bootstrap interval over prompts resampled jointly for both."""
     diff = np.asarray(a, dtype=float).mean(axis=0) - np.asarray(b, dtype=float).mean(axis=0)  # [P]
     return bootstrap_interval([diff.tolist()], resamples, seed)
+
+
+def median_ratio_interval(numerator: list[float], denominator: list[float], resamples: int = 2000,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """(ratio, low, high): median(numerator) / median(denominator), e.g. GRPO's steps to escape over an
+    estimator's, with a 95% percentile bootstrap that resamples the seeds of each side independently."""
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)  # [S_a], [S_b]
+    rng = np.random.default_rng(seed)
+    boot_a = np.median(a[rng.integers(0, len(a), size=(resamples, len(a)))], axis=1)  # [R]
+    boot_b = np.median(b[rng.integers(0, len(b), size=(resamples, len(b)))], axis=1)  # [R]
+    ratios = boot_a / boot_b
+    return float(np.median(a) / np.median(b)), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))

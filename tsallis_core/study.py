@@ -11,6 +11,9 @@ Parts (each cached run by run under ``out``; a rerun does only what is missing):
 - ``factors``: one factor at a time (prompts per step, M, GARL baseline, KL coefficient) for a few estimators.
 - ``mechanism``: the cosine between the AdamW updates (and the SGD updates) of two estimators from the same
   model state and the same rollout batch, against the number of prompts per step.
+- ``horizon``: a few estimators at the core grid's best lrs, run until they escape (capped; a run stops
+  ``stop_after`` steps after it escapes), on a base whose start success is given by ``horizon.base``: the escape
+  times themselves, to compare with the simulator's map (``tsallis simulate``).
 - ``noise``: a task variant whose training prompts carry a share of wrong (reachable) gold answers: how much
   probability each q puts on the wrong labels, and what that does to held-out accuracy.
 
@@ -36,7 +39,7 @@ from pydantic import Field
 
 from .config import ConfigError, Section, validate_settings
 
-PARTS = ("core", "mechanism", "noise", "factors")
+PARTS = ("core", "mechanism", "noise", "factors", "horizon")
 
 
 class BaseSpec(Section):
@@ -113,6 +116,18 @@ class NoiseSettings(Section):
     noisy_prompts: int = Field(300, ge=1, description="noisy training prompts sampled after training")
 
 
+class HorizonSettings(Section):
+    """Long runs to escape: each (regime, setting) at a fixed lr (the core grid's best), seeds 0..seeds-1."""
+
+    base: BaseSpec | None = Field(None, description="the base of these runs (None: the study's base)")
+    regimes: list[str] = Field(["sgd", "adamw"])
+    settings: list[str] = Field(["grpo", "garl:0.75", "garl:1", "paft:0.75"])
+    lrs: dict[str, dict[str, float]] = Field(default_factory=dict, description="regime -> setting -> lr")
+    steps: int = Field(1000, ge=1, description="the cap: most RL steps of a run")
+    stop_after: int = Field(20, ge=0, description="steps a run goes on after it escapes")
+    lr_drops: int = Field(2, ge=0, description="a cell whose run diverges reruns half a decade lower, at most this often")
+
+
 class StudyConfig(Section):
     out: str = "outputs/study/escape"
     workers: int = Field(2, ge=1, description="runs in parallel (one CPU thread each)")
@@ -127,6 +142,7 @@ class StudyConfig(Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     mechanism: MechanismSettings = Field(default_factory=MechanismSettings)
     noise: NoiseSettings = Field(default_factory=NoiseSettings)
+    horizon: HorizonSettings = Field(default_factory=HorizonSettings)
 
 
 def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> StudyConfig:
@@ -173,7 +189,9 @@ def run_one(job: dict) -> dict:
         f"optim.optimizer={job['optimizer']}", f"optim.lr={job['lr']}", f"optim.eps={job['eps']}",
         f"optim.grad_clip={job['grad_clip']}", f"checkpoint_every={job.get('checkpoint_every', 0)}",
         "tracking.enabled=false", "engine.threads=1",
-    ] + ([f"rl.q={q}"] if q else [])
+    ] + ([f"rl.q={q}"] if q else []) + ([f"rl.stop_after_escape={job['stop_after_escape']}",
+                                        f"rl.escape_threshold={job['escape_threshold']}"]
+                                       if job.get("stop_after_escape") is not None else [])
     started = time.time()
     try:
         history = train(load_config(None, overrides)).history
@@ -538,6 +556,49 @@ def run_mechanism(study: StudyConfig, ctx: dict, core: dict[tuple[str, str], flo
 
 
 # ---------------------------------------------------------------------------------------------
+# horizon: runs long enough to escape
+# ---------------------------------------------------------------------------------------------
+
+
+def horizon_cells(study: StudyConfig) -> list[Cell]:
+    h = study.horizon
+    run = {**study.run.model_dump(), "steps": h.steps, "stop_after_escape": h.stop_after,
+           "escape_threshold": study.escape_threshold}
+    missing = [f"{r}/{s}" for r in h.regimes for s in h.settings if s not in h.lrs.get(r, {})]
+    if missing:
+        raise ConfigError(f"horizon.lrs has no lr for {', '.join(missing)}: give horizon.lrs.REGIME.SETTING "
+                          "(the core grid's best lr, docs/escape.md)")
+    return [Cell("horizon", r, study.regimes[r], s, run, [h.lrs[r][s]]) for r in h.regimes for s in h.settings]
+
+
+def run_horizon(study: StudyConfig, ctx: dict) -> None:
+    """Each cell's seeds at its lr; a cell where any seed diverged reruns half a decade lower (``lr_drops``)."""
+    if study.horizon.base is not None:
+        base, data = make_base(study.horizon.base, ctx["out"])
+        start = measure_start(study.horizon.base, base, data, study.run.max_new_tokens)
+        strata = ", ".join(f"{d}: {v['success']:.4f}" for d, v in start["by_difficulty"].items())
+        print(f"horizon base {study.horizon.base.name}: start success {start['success']:.4f} ({strata})", flush=True)
+        ctx = {**ctx, "base": base, "data": data}
+    pending = horizon_cells(study)
+    for cell in pending:
+        cell.best_lr = cell.grid[0]
+    done: list[Cell] = []
+    for drop in range(study.horizon.lr_drops + 1):
+        results = _run_all([c.job(c.best_lr, s, ctx) for c in pending for s in range(study.seeds)], study.workers,
+                           label="horizon")
+        diverged = {r["job"]["cell"] for r in results if r["error"]}
+        for cell in pending:
+            cell.run_dirs = [cell.job(cell.best_lr, s, ctx)["out"] for s in range(study.seeds)]
+        done += [c for c in pending if c.name not in diverged or drop == study.horizon.lr_drops]
+        pending = [c for c in pending if c.name in diverged and drop < study.horizon.lr_drops]
+        for cell in pending:
+            cell.best_lr = round(cell.best_lr / math.sqrt(10), 12)
+        if not pending:
+            break
+    write_cells(done, ctx["out"] / "cells.json")
+
+
+# ---------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------
 
@@ -565,12 +626,14 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped study still records its wall time
     try:
-        base, data = make_base(study.base, out)
-        start = measure_start(study.base, base, data, study.run.max_new_tokens)
-        strata = ", ".join(f"{d}: {v['success']:.4f}" for d, v in start["by_difficulty"].items())
-        print(f"base {study.base.name}: start success {start['success']:.4f} ({strata})", flush=True)
-        ctx = {"base": base, "data": data, "out": out}
-        cells = core_cells(study)
+        ctx: dict[str, Any] = {"out": out}
+        if parts != ["horizon"] or study.horizon.base is None:  # the horizon part may bring its own base
+            base, data = make_base(study.base, out)
+            start = measure_start(study.base, base, data, study.run.max_new_tokens)
+            strata = ", ".join(f"{d}: {v['success']:.4f}" for d, v in start["by_difficulty"].items())
+            print(f"base {study.base.name}: start success {start['success']:.4f} ({strata})", flush=True)
+            ctx.update(base=base, data=data)
+        cells = core_cells(study) if "base" in ctx else []
         if "core" not in parts:  # factors and mechanism need the best lrs of their own regimes' core cells only
             needed = {*(study.factors.regimes if "factors" in parts else []),
                       *([study.mechanism.regime] if "mechanism" in parts else [])}
@@ -598,6 +661,9 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
             search_and_seed(noise, study, nctx)
             write_cells(noise, out / "cells.json")
             evaluate_cells(noise, study, nctx, noisy_train=noisy_data / "train.jsonl")
+            save_ledger()
+        if "horizon" in parts:
+            run_horizon(study, ctx)
             save_ledger()
         if "factors" in parts:
             factors = factor_cells(study, core)

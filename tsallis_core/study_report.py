@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import bootstrap_interval, paired_bootstrap_difference, t_interval
+from .stats import bootstrap_interval, median_ratio_interval, paired_bootstrap_difference, t_interval
 from .study import StudyConfig, final_success
 
 
@@ -208,6 +208,27 @@ def noise_differences(summaries: list[dict], resamples: int, reference: str = "g
     return "\n".join(lines)
 
 
+def horizon_table(summaries: list[dict], reference: str = "grpo") -> str:
+    """Steps to escape per seed at the horizon (a run that never escaped counts as its cap, so a ratio against it
+    is a lower bound, marked >=), and the median ratio reference / estimator with a bootstrap interval over seeds."""
+    head = ("| regime | estimator | lr | steps to escape, seeds | min / median / max | "
+            f"median {reference} / estimator [95% CI] |\n|---|---|---|---|---|---|")
+    rows = [head]
+    for s in summaries:
+        cap = s["steps"]
+        steps = [e if e is not None else cap for e in s["escape"]]
+        shown = ", ".join(str(e) if e is not None else f">{cap}" for e in s["escape"])
+        ref = next((r for r in summaries if r["regime"] == s["regime"] and r["setting"] == reference), None)
+        ratio = ""
+        if ref is not None and ref is not s:
+            ref_steps = [e if e is not None else cap for e in ref["escape"]]
+            censored = None in ref["escape"]
+            ratio = ((">=" if censored else "") + _fmt_ci(median_ratio_interval(ref_steps, steps), 2))
+        rows.append(f"| {s['regime']} | {s['setting']} | {s['best_lr']:.3g} | {shown} | "
+                    f"{min(steps)} / {statistics.median(steps):g} / {max(steps)} | {ratio} |")
+    return "\n".join(rows)
+
+
 def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float) -> Path:
     from .plots import _save, label_axes, plt
 
@@ -281,7 +302,7 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
     report.mkdir(parents=True, exist_ok=True)
     cells, results = _load(out)
     summaries = {name: s for name, cell in cells.items() if (s := cell_summary(name, cell, results, study))}
-    by_group = {g: [s for n, s in summaries.items() if cells[n]["group"] == g] for g in ("core", "factor", "noise")}
+    by_group = {g: [s for n, s in summaries.items() if cells[n]["group"] == g] for g in ("core", "factor", "noise", "horizon")}
     heldout = f"maj@{study.eval.n}"
     start_path = out / f"base-{study.base.name}" / "start.json"
     start = json.loads(start_path.read_text()) if start_path.is_file() else {"success": float("nan"), "by_difficulty": {}}
@@ -317,6 +338,10 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
                   "Claim check:\n", *claim_check(factor_summaries, start["success"]), "\n"]
         plot_curves(factor_summaries, report / "factor_curves.png", "factor", study.escape_threshold)
         parts.append("![factor curves](factor_curves.png)\n")
+    if by_group["horizon"]:
+        parts += ["## Horizon: runs until they escape\n", horizon_table(by_group["horizon"]), "\n",
+                  "![horizon curves](horizon_curves.png)\n"]
+        plot_curves(by_group["horizon"], report / "horizon_curves.png", "horizon", study.escape_threshold)
     parts += ["## Learning-rate search (seed 0)\n", lr_search_table(cells, results, None), "\n"]
     (report / "report.md").write_text("\n".join(parts))
     (report / "summary.json").write_text(json.dumps({"start": start, "wall": ledger, "cells": {

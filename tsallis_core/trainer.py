@@ -27,6 +27,7 @@ from .estimators import PolicyBatch, get_estimator
 from .losses import group_diagnostics, paft_resample_counts, sft_loss
 from .models import check_model_source, check_prompts_fit, load_model, load_tokenizer, model_facts, save_model
 from .rollout import HFRollout, Rollout, completion_logprobs, row_seed
+from .runs import steps_to_escape
 from .schedules import AdaptiveQ, update_success_ema
 from .tasks.verify import get_verifier
 from .tracking import make_tracker, train_metric_name
@@ -477,6 +478,8 @@ class Trainer:
                 bar.update(1)
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.steps:
                     save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
+                if self._escaped_long_enough(history):
+                    break
             save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
             model_dir = self._save_final()
             status = "FINISHED"
@@ -491,6 +494,14 @@ class Trainer:
                 (self.output_dir / "mlflow.json").write_text(json.dumps(
                     {"tracking_uri": self.tracker.uri, "run_id": self.tracker.run_id, "model_uri": self.tracker.model_uri}, indent=2))
         return TrainResult(self.output_dir, model_dir, final, history)
+
+    def _escaped_long_enough(self, history: list[dict]) -> bool:
+        """rl.stop_after_escape: the run has escaped (5-step mean success >= rl.escape_threshold) that many steps ago."""
+        after = self.cfg.rl.stop_after_escape
+        if self.cfg.stage != "rl" or after is None:
+            return False
+        escaped = steps_to_escape(history, self.cfg.rl.escape_threshold)
+        return escaped is not None and self.state.step >= escaped + after
 
     def _end_tracking(self, status: str) -> None:
         """End the MLflow run; a failure here is a warning, so that it never hides the run's own error."""
