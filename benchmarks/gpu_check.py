@@ -94,7 +94,7 @@ def completion_tokens(ids, prompt_len: int, eos: int) -> int:
 def bench_rollouts(model, tokenizer, batches, new_tokens, device, smoke: bool) -> dict:
     import torch
 
-    from tsallis_core.rollout import HFRollout, row_seed
+    from tsallis_core.rollout.eager import HFRollout, row_seed
 
     timer, out = Timers(device), {}
     for rows in batches:
@@ -144,7 +144,7 @@ def bench_logprob_memory(model, shapes, prompt_len: int, device) -> dict:
     """Peak memory of completion_logprobs forward + backward, above the weights (and their grads)."""
     import torch
 
-    from tsallis_core.rollout import completion_logprobs
+    from tsallis_core.rollout.eager import completion_logprobs
 
     vocab = model.config.vocab_size
     out = {}
@@ -184,7 +184,7 @@ def write_long_rows(path: Path, rows: int, length: int) -> None:
 
 def bench_sft(work: Path, common: list[str], params: int, peak, rows: int, length: int, steps: int, backends) -> dict:
     from tsallis_core.config import load_config
-    from tsallis_core.trainer import train
+    from tsallis_core.training.trainer import train
 
     write_long_rows(work / "long.jsonl", rows * steps, length)
     out = {}
@@ -208,10 +208,10 @@ def bench_rl_step(work: Path, common: list[str], device, rows: int, new_tokens: 
     """One GARL step split by timers around generate, the log-prob forward, backward and the AdamW step."""
     import torch
 
-    from tsallis_core import trainer as trainer_module
     from tsallis_core.config import load_config
-    from tsallis_core.rollout import HFRollout
-    from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.rollout.eager import HFRollout
+    from tsallis_core.training import trainer as trainer_module
 
     write_splits(SyntheticTaskConfig(num_pretrain=16, num_train=512, num_test=8), work / "data")
     timer = Timers(device)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tsallis_core.stats import t_interval
+from tsallis_core.maths.stats import t_interval
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ Every contender trains the same policy: the embedded tiny model (random init, se
 saved once and loaded by all), its character tokenizer, the synthetic task's prompts, 8 prompts
 x 8 completions = 64 completions per step of at most 16 tokens, temperature 1.0 with no top-k
 or top-p, AdamW at a constant learning rate of 1e-5, gradient clipping at 1.0, the exact-match
-verifier as the reward. Ours runs through ``tsallis_core.trainer.train``; TRL through
+verifier as the reward. Ours runs through ``tsallis_core.training.trainer.train``; TRL through
 ``GRPOTrainer.train`` (no vLLM, fp32, dapo loss, beta 0, logging and saving off).
 
 Each contender runs in a fresh subprocess (so peak RSS is its own), in turn, ``--repeats``
@@ -89,9 +89,9 @@ def rss_mb() -> float:
 
 
 def run_ours(estimator: str, work: Path, steps: int, threads: int, timers: Timers) -> None:
-    from tsallis_core import trainer as trainer_module
     from tsallis_core.config import load_config
-    from tsallis_core.rollout import HFRollout
+    from tsallis_core.rollout.eager import HFRollout
+    from tsallis_core.training import trainer as trainer_module
 
     HFRollout.generate = timers.wrap("generation", HFRollout.generate)
     trainer_module.completion_logprobs = timers.wrap("logprob_forward", trainer_module.completion_logprobs)
@@ -122,7 +122,7 @@ def run_trl(work: Path, steps: int, threads: int, timers: Timers) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tsallis_core.tasks.verify import get_verifier
+    from tsallis_core.data.verify import get_verifier
 
     torch.set_num_threads(threads)
     GenerationMixin.generate = timers.wrap("generation", GenerationMixin.generate)
@@ -184,8 +184,8 @@ def prepare(work: Path) -> None:
     import torch
 
     from tsallis_core.config import ModelConfig
-    from tsallis_core.models import load_model, load_tokenizer, save_model
-    from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.training.models import load_model, load_tokenizer, save_model
 
     write_splits(SyntheticTaskConfig(seed=SEED, num_pretrain=1, num_train=1024, num_test=1), work / "data")
     config = ModelConfig(dtype="float32")

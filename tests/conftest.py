@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
 from tsallis_core.distributed import free_port
-from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def mlflow_server(tmp_path_factory):
 # The child needs TSALLIS_TEST_DIE_AFTER_STEP=N in its environment.
 DIE_AFTER_CHECKPOINT = """
 import os, signal, sys
-import tsallis_core.checkpoints as _checkpoints
+import tsallis_core.training.checkpoints as _checkpoints
 _save, _die_at = _checkpoints.save_checkpoint, int(os.environ["TSALLIS_TEST_DIE_AFTER_STEP"])
 def _save_then_die(engine, state, *args, **kwargs):
     path = _save(engine, state, *args, **kwargs)

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_tsallis
 
 from tsallis_core.config import ConfigError, load_config, parse_overrides
-from tsallis_core.data import DatasetError, load_records
+from tsallis_core.data.records import DatasetError, load_records
 
 
 def test_overrides_and_yaml(tmp_path):

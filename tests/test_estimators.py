@@ -1,5 +1,5 @@
 """The estimator registry: a tiny estimator registered here is validated by the config, swept by the Kubeflow
-settings and trained by the trainer, with no other file edited (tsallis_core/estimators.py)."""
+settings and trained by the trainer, with no other file edited (tsallis_core/maths/estimators.py)."""
 
 import json
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tsallis_core.config import ConfigError, load_config
-from tsallis_core.estimators import ESTIMATORS, EstimatorArgs, PolicyBatch, get_estimator, register_estimator
 from tsallis_core.kubeflow import load_settings
-from tsallis_core.losses import LossOutput, aggregate
-from tsallis_core.trainer import train
+from tsallis_core.maths.estimators import ESTIMATORS, EstimatorArgs, PolicyBatch, get_estimator, register_estimator
+from tsallis_core.maths.losses import LossOutput, aggregate
+from tsallis_core.training.trainer import train
 
 CALLS: list[PolicyBatch] = []
 

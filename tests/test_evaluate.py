@@ -4,7 +4,7 @@ import math
 import pytest
 from conftest import run_tsallis
 
-from tsallis_core.evaluate import (
+from tsallis_core.evaluation.evaluate import (
     PromptResult,
     maj_at_k,
     majority_vote,
@@ -74,7 +74,7 @@ def test_evaluate_and_diagnose_on_the_embedded_default(task_dir, base_model, tmp
     assert {"accuracy", "em", "f1", "pass@1", "pass@4", "maj@1", "maj@4"} <= metrics.keys()
     assert metrics["pass@4"] >= metrics["pass@1"] - 1e-12
     # the function that the command and the Kubeflow component call gives the same record (k defaults to 1 and n)
-    from tsallis_core.evaluate import evaluate_model
+    from tsallis_core.evaluation.evaluate import evaluate_model
 
     record = evaluate_model(str(base_model), task_dir / "test.jsonl", 4, limit=8, max_new_tokens=24)
     assert record["metrics"] == metrics and record["model"] == str(base_model) and record["verifier"] == "exact"

@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, run_tsallis, torchrun
 from safetensors.torch import load_file
 
-from tsallis_core.checkpoints import CheckpointError, check_output_dir, safe_load
 from tsallis_core.config import ConfigError
+from tsallis_core.training.checkpoints import CheckpointError, check_output_dir, safe_load
 
 
 class CreatesFile:

@@ -10,8 +10,8 @@ import torch
 from conftest import REPO
 
 from tsallis_core.config import ConfigError, ModelConfig, OptimConfig, load_config
-from tsallis_core.engines import _optimizer
-from tsallis_core.models import load_model
+from tsallis_core.training.engines import _optimizer
+from tsallis_core.training.models import load_model
 
 
 def test_compile_is_for_the_torch_backend():

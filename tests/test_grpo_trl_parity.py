@@ -9,7 +9,7 @@ import torch
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is a test dependency: pip install -e '.[test]'")
 from trl.trainer.utils import nanstd
 
-from tsallis_core.losses import grpo_advantages, grpo_loss
+from tsallis_core.maths.losses import grpo_advantages, grpo_loss
 
 N_GROUPS, GROUP, LENGTH = 3, 4, 6
 

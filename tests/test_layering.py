@@ -1,12 +1,26 @@
 """Dependencies point inward: the library (tsallis_core) imports neither the Kubeflow layer (tsallis_kubeflow) nor
-the checkout's components/ and pipelines/, no module edits sys.path, and the library's modules import each other
-without a cycle (every import counts, those inside functions too; ``if TYPE_CHECKING:`` imports do not run)."""
+the checkout's components/ and pipelines/, no module edits sys.path, each of the library's layers (its folders)
+imports only from the layers below it, and the library's modules import each other without a cycle (every import
+counts, those inside functions too; ``if TYPE_CHECKING:`` imports do not run)."""
 
 import ast
+from pathlib import Path
 
 from conftest import REPO
 
 APP_LAYER = ("tsallis_kubeflow", "components", "pipelines")
+# tsallis_core's layers, bottom first: a module may import its own layer and the layers below, never one above
+LAYERS = (
+    {"maths"},  # losses, estimators, schedules, theory, curves, intervals: tensors and numbers only
+    {"data"},  # records, the synthetic task, the reasoning datasets, verifiers
+    {"distributed", "tracking"},  # process groups; MLflow
+    {"config"},  # the typed settings of a run
+    {"rollout"},  # sampling completions and their log-probs
+    {"training"},  # the trainer's recipes, engines, checkpoints, models
+    {"evaluation"},
+    {"studies"},  # the sweep, the escape study, the simulator, plots
+    {"kubeflow", "launch", "cli", "__init__"},  # entry points
+)
 
 
 def module_imports(package: str) -> dict[str, set[str]]:
@@ -38,6 +52,28 @@ def test_the_library_never_imports_the_application_layer():
         assert not [name for name in imported if name.split(".")[0] in APP_LAYER], module
 
 
+def layer_of(module: str) -> int:
+    """The layer of ``tsallis_core.X...`` by its folder (or top-level module) X."""
+    top = module.split(".")[1] if module.count(".") else "__init__"
+    found = [i for i, names in enumerate(LAYERS) if top in names]
+    assert found, f"{module}: {top} is in no layer of LAYERS (tests/test_layering.py): add it to one"
+    return found[0]
+
+
+def test_every_layer_imports_only_its_own_layer_and_those_below():
+    modules = module_imports("tsallis_core")
+    for module, imported in modules.items():
+        upward = sorted(i for i in imported if i in modules and i != "tsallis_core" and layer_of(i) > layer_of(module))
+        assert not upward, f"{module} imports a layer above it: {', '.join(upward)}"
+
+
+def test_the_package_shows_its_layers_as_folders():
+    top_level = {p.stem for p in (REPO / "tsallis_core").glob("*.py")}
+    folders = {p.name for p in (REPO / "tsallis_core").iterdir() if (p / "__init__.py").is_file()}
+    assert folders >= {"maths", "data", "rollout", "training", "evaluation", "studies"}
+    assert top_level <= set().union(*LAYERS), top_level - set().union(*LAYERS)
+
+
 def test_no_module_edits_sys_path():
     for package in ("tsallis_core", *APP_LAYER):
         for path in (REPO / package).rglob("*.py"):
@@ -60,3 +96,32 @@ def test_the_library_has_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_dvc_training_stages_depend_on_every_module_that_tsallis_train_imports():
+    """dvc.yaml's training deps (files or folders) cover the import closure of ``tsallis train``: the cli module's
+    top-level imports and what its train command imports (the trainer, the config, the params mapping)."""
+    import yaml
+
+    modules = module_imports("tsallis_core")
+    cli_tree = ast.parse((REPO / "tsallis_core" / "cli.py").read_text())
+    todo = {"tsallis_core.config", "tsallis_core.training.trainer", "tsallis_core.kubeflow"}
+    todo |= {n.module for n in cli_tree.body if isinstance(n, ast.ImportFrom) and n.module in modules}
+    closure = {"tsallis_core.cli"}  # its other commands' imports (inside their functions) do not run
+    while todo:
+        module = todo.pop()
+        closure.add(module)
+        todo |= {i for i in modules[module] if i in modules and i not in closure}
+
+    def path_of(module: str) -> str:
+        path = Path(*module.split("."))
+        return str(path / "__init__.py") if (REPO / path).is_dir() else f"{path}.py"
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in ("warmup", "train"):
+        deps = [d for d in stages[stage]["deps"] if d.startswith("tsallis_core")]
+        missing = sorted(m for m in closure if m != "tsallis_core" and not any(
+            path_of(m) == d or path_of(m).startswith(d.rstrip("/") + "/") for d in deps))
+        if stage == "warmup":
+            missing = [m for m in missing if m != "tsallis_core.kubeflow"]  # --params is the RL stages'
+        assert not missing, f"dvc.yaml stage {stage} does not depend on {', '.join(missing)}"

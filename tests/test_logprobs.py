@@ -6,8 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from tsallis_core.config import ModelConfig
-from tsallis_core.models import load_model, load_tokenizer
-from tsallis_core.rollout import HFRollout, cache_kwarg, completion_logprobs, row_seed
+from tsallis_core.rollout.eager import HFRollout, cache_kwarg, completion_logprobs, row_seed
+from tsallis_core.training.models import load_model, load_tokenizer
 
 
 def reference_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
@@ -105,8 +105,8 @@ def test_no_tensor_holds_more_than_a_chunk_of_vocabulary_rows(policy):
 def test_token_budget_gives_the_gradient_of_the_whole_micro_batch(tmp_path, estimator):
     """rl.logprob_token_budget splits the log-prob forward and backward into row chunks: the same gradient."""
     from tsallis_core.config import load_config
-    from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
-    from tsallis_core.trainer import Trainer
+    from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.training.trainer import Trainer
 
     write_splits(SyntheticTaskConfig(num_pretrain=8, num_train=16, num_test=4), tmp_path / "data")
     cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", f"data.train_path={tmp_path / 'data' / 'train.jsonl'}",

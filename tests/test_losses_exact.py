@@ -14,7 +14,7 @@ from tiny_policy import (
     token_logprobs,
 )
 
-from tsallis_core.losses import garl_loss, ln_q, paft_loss, paft_resample_counts, sft_loss
+from tsallis_core.maths.losses import garl_loss, ln_q, paft_loss, paft_resample_counts, sft_loss
 
 # completions 101, 111 and 011 are correct: P = 0.548 at the seed below (M P >> 1 by M = 8,
 # so the 1/M regime shows; the zero-success term (1-P)^M is small there)

@@ -1,12 +1,12 @@
-"""ln_q, the amplification, aggregation and argument checks of tsallis_core.losses."""
+"""ln_q, the amplification, aggregation and argument checks of tsallis_core.maths.losses."""
 
 import math
 
 import pytest
 import torch
 
-from tsallis_core.estimators import get_loss
-from tsallis_core.losses import (
+from tsallis_core.maths.estimators import get_loss
+from tsallis_core.maths.losses import (
     aggregate,
     amplification,
     garl_loss,

@@ -7,9 +7,9 @@ import pytest
 from conftest import run_tsallis
 
 from tsallis_core.config import ModelConfig
-from tsallis_core.data import DatasetError
-from tsallis_core.models import load_tokenizer
-from tsallis_core.tasks.reasoning import load_native, to_records
+from tsallis_core.data.reasoning import load_native, to_records
+from tsallis_core.data.records import DatasetError
+from tsallis_core.training.models import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FILES = {"finqa": FIXTURES / "finqa" / "test.json", "hotpotqa": FIXTURES / "hotpotqa" / "validation.jsonl",

@@ -1,8 +1,8 @@
 import torch
 
 from tsallis_core.config import ModelConfig
-from tsallis_core.models import load_model, load_tokenizer
-from tsallis_core.rollout import HFRollout, completion_logprobs, hashed_uniform, row_seed, sample_tokens
+from tsallis_core.rollout.eager import HFRollout, completion_logprobs, hashed_uniform, row_seed, sample_tokens
+from tsallis_core.training.models import load_model, load_tokenizer
 
 
 def test_hashed_noise_is_uniform_and_seed_dependent():

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from tsallis_core.schedules import AdaptiveQ, ConstantQ, CosineQ, LinearQ, QSchedule, StepQ, update_success_ema
+from tsallis_core.maths.schedules import AdaptiveQ, ConstantQ, CosineQ, LinearQ, QSchedule, StepQ, update_success_ema
 
 
 def test_constant():

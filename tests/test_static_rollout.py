@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tsallis_core.config import ModelConfig
-from tsallis_core.models import load_model, load_tokenizer
-from tsallis_core.rollout import HFRollout, row_seed
-from tsallis_core.static_rollout import StaticDecoder
+from tsallis_core.rollout.eager import HFRollout, row_seed
+from tsallis_core.rollout.static import StaticDecoder
+from tsallis_core.training.models import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import torch
 from conftest import run_tsallis
 
 from tsallis_core.config import load_config
-from tsallis_core.engines import TorchEngine
-from tsallis_core.stats import bootstrap_interval, paired_bootstrap_difference, t_interval
-from tsallis_core.study import widen_grid
-from tsallis_core.study_report import steps_to_escape
-from tsallis_core.tasks.synthetic import SyntheticTaskConfig, generate, worked_solution
-from tsallis_core.trainer import label_noise_rates, success_by_stratum
+from tsallis_core.data.synthetic import SyntheticTaskConfig, generate, worked_solution
+from tsallis_core.maths.curves import steps_to_escape
+from tsallis_core.maths.stats import bootstrap_interval, paired_bootstrap_difference, t_interval
+from tsallis_core.studies.escape import widen_grid
+from tsallis_core.training.engines import TorchEngine
+from tsallis_core.training.trainer import label_noise_rates, success_by_stratum
 
 
 def test_widen_grid_grows_toward_the_best_edge_until_the_best_is_inside():

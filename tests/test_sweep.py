@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tsallis_core.sweep import (
+from tsallis_core.studies.sweep import (
     SweepError,
     final_success,
     find_run_dirs,
@@ -106,7 +106,7 @@ def seeded_run(root: Path, estimator: str, q: float, seed: int, per_prompt: list
 
 
 def test_champion_is_chosen_on_the_seed_mean_and_a_margin_inside_the_noise_is_said_plainly(tmp_path):
-    from tsallis_core.sweep import leader_verdict, summarize_settings
+    from tsallis_core.studies.sweep import leader_verdict, summarize_settings
 
     # GARL q=1: one lucky seed (0.9) but a lower mean; PAFT q=1: steady, the higher mean, overlapping seeds
     for seed, prompts in enumerate([[1.0] * 9 + [0.0], [0.0] * 8 + [1.0] * 2]):
@@ -125,7 +125,7 @@ def test_champion_is_chosen_on_the_seed_mean_and_a_margin_inside_the_noise_is_sa
 
 
 def test_a_winner_is_called_only_with_seeds_apart_and_an_interval_above_zero(tmp_path):
-    from tsallis_core.sweep import leader_verdict, summarize_settings
+    from tsallis_core.studies.sweep import leader_verdict, summarize_settings
 
     for seed in range(3):
         seeded_run(tmp_path, "garl", 0.75, seed, [1.0] * (180 + seed) + [0.0] * (20 - seed))

@@ -1,7 +1,7 @@
 import pytest
 
-from tsallis_core.tasks.synthetic import SyntheticTaskConfig, generate, worked_solution, write_splits
-from tsallis_core.tasks.verify import exact_reward, extract_answer
+from tsallis_core.data.synthetic import SyntheticTaskConfig, generate, worked_solution, write_splits
+from tsallis_core.data.verify import exact_reward, extract_answer
 
 
 def test_generation_is_deterministic_and_splits_differ(tmp_path):

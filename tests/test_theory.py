@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from tsallis_core import theory
+from tsallis_core.maths import theory
 
 P0S = [1e-3, 1e-4, 1e-5]
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tsallis_core.config import OptimConfig, load_config
-from tsallis_core.engines import TorchEngine
-from tsallis_core.trainer import TrainingDiverged, train
+from tsallis_core.training.engines import TorchEngine
+from tsallis_core.training.trainer import TrainingDiverged, train
 
 
 def weights(model_dir):

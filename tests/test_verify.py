@@ -2,7 +2,7 @@
 
 import pytest
 
-from tsallis_core.tasks.verify import (
+from tsallis_core.data.verify import (
     em_reward,
     exact_reward,
     extract_answer,

@@ -1,7 +1,7 @@
 """tsallis_core: training reasoning models on the Tsallis loss continuum J_q (arXiv 2604.25907)."""
 
-from .estimators import ESTIMATORS, PolicyBatch, get_estimator, get_loss, register_estimator
-from .losses import (
+from tsallis_core.maths.estimators import ESTIMATORS, PolicyBatch, get_estimator, get_loss, register_estimator
+from tsallis_core.maths.losses import (
     LossOutput,
     amplification,
     garl_loss,
@@ -12,7 +12,7 @@ from .losses import (
     paft_resample_counts,
     sft_loss,
 )
-from .schedules import AdaptiveQ, ConstantQ, CosineQ, LinearQ, StepQ
+from tsallis_core.maths.schedules import AdaptiveQ, ConstantQ, CosineQ, LinearQ, StepQ
 
 __all__ = [
     "ESTIMATORS",

@@ -8,7 +8,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import theory
+from tsallis_core.maths import theory
+from tsallis_core.maths.curves import ESCAPE_THRESHOLD
 
 
 def _theory_escape(args: argparse.Namespace) -> int:
@@ -23,7 +24,7 @@ def _theory_escape(args: argparse.Namespace) -> int:
     print("\nlog-log slope of escape time against 1/p0 (theory: 1 - q, 0 at q = 1 where time ~ log 1/p0):")
     for q, slope in slopes.items():
         print(f"  q={q:g}: slope {slope:.4f} (1-q = {1 - q:g})")
-    from .plots import plot_escape
+    from tsallis_core.studies.plots import plot_escape
 
     print(f"\nplot: {plot_escape(records, slopes, args.plot)}")
     return 0
@@ -40,19 +41,19 @@ def _theory_noise(args: argparse.Namespace) -> int:
             f"{r.q:>6g} {r.noise_share:>12.0%} {r.mass_on_wrong_label:>14.4f} {r.mass_on_correct:>16.4f}"
             f" {r.limit_mass_on_wrong_label:>15.4f}"
         )
-    from .plots import plot_noise
+    from tsallis_core.studies.plots import plot_noise
 
     print(f"\nhorizon T = {args.horizon:g}; plot: {plot_noise(records, args.plot)}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .trainer import train
+    from tsallis_core.config import load_config
+    from tsallis_core.training.trainer import train
 
     overrides = args.overrides
     if args.params:
-        from .kubeflow import params_train_overrides
+        from tsallis_core.kubeflow import params_train_overrides
 
         overrides = [*params_train_overrides(args.params), *overrides]  # the key=value overrides given win
     config = load_config(args.config, overrides)
@@ -63,8 +64,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data_synthetic(args: argparse.Namespace) -> int:
-    from .config import parse_overrides
-    from .tasks.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.config import parse_overrides
+    from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
 
     task = SyntheticTaskConfig.model_validate(parse_overrides(args.overrides))
     for split, path in write_splits(task, args.out).items():
@@ -75,12 +76,12 @@ def _data_synthetic(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from .tasks.reasoning import SOURCES, load_native, to_records
+    from tsallis_core.data.reasoning import SOURCES, load_native, to_records
 
     tokenizer = None
     if args.tokenizer:
-        from .config import ModelConfig
-        from .models import load_tokenizer
+        from tsallis_core.config import ModelConfig
+        from tsallis_core.training.models import load_tokenizer
 
         tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer))
     rows, source = load_native(args.dataset, args.path, args.hub_id, args.hub_config, args.split, args.revision)
@@ -96,14 +97,14 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_model, write_json
+    from tsallis_core.evaluation.evaluate import evaluate_model, write_json
 
     record = evaluate_model(args.model, args.data, args.n, args.k, args.verifier, args.temperature, args.max_new_tokens,
                             args.seed, args.limit)
     metrics = record["metrics"]
     path = write_json(record, args.out)
     if args.track:
-        from .tracking import MlflowTracker, eval_metric_name
+        from tsallis_core.tracking import MlflowTracker, eval_metric_name
 
         tracker = MlflowTracker()
         tracker.start(vars(args) | {"func": None}, run_name=f"evaluate-{Path(args.model).name}", tags={"stage": "evaluate"})
@@ -118,7 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .evaluate import diagnose, load_for_eval, sample_and_score, write_json
+    from tsallis_core.evaluation.evaluate import diagnose, load_for_eval, sample_and_score, write_json
 
     model, tokenizer, rows = load_for_eval(args.model, args.data, args.limit, args.seed)
     results = sample_and_score(model, tokenizer, rows, args.m, args.verifier, args.temperature, args.max_new_tokens, args.seed)
@@ -132,7 +133,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import sweep
+    from tsallis_core.studies import sweep
 
     runs = sweep.select_runs(sweep.find_run_dirs(args.runs), args.evals, args.estimators, args.q, args.seeds)
     champion = sweep.pick_champion(runs, args.metric)
@@ -149,14 +150,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _study_escape(args: argparse.Namespace) -> int:
-    from .study import load_study, run_study
+    from tsallis_core.studies.escape import load_study, run_study
 
     parts = [p for p in args.parts or [] if "=" not in p]  # --parts core workers=2: the override is not a part
     overrides = [*args.overrides, *(p for p in args.parts or [] if "=" in p)]
     study = load_study(args.params, overrides)
     out = run_study(study, parts or None)
     if args.report:
-        from .study_report import write_study_report
+        from tsallis_core.studies.escape_report import write_study_report
 
         print(f"report: {write_study_report(study, args.report)}")
     print(f"study: {out}")
@@ -164,8 +165,8 @@ def _study_escape(args: argparse.Namespace) -> int:
 
 
 def _study_report(args: argparse.Namespace) -> int:
-    from .study import load_study
-    from .study_report import write_study_report
+    from tsallis_core.studies.escape import load_study
+    from tsallis_core.studies.escape_report import write_study_report
 
     print(f"report: {write_study_report(load_study(args.params, args.overrides), args.out)}")
     return 0
@@ -176,7 +177,7 @@ def _add_study_commands(commands) -> None:
     sub = study.add_subparsers(dest="study_command", required=True)
     escape = sub.add_parser("escape", help="run the study's parts: core, mechanism, noise, factors",
                             description="Runs are cached under the params file's `out`; a rerun does only what is "
-                                        "missing. Settings: the fields of tsallis_core.study.StudyConfig.")
+                                        "missing. Settings: the fields of tsallis_core.studies.escape.StudyConfig.")
     escape.add_argument("--params", default="configs/study/escape.yaml", help="the study's params file (YAML)")
     escape.add_argument("--parts", nargs="*", help="parts to run (default: all): core mechanism noise factors")
     escape.add_argument("--report", help="also write the report (markdown and plots) into this directory")
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--plot", default="outputs/theory/noise.png", help="where to write the PNG plot")
     noise.set_defaults(func=_theory_noise)
 
-    from .config import describe_fields
+    from tsallis_core.config import describe_fields
 
     train = commands.add_parser(
         "train", help="train a model (stage sft or rl) from a YAML config with key=value overrides",
@@ -263,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--estimators", nargs="*", help="keep only the sweep runs of these estimators (GRPO runs are kept)")
     report.add_argument("--q", nargs="*", type=float, help="keep only the sweep runs with these q values")
     report.add_argument("--seeds", nargs="*", type=int, help="keep only the runs with these seeds")
-    report.add_argument("--escape-threshold", type=float, default=0.5, help="success rate that counts as escaped")
+    report.add_argument("--escape-threshold", type=float, default=ESCAPE_THRESHOLD,
+                        help="5-step mean training success that counts as escaped")
     report.add_argument("--register-as", default="", help="registered model name for the champion ('' : no registration)")
     report.add_argument("--sweep", default="", help="sweep name: log to its MLflow parent run ('': no MLflow logging)")
     report.set_defaults(func=_report)
@@ -291,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--bad-rows", choices=["skip", "fail"], default="skip", help="skip and report, or fail")
     prepare.add_argument("--out", required=True, help="output JSONL")
     prepare.set_defaults(func=_data_prepare)
-    for entry in entry_points(group="tsallis.commands"):  # commands of the application layer (pipelines/cli.py)
+    for entry in entry_points(group="tsallis.commands"):  # commands of the application layer (tsallis_kubeflow/cli.py)
         entry.load()(commands)
     _add_study_commands(commands)
     return parser
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pydantic import ValidationError
 
-    from .tracking import TrackingUnreachable
+    from tsallis_core.tracking import TrackingUnreachable
 
     try:
         return args.func(args)

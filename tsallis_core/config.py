@@ -14,10 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .estimators import ESTIMATORS, get_estimator
-from .losses import AGGREGATIONS, BASELINES, GRPO_LOSS_TYPES, SCALE_REWARDS
-from .schedules import ConstantQ, QSchedule
-from .tasks.verify import VERIFIERS
+from tsallis_core.data.verify import VERIFIERS
+from tsallis_core.maths.curves import ESCAPE_THRESHOLD
+from tsallis_core.maths.estimators import ESTIMATORS, get_estimator
+from tsallis_core.maths.losses import AGGREGATIONS, BASELINES, GRPO_LOSS_TYPES, SCALE_REWARDS
+from tsallis_core.maths.schedules import ConstantQ, QSchedule
 
 EMBEDDED_MODEL = "embedded:tiny"
 
@@ -104,7 +105,7 @@ class RLConfig(Section):
     stop_after_escape: int | None = Field(
         None, ge=0, description="stop this many steps after the 5-step mean training success first reaches "
         "rl.escape_threshold (long-horizon escape runs); None: run every step")
-    escape_threshold: float = Field(0.2, gt=0, lt=1, description="5-step mean training success that counts as escaped")
+    escape_threshold: float = Field(ESCAPE_THRESHOLD, gt=0, lt=1, description="5-step mean training success that counts as escaped")
     logprob_token_budget: int | None = Field(
         None, ge=1, description="most prompt + completion tokens (padding included) per log-prob forward and backward; "
         "a micro-batch above it runs in row chunks: one forward without grad gives the loss's gradient w.r.t. the "

@@ -17,8 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from .config import ConfigError, Section, parse_assignment, validate_settings
-from .estimators import ESTIMATORS, get_estimator
+from tsallis_core.config import ConfigError, Section, parse_assignment, validate_settings
+from tsallis_core.maths.estimators import ESTIMATORS, get_estimator
+from tsallis_core.maths.curves import ESCAPE_THRESHOLD
 
 LOCAL_IMAGE = "tsallis:local"  # `docker build -t tsallis:local .` for a local cluster (README, section Kubeflow)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ class EvaluateParams(Section):
 
 class ReportParams(Section):
     metric: str = "maj@8"
-    escape_threshold: float = 0.25
+    escape_threshold: float = ESCAPE_THRESHOLD
     registered_model: str = "tsallis-synthetic"
     sweep: str = "synthetic-cold-start"
     experiment: str = "tsallis"

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kubeflow import resolve_path
+from tsallis_core.kubeflow import resolve_path
 
 SECRET_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
@@ -40,8 +40,8 @@ def run_training(config: str, overrides: list[str], gpus: int = 0,
     ``checkpoint_dir``: train there rather than in the config's ``output_dir`` (a volume that outlives the pod),
     resuming from the newest checkpoint that an earlier, killed attempt left; the finished run (without its
     checkpoints) is then copied to ``output_dir`` and the checkpoints are removed."""
-    from .checkpoints import checkpoint_dirs
-    from .config import load_config
+    from tsallis_core.config import load_config
+    from tsallis_core.training.checkpoints import checkpoint_dirs
 
     config = resolve_path(config)
     output_dir = load_config(config, overrides).output_dir  # a bad field fails here, before any process starts
@@ -52,7 +52,7 @@ def run_training(config: str, overrides: list[str], gpus: int = 0,
     if resume:
         print(f"resuming from {checkpoint_dirs(Path(cfg.output_dir))[-1]}", flush=True)
     if gpus <= 1:
-        from .trainer import train
+        from tsallis_core.training.trainer import train
 
         final = train(cfg, resume=resume).final_metrics
     else:
@@ -189,7 +189,7 @@ def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_di
     run_dir = work / "run" / run_name
     overrides = [*overrides, f"output_dir={run_dir}", f"model.name_or_path={work / 'base'}",
                  f"data.train_path={work / 'data' / 'train.jsonl'}"]
-    from .config import load_config
+    from tsallis_core.config import load_config
 
     config = resolve_path(config)  # an absolute path in the image: the same on every node
     # a bad field, or a step that the nodes x GPUs processes cannot share, fails here, before anything is staged

@@ -14,7 +14,7 @@ from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 def prepare_data(data: Output[Dataset], seed: int, p0: float, num_train: int, num_test: int, num_pretrain: int):
     """dvc.yaml prepare: the synthetic cold-start task (pretrain/train/test JSONL) -> tasks.synthetic.write_splits."""
-    from tsallis_core.tasks.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
 
     task = SyntheticTaskConfig(seed=seed, p0=p0, num_train=num_train, num_test=num_test, num_pretrain=num_pretrain)
     write_splits(task, data.path)
@@ -94,7 +94,7 @@ def evaluate_model(data: Input[Dataset], model: Input[Model], metrics: Output[Me
                    run_name: str, n: int, max_new_tokens: int, temperature: float, seed: int):
     """dvc.yaml evaluate: n samples per held-out prompt, pass@k and maj@k for k in (1, n)
     -> evaluate.evaluate_model; the JSON goes to evaluation/<run_name>.json as `tsallis evaluate --out` writes it."""
-    from tsallis_core.evaluate import evaluate_model, write_json
+    from tsallis_core.evaluation.evaluate import evaluate_model, write_json
 
     record = evaluate_model(f"{model.path}/{run_name}/model", f"{data.path}/test.jsonl", n, [1, n],
                             temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
@@ -107,7 +107,7 @@ def register_champion(models: Input[list[Model]], evaluations: Input[list[Artifa
                       registered_model: str) -> dict:
     """dvc.yaml report (its registry half): pick the champion by `metric`, register it in MLflow with the alias
     `champion` -> sweep.load_runs, pick_champion, register_champion."""
-    from tsallis_core import sweep
+    from tsallis_core.studies import sweep
 
     runs = sweep.load_runs([m.path for m in models], [e.path for e in evaluations])
     return sweep.register_champion(sweep.pick_champion(runs, metric), registered_model, metric)
@@ -120,7 +120,7 @@ def sweep_report(models: Input[list[Model]], evaluations: Input[list[Artifact]],
     -> sweep.load_runs, pick_champion, write_report, log_sweep."""
     import shutil
 
-    from tsallis_core import sweep
+    from tsallis_core.studies import sweep
 
     runs = sweep.load_runs([m.path for m in models], [e.path for e in evaluations])
     champion = sweep.pick_champion(runs, metric)

@@ -3,7 +3,7 @@
     python -m tsallis_core.assets.build_tiny
 
 A character-level tokenizer over printable ASCII plus whole tokens for "Q:" and "Answer:",
-and a small Llama-shaped config. ``tsallis_core.models`` builds the model from this config
+and a small Llama-shaped config. ``tsallis_core.training.models`` builds the model from this config
 with a seed, so nothing is downloaded and no weights are committed.
 """
 

@@ -1,8 +1,8 @@
 """What every decode loop shares: the counter-based sampling noise, the prompts' prefill, and model plumbing.
 
 Sampling uses the Gumbel-max trick with noise that is a hash of (row seed, position, token): a completion
-depends only on its own seed (rollout.py says what that buys). ``HFRollout`` (rollout.py) and the static-cache
-decoder (static_rollout.py) both sample with ``sample_tokens`` from a ``Prefill``.
+depends only on its own seed (eager.py says what that buys). ``HFRollout`` (eager.py) and the static-cache
+decoder (static.py) both sample with ``sample_tokens`` from a ``Prefill``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .distributed import all_ranks
-from .sampling import Prefill, _unwrap, cache_kwarg, hashed_uniform, row_seed, sample_tokens  # noqa: F401 - public here too
+from tsallis_core.distributed import all_ranks
+from tsallis_core.rollout.sampling import Prefill, _unwrap, cache_kwarg, hashed_uniform, row_seed, sample_tokens  # noqa: F401 - public here too
 
 
 @dataclass
@@ -81,7 +81,7 @@ class HFRollout:
         self.temperature, self.max_new_tokens, self.progress = temperature, max_new_tokens, progress
         self.sync_ranks = sync_ranks  # ZeRO-3 gathers weights in every forward: all ranks must decode equally long
         self.check_every = check_every  # tokens between "has every row finished?" checks; None: 1 on CPU, 8 on GPU
-        # decode over a static KV cache (tsallis_core.static_rollout; CUDA graphs on GPU); None: where it pays
+        # decode over a static KV cache (tsallis_core.rollout.static; CUDA graphs on GPU); None: where it pays
         self.static_cache = static_cache
         self._static = None
 
@@ -143,7 +143,7 @@ class HFRollout:
 
     def _decode(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
         """Tokens and alive flags [N, T]: the static-cache decoder where chosen and supported, else the eager loop."""
-        from .static_rollout import StaticDecoder
+        from tsallis_core.rollout.static import StaticDecoder
 
         wanted = self.static_cache if self.static_cache is not None else STATIC_BY_DEFAULT[prefill.logits.device.type]
         if not (wanted and StaticDecoder.supports(self.model)):

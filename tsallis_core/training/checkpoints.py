@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .distributed import barrier
+from tsallis_core.config import ConfigError
+from tsallis_core.distributed import barrier
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def check_weights_only(paths: list[Path], allowed: list[type]) -> None:
                     f"checkpoint file {path} was refused: it holds objects other than tensors and the allowed "
                     f"{', '.join(a.__name__ for a in allowed)} (the global {error.global_name}), which could run code; "
                     f"if your DeepSpeed version writes that class, add it to the list in DeepSpeedEngine.load "
-                    f"(tsallis_core/engines.py), else delete that checkpoint directory"
+                    f"(tsallis_core/training/engines.py), else delete that checkpoint directory"
                 ) from None
 
 

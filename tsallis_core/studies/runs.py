@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from tsallis_core.maths import curves
+
 
 class SweepError(ValueError):
     """A sweep that cannot be reported: the message names the file or the setting and the fix."""
@@ -61,7 +63,7 @@ def run_identity(run_dir: Path) -> tuple[str, float | None, int]:
     q = rl.get("q")
     if q is None and rl.get("q_schedule", {}).get("kind") == "constant":
         q = rl["q_schedule"].get("q")
-    from .estimators import ESTIMATORS
+    from tsallis_core.maths.estimators import ESTIMATORS
 
     has_q = estimator in ESTIMATORS and ESTIMATORS[estimator].uses_q
     return estimator, q if has_q else None, int(config.get("seed", 0))
@@ -148,16 +150,12 @@ def load_runs(run_roots: list[str | Path], evaluation_roots: list[str | Path]) -
     return runs
 
 
-def steps_to_escape(history: list[dict], threshold: float, window: int = 5) -> int | None:
-    """First step at which the moving average of the success rate over ``window`` steps reaches ``threshold``."""
-    rates = [row["success_rate"] for row in history]
-    for end in range(window, len(rates) + 1):
-        if sum(rates[end - window:end]) / window >= threshold:
-            return history[end - 1]["step"]
-    return None
+def steps_to_escape(history: list[dict], threshold: float, window: int = curves.ESCAPE_WINDOW) -> int | None:
+    """The history's step at which the moving average of the success rate reaches ``threshold`` (maths.curves)."""
+    end = curves.steps_to_escape([row["success_rate"] for row in history], threshold, window)
+    return history[end - 1]["step"] if end is not None else None
 
 
-def final_success(history: list[dict], window: int = 10) -> float:
-    """Mean success rate over the last ``window`` training steps."""
-    rates = [row["success_rate"] for row in history[-window:]]
-    return sum(rates) / len(rates) if rates else float("nan")
+def final_success(history: list[dict], window: int = curves.FINAL_WINDOW) -> float:
+    """Mean success rate over the last ``window`` training steps (maths.curves)."""
+    return curves.final_success([row["success_rate"] for row in history], window)

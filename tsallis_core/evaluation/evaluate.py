@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .tasks.verify import exact_match_score, extract_answer, f1_score, get_verifier, normalize_answer
+from tsallis_core.data.verify import exact_match_score, extract_answer, f1_score, get_verifier, normalize_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -53,7 +53,7 @@ class PromptResult:
 def sample_and_score(model, tokenizer, rows: list[dict], num_samples: int, verifier: str, temperature: float,
                      max_new_tokens: int, seed: int, prompts_per_batch: int = 8) -> list[PromptResult]:
     """num_samples completions per row (seeded), each verified; a progress bar over the rows."""
-    from .rollout import HFRollout, row_seed
+    from tsallis_core.rollout.eager import HFRollout, row_seed
 
     verify = get_verifier(verifier)
     rollout = HFRollout(model, tokenizer, temperature, max_new_tokens)
@@ -167,10 +167,10 @@ def diagnose(results: list[PromptResult], verifier: str) -> Diagnosis:
 
 def load_for_eval(model: str, data: str | Path, limit: int = 0, seed: int = 0):
     """(model in eval mode, tokenizer, rows): the rows first, so that bad rows are reported before the model loads."""
-    from .config import ModelConfig
-    from .data import load_records
-    from .engines import pick_device
-    from .models import load_model, load_tokenizer
+    from tsallis_core.config import ModelConfig
+    from tsallis_core.data.records import load_records
+    from tsallis_core.training.engines import pick_device
+    from tsallis_core.training.models import load_model, load_tokenizer
 
     rows = load_records(str(data))[: limit or None]
     model_cfg = ModelConfig(name_or_path=model)

@@ -24,10 +24,10 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .sampling import Prefill, _unwrap, cache_kwarg, sample_tokens
+from tsallis_core.rollout.sampling import Prefill, _unwrap, cache_kwarg, sample_tokens
 
 if TYPE_CHECKING:
-    from .rollout import HFRollout
+    from tsallis_core.rollout.eager import HFRollout
 
 STATIC_MASK_ATTENTION = ("eager", "sdpa")  # attention implementations that take our additive [N, 1, 1, capacity] mask
 

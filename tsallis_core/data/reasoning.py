@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import DatasetError
+from tsallis_core.data.records import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from transformers import get_scheduler
 
-from .config import ConfigError, OptimConfig
-from .distributed import world
+from tsallis_core.config import ConfigError, OptimConfig
+from tsallis_core.distributed import world
 
 
 def pick_device(name: str) -> torch.device:
@@ -89,7 +89,7 @@ class TorchEngine:
         torch.save(state, directory / "engine.pt")
 
     def load(self, directory: Path) -> None:
-        from .checkpoints import safe_load
+        from tsallis_core.training.checkpoints import safe_load
 
         state = safe_load(directory / "engine.pt")  # tensors only: a crafted pickle is refused, never run
         self.module.load_state_dict(state["model"])
@@ -156,7 +156,7 @@ class DeepSpeedEngine:
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
 
-        from .checkpoints import check_weights_only
+        from tsallis_core.training.checkpoints import check_weights_only
 
         check_weights_only(sorted((Path(directory) / "deepspeed").glob("*.pt")), [LossScaler, ZeroStageEnum, fragment_address])
         self.engine.load_checkpoint(str(directory), tag="deepspeed")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.integrate import quad, solve_ivp
 
-from .losses import check_q
+from tsallis_core.maths.losses import check_q
 
 
 def _check_p0(p0: float) -> None:

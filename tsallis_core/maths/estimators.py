@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from .losses import LossOutput, garl_loss, grpo_loss, paft_loss, sft_loss
+from tsallis_core.maths.losses import LossOutput, garl_loss, grpo_loss, paft_loss, sft_loss
 
 
 @dataclass(frozen=True)

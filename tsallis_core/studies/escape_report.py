@@ -14,15 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import bootstrap_interval, median_ratio_interval, paired_bootstrap_difference, t_interval
-from .study import StudyConfig, final_success
-
-
-def steps_to_escape(curve: list[float], threshold: float, window: int = 5) -> int | None:
-    """runs.steps_to_escape on a bare per-step curve (step k is curve[k-1])."""
-    from .runs import steps_to_escape as from_history
-
-    return from_history([{"step": k, "success_rate": x} for k, x in enumerate(curve, start=1)], threshold, window)
+from tsallis_core.maths.curves import final_success, steps_to_escape
+from tsallis_core.maths.stats import bootstrap_interval, median_ratio_interval, paired_bootstrap_difference, t_interval
+from tsallis_core.studies.escape import StudyConfig
 
 
 def _load(out: Path) -> tuple[dict, dict[tuple[str, float, int], dict]]:
@@ -134,7 +128,7 @@ def claim_check(summaries: list[dict], start: float) -> list[str]:
 
 
 def lr_search_table(cells: dict, results: dict, steps_of) -> str:
-    from .study import score
+    from tsallis_core.studies.escape import score
 
     lines = ["| cell | lr: score on seed 0 (mean success, last 10 steps; -1: diverged) |", "|---|---|"]
     for name, cell in cells.items():
@@ -169,7 +163,7 @@ def mechanism_table(out: Path) -> tuple[str, list[dict]]:
 
 
 def noise_table(summaries: list[dict]) -> str:
-    from .theory import noise_flow
+    from tsallis_core.maths.theory import noise_flow
 
     head = ("| estimator | wrong label on noisy train prompts [95% CI] | true answer there [95% CI] | "
             "held-out pass@1 [95% CI] | theory: mass on the wrong label (share 25%, T=1000) |")
@@ -230,7 +224,7 @@ def horizon_table(summaries: list[dict], reference: str = "grpo") -> str:
 
 
 def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float) -> Path:
-    from .plots import _save, label_axes, plt
+    from tsallis_core.studies.plots import _save, label_axes, plt
 
     regimes = list(dict.fromkeys(s["regime"] for s in summaries))
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 4), squeeze=False, sharey=True)
@@ -253,7 +247,7 @@ def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float)
 
 
 def plot_mechanism(points: list[dict], path: Path) -> Path:
-    from .plots import _save, label_axes, plt
+    from tsallis_core.studies.plots import _save, label_axes, plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for state in sorted({p["state_name"] for p in points}):
@@ -275,7 +269,7 @@ def plot_mechanism(points: list[dict], path: Path) -> Path:
 
 
 def plot_noise(summaries: list[dict], path: Path) -> Path:
-    from .plots import _save, label_axes, plt
+    from tsallis_core.studies.plots import _save, label_axes, plt
 
     lrs = sorted({s["best_lr"] for s in summaries})
     fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.2), squeeze=False, sharey=True)

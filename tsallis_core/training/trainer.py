@@ -18,19 +18,40 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .checkpoints import OutputDirLock, check_output_dir, checkpoint_dirs, load_newest_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
-from .data import load_records
-from .distributed import all_gather, barrier, init_distributed, is_distributed, max_across, mean_across, world
-from .engines import make_engine, pick_device
-from .estimators import PolicyBatch, get_estimator
-from .losses import group_diagnostics, paft_resample_counts, sft_loss
-from .models import check_model_source, check_prompts_fit, load_model, load_tokenizer, model_facts, save_model
-from .rollout import HFRollout, Rollout, completion_logprobs, row_seed
-from .runs import steps_to_escape
-from .schedules import AdaptiveQ, update_success_ema
-from .tasks.verify import get_verifier
-from .tracking import make_tracker, train_metric_name
+from tsallis_core.config import ConfigError, TrainConfig
+from tsallis_core.data.records import load_records
+from tsallis_core.data.verify import get_verifier
+from tsallis_core.distributed import (
+    all_gather,
+    barrier,
+    init_distributed,
+    is_distributed,
+    max_across,
+    mean_across,
+    world,
+)
+from tsallis_core.maths.curves import steps_to_escape
+from tsallis_core.maths.estimators import PolicyBatch, get_estimator
+from tsallis_core.maths.losses import group_diagnostics, paft_resample_counts, sft_loss
+from tsallis_core.maths.schedules import AdaptiveQ, update_success_ema
+from tsallis_core.rollout.eager import HFRollout, Rollout, completion_logprobs, row_seed
+from tsallis_core.tracking import make_tracker, train_metric_name
+from tsallis_core.training.checkpoints import (
+    OutputDirLock,
+    check_output_dir,
+    checkpoint_dirs,
+    load_newest_checkpoint,
+    save_checkpoint,
+)
+from tsallis_core.training.engines import make_engine, pick_device
+from tsallis_core.training.models import (
+    check_model_source,
+    check_prompts_fit,
+    load_model,
+    load_tokenizer,
+    model_facts,
+    save_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +391,7 @@ class Trainer:
         return torch.cat(counts).to(self.device)
 
     def _rl_loss(self, logprobs, mask, rewards, q, old, ref, counts):
-        """The registered estimator's loss on one micro-batch (tsallis_core/estimators.py)."""
+        """The registered estimator's loss on one micro-batch (tsallis_core/maths/estimators.py)."""
         batch = PolicyBatch(logprobs, mask, rewards, self.cfg.rl.group_size, q, self.cfg.rl.max_new_tokens,
                             old_logprobs=old, ref_logprobs=ref, resample_counts=counts)
         return self.estimator.loss(batch, self.estimator_args)
@@ -500,7 +521,7 @@ class Trainer:
         after = self.cfg.rl.stop_after_escape
         if self.cfg.stage != "rl" or after is None:
             return False
-        escaped = steps_to_escape(history, self.cfg.rl.escape_threshold)
+        escaped = steps_to_escape([row["success_rate"] for row in history], self.cfg.rl.escape_threshold)
         return escaped is not None and self.state.step >= escaped + after
 
     def _end_tracking(self, status: str) -> None:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runs import (  # noqa: F401 - the sweep's runs, used by the CLI and the Kubeflow components
+from tsallis_core.studies.runs import (  # noqa: F401 - the sweep's runs, used by the CLI and the Kubeflow components
     SweepError,
     SweepRun,
     final_success,
@@ -25,7 +25,7 @@ from .runs import (  # noqa: F401 - the sweep's runs, used by the CLI and the Ku
     select_runs,
     steps_to_escape,
 )
-from .tracking import eval_metric_name
+from tsallis_core.tracking import eval_metric_name
 
 CHAMPION_ALIAS = "champion"
 
@@ -55,7 +55,7 @@ def summarize_settings(runs: list[SweepRun], metric: str) -> list[Setting]:
     """One Setting per estimator and q, best seed mean first (ties: the higher mean final training success, then
     the label). The interval is a bootstrap over held-out prompts of the seed mean when the evaluations carry
     per-prompt scores, else a t-interval over seeds (none with one seed)."""
-    from .stats import bootstrap_interval, t_interval
+    from tsallis_core.maths.stats import bootstrap_interval, t_interval
 
     if not runs:
         raise SweepError("the sweep has no runs to compare")
@@ -87,7 +87,7 @@ def leader_verdict(settings: list[Setting]) -> tuple[bool, str]:
     """(significant, sentence): does the leading setting beat the runner-up beyond the noise? Significant only
     with at least 2 seeds each whose ranges do not overlap, and a paired bootstrap interval of the difference over
     the held-out prompts above 0."""
-    from .stats import paired_bootstrap_difference
+    from tsallis_core.maths.stats import paired_bootstrap_difference
 
     if len(settings) < 2:
         return False, "one setting only: nothing to compare"
@@ -168,7 +168,7 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
                  escape_threshold: float = 0.5, registered: dict | None = None) -> dict[str, Path]:
     """report.md, sweep.csv, success_curves.csv, final_by_q.csv (for dvc plots), metrics.json (for dvc
     metrics) and the PNG plots, in ``out_dir``."""
-    from .plots import plot_escape_steps, plot_final_by_q, plot_success_curves
+    from tsallis_core.studies.plots import plot_escape_steps, plot_final_by_q, plot_success_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +271,7 @@ def log_sweep(runs: list[SweepRun], sweep: str, report_dir: str | Path, champion
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from .tracking import DEFAULT_EXPERIMENT, PARENT_TAG, SWEEP_TAG, check_tracking_server, sweep_run_id
+    from tsallis_core.tracking import DEFAULT_EXPERIMENT, PARENT_TAG, SWEEP_TAG, check_tracking_server, sweep_run_id
 
     check_tracking_server(mlflow.get_tracking_uri())
     experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT

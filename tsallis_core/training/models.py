@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import EMBEDDED_MODEL, ConfigError, ModelConfig
+from tsallis_core.config import EMBEDDED_MODEL, ConfigError, ModelConfig
 
-EMBEDDED_DIR = Path(__file__).parent / "assets" / "tiny"
+EMBEDDED_DIR = Path(__file__).parents[1] / "assets" / "tiny"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # org/name, or a bare legacy name such as gpt2
 
 

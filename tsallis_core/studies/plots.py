@@ -11,10 +11,10 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .theory import EscapeRecord, NoiseRecord
+from tsallis_core.maths.theory import EscapeRecord, NoiseRecord
 
 if TYPE_CHECKING:
-    from .runs import SweepRun
+    from tsallis_core.studies.runs import SweepRun
 
 
 def label_axes(ax, xlabel: str, title: str | None = None, ylabel: str | None = None, fontsize: int = 8) -> None:
@@ -105,7 +105,7 @@ def plot_success_curves(runs: list[SweepRun], threshold: float, path: str | Path
 def plot_escape_steps(runs: list[SweepRun], threshold: float, path: str | Path) -> Path:
     """Steps to escape (moving-average success >= threshold) against q: seed median, bars from the fastest to the
     slowest seed; runs that never escape sit at the top."""
-    from .runs import steps_to_escape
+    from tsallis_core.studies.runs import steps_to_escape
 
     groups = _by_estimator(runs)
     baselines = groups.pop("grpo", {}).get(None, [])

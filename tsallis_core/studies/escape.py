@@ -37,7 +37,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from .config import ConfigError, Section, validate_settings
+from tsallis_core.config import ConfigError, Section, validate_settings
+from tsallis_core.maths.curves import ESCAPE_THRESHOLD, final_success
 
 PARTS = ("core", "mechanism", "noise", "factors", "horizon")
 
@@ -132,7 +133,7 @@ class StudyConfig(Section):
     out: str = "outputs/study/escape"
     workers: int = Field(2, ge=1, description="runs in parallel (one CPU thread each)")
     seeds: int = Field(3, ge=1)
-    escape_threshold: float = Field(0.2, gt=0, lt=1, description="5-step mean training success that counts as escaped")
+    escape_threshold: float = Field(ESCAPE_THRESHOLD, gt=0, lt=1, description="5-step mean training success that counts as escaped")
     widen_limit: int = Field(3, ge=0, description="most grid points added on each side of a cell's lr grid")
     base: BaseSpec = Field(default_factory=BaseSpec)
     regimes: dict[str, Regime] = Field(default_factory=lambda: {"adamw": Regime(grad_clip=1.0)})
@@ -176,8 +177,8 @@ def run_one(job: dict) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     _worker_setup()
-    from .config import load_config
-    from .trainer import train
+    from tsallis_core.config import load_config
+    from tsallis_core.training.trainer import train
 
     shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts again
     estimator, _, q = job["setting"].partition(":")
@@ -219,8 +220,8 @@ def eval_one(job: dict) -> dict:
     _worker_setup()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import load_records
-    from .evaluate import per_prompt_scores, sample_and_score
+    from tsallis_core.data.records import load_records
+    from tsallis_core.evaluation.evaluate import per_prompt_scores, sample_and_score
 
     model_dir = Path(job["run_out"]) / "model"
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
@@ -250,9 +251,9 @@ def eval_one(job: dict) -> dict:
 
 def make_base(spec: BaseSpec, out: Path) -> tuple[Path, Path]:
     """(model directory, data directory) of a base, made once: the task's files, then SFT on its corpus."""
-    from .config import load_config
-    from .tasks.synthetic import SyntheticTaskConfig, write_splits
-    from .trainer import train
+    from tsallis_core.config import load_config
+    from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
+    from tsallis_core.training.trainer import train
 
     data, run = out / f"data-{spec.name}", out / f"base-{spec.name}"
     if (run / "model" / "model.safetensors").is_file():
@@ -276,8 +277,8 @@ def measure_start(spec: BaseSpec, model_dir: Path, data: Path, max_new_tokens: i
         return json.loads(cached.read_text())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import load_records
-    from .evaluate import sample_and_score
+    from tsallis_core.data.records import load_records
+    from tsallis_core.evaluation.evaluate import sample_and_score
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
@@ -297,11 +298,6 @@ def measure_start(spec: BaseSpec, model_dir: Path, data: Path, max_new_tokens: i
 # ---------------------------------------------------------------------------------------------
 # cells, lr search, seeds
 # ---------------------------------------------------------------------------------------------
-
-
-def final_success(curve: list[float], window: int = 10) -> float:
-    tail = [x for x in curve[-window:] if not math.isnan(x)]
-    return sum(tail) / len(tail) if tail else float("nan")
 
 
 def score(result: dict, steps: int) -> float:
@@ -449,10 +445,10 @@ def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dic
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import RLConfig
-    from .losses import garl_loss, grpo_loss, paft_loss
-    from .rollout import HFRollout, completion_logprobs, row_seed
-    from .tasks.verify import exact_reward
+    from tsallis_core.config import RLConfig
+    from tsallis_core.data.verify import exact_reward
+    from tsallis_core.maths.losses import garl_loss, grpo_loss, paft_loss
+    from tsallis_core.rollout.eager import HFRollout, completion_logprobs, row_seed
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
@@ -521,7 +517,7 @@ def _mechanism_point(job: dict) -> dict:
     _worker_setup()
     import torch
 
-    from .data import load_records
+    from tsallis_core.data.records import load_records
 
     state = None
     if job["state"]:

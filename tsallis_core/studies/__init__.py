@@ -1,0 +1,1 @@
+"""Studies and reports over many runs: the q-sweep, the escape study, plots, the simulator."""

@@ -1,1 +1,0 @@
-"""Tasks: prompt/answer records, answer extraction and verifiers."""

@@ -1,0 +1,1 @@
+"""Training: the trainer's recipes, optimiser engines, checkpoints, model loading."""
