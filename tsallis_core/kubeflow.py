@@ -18,8 +18,8 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from tsallis_core.config import ConfigError, Section, parse_assignment, validate_settings
-from tsallis_core.maths.estimators import ESTIMATORS, get_estimator
 from tsallis_core.maths.curves import ESCAPE_THRESHOLD
+from tsallis_core.maths.estimators import ESTIMATORS, get_estimator
 
 LOCAL_IMAGE = "tsallis:local"  # `docker build -t tsallis:local .` for a local cluster (README, section Kubeflow)
 REPO_ROOT = Path(__file__).resolve().parents[1]
