@@ -24,7 +24,7 @@ def test_overrides_and_yaml(tmp_path):
         (["rl.q=1.5"], "rl.q: Input should be less than or equal to 1"),
         (["rl.estimator=ppo"], "rl.estimator: Input should be 'garl', 'paft' or 'grpo'"),
         (["rl.group_size=1"], "rl.group_size: Input should be greater than or equal to 2"),
-        (["rl.baseline=median"], "baseline must be one of none, mean, loo"),
+        (["rl.baseline=median"], "rl.baseline: Input should be 'none', 'mean' or 'loo'"),  # the args class's Literal
         (["rl.q_schedule={kind: exponential}"], "rl.q_schedule"),
         (["optim.grad_accum=3"], "optim.grad_accum (3) must divide the prompts per step"),
         (["nonsense=1"], "nonsense: Extra inputs are not permitted"),

@@ -24,9 +24,9 @@ def _theory_escape(args: argparse.Namespace) -> int:
     print("\nlog-log slope of escape time against 1/p0 (theory: 1 - q, 0 at q = 1 where time ~ log 1/p0):")
     for q, slope in slopes.items():
         print(f"  q={q:g}: slope {slope:.4f} (1-q = {1 - q:g})")
-    from tsallis_core.studies.plots import plot_escape
+    from tsallis_core.studies.plots import plot_theory_escape
 
-    print(f"\nplot: {plot_escape(records, slopes, args.plot)}")
+    print(f"\nplot: {plot_theory_escape(records, slopes, args.plot)}")
     return 0
 
 
@@ -41,9 +41,9 @@ def _theory_noise(args: argparse.Namespace) -> int:
             f"{r.q:>6g} {r.noise_share:>12.0%} {r.mass_on_wrong_label:>14.4f} {r.mass_on_correct:>16.4f}"
             f" {r.limit_mass_on_wrong_label:>15.4f}"
         )
-    from tsallis_core.studies.plots import plot_noise
+    from tsallis_core.studies.plots import plot_theory_noise
 
-    print(f"\nhorizon T = {args.horizon:g}; plot: {plot_noise(records, args.plot)}")
+    print(f"\nhorizon T = {args.horizon:g}; plot: {plot_theory_noise(records, args.plot)}")
     return 0
 
 

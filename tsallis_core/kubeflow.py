@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from tsallis_core.config import ConfigError, Section, parse_assignment, validate_settings
 from tsallis_core.maths.curves import ESCAPE_THRESHOLD
-from tsallis_core.maths.estimators import ESTIMATORS, get_estimator
+from tsallis_core.maths.estimators import ESTIMATORS, baseline_estimator, get_estimator
 
 LOCAL_IMAGE = "tsallis:local"  # `docker build -t tsallis:local .` for a local cluster (README, section Kubeflow)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +98,8 @@ class SweepGrid(Section):
         runs = [{"run_name": f"{e}-q{q}-s{s}", "estimator": e, "q": float(q), "seed": s}
                 for e in self.estimators if get_estimator(e).uses_q for q in self.q for s in self.seeds]
         without_q = [e for e in self.estimators if not get_estimator(e).uses_q]
-        if self.baseline and "grpo" not in without_q:
-            without_q.append("grpo")
+        if self.baseline and baseline_estimator() not in without_q:
+            without_q.append(baseline_estimator())
         runs += [{"run_name": f"{e}-s{s}", "estimator": e, "q": 0.0, "seed": s} for e in without_q for s in self.seeds]
         return runs
 

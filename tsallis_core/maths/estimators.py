@@ -18,11 +18,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from tsallis_core.maths.losses import LossOutput, garl_loss, grpo_loss, paft_loss, sft_loss
+from tsallis_core.maths.losses import (
+    Aggregation,
+    Baseline,
+    GrpoLossType,
+    LossOutput,
+    ScaleRewards,
+    garl_loss,
+    grpo_loss,
+    paft_loss,
+    sft_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class Estimator:
     description: str
     maths: Callable[..., LossOutput] | None = None  # the pure tensor function (``get_loss``), where there is one
     wants_resample_counts: Callable[[EstimatorArgs], bool] | None = None  # PAFT: draw the resampling counts
+    is_baseline: bool = False  # the estimator the others are compared with (sweeps, plots, the escape study)
 
     def args_from(self, rl) -> EstimatorArgs:
         """This estimator's args from an ``RLConfig`` (or any object with those attributes)."""
@@ -74,13 +86,15 @@ ESTIMATORS: dict[str, Estimator] = {}
 
 def register_estimator(name: str, args: type[EstimatorArgs], *, uses_q: bool, description: str,
                        maths: Callable[..., LossOutput] | None = None,
-                       wants_resample_counts: Callable[[EstimatorArgs], bool] | None = None):
+                       wants_resample_counts: Callable[[EstimatorArgs], bool] | None = None, is_baseline: bool = False):
     """Decorator: register ``fn(batch: PolicyBatch, args) -> LossOutput`` as the estimator ``name``."""
 
     def register(fn: Callable[[PolicyBatch, EstimatorArgs], LossOutput]):
         if name in ESTIMATORS:
             raise ValueError(f"estimator {name!r} is already registered")
-        ESTIMATORS[name] = Estimator(name, fn, args, uses_q, description, maths, wants_resample_counts)
+        if is_baseline and any(e.is_baseline for e in ESTIMATORS.values()):
+            raise ValueError(f"estimator {name!r} cannot be the baseline: {baseline_estimator()!r} already is")
+        ESTIMATORS[name] = Estimator(name, fn, args, uses_q, description, maths, wants_resample_counts, is_baseline)
         return fn
 
     return register
@@ -90,6 +104,11 @@ def get_estimator(name: str) -> Estimator:
     if name not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {name!r}")
     return ESTIMATORS[name]
+
+
+def baseline_estimator() -> str:
+    """The name of the registered baseline estimator (GRPO): what sweeps, plots and studies compare against."""
+    return next(e.name for e in ESTIMATORS.values() if e.is_baseline)
 
 
 def get_loss(name: str) -> Callable[..., LossOutput]:
@@ -106,8 +125,8 @@ def get_loss(name: str) -> Callable[..., LossOutput]:
 
 
 class GarlArgs(EstimatorArgs):
-    baseline: str = "loo"
-    aggregation: str = "seq_sum"
+    baseline: Baseline = "loo"
+    aggregation: Aggregation = "seq_sum"
     updates_per_batch: int = 1
     clip_eps: float = 0.2
     kl_coef: float = 0.0
@@ -123,8 +142,8 @@ def garl(batch: PolicyBatch, args: GarlArgs) -> LossOutput:
 
 
 class PaftArgs(EstimatorArgs):
-    aggregation: str = "seq_sum"
-    paft_resample: str = "multinomial"
+    aggregation: Aggregation = "seq_sum"
+    paft_resample: Literal["multinomial", "expected"] = "multinomial"
 
 
 @register_estimator("paft", PaftArgs, uses_q=True, maths=paft_loss,
@@ -137,13 +156,13 @@ def paft(batch: PolicyBatch, args: PaftArgs) -> LossOutput:
 
 
 class GrpoArgs(EstimatorArgs):
-    grpo_loss_type: str = "dapo"
-    grpo_scale_rewards: str = "group"
+    grpo_loss_type: GrpoLossType = "dapo"
+    grpo_scale_rewards: ScaleRewards = "group"
     clip_eps: float = 0.2
     kl_coef: float = 0.0
 
 
-@register_estimator("grpo", GrpoArgs, uses_q=False, maths=grpo_loss,
+@register_estimator("grpo", GrpoArgs, uses_q=False, maths=grpo_loss, is_baseline=True,
                     description="the GRPO baseline, as TRL's GRPOTrainer computes it (no q)")
 def grpo(batch: PolicyBatch, args: GrpoArgs) -> LossOutput:
     return grpo_loss(batch.logprobs, batch.mask, batch.rewards, batch.group_size, loss_type=args.grpo_loss_type,

@@ -305,6 +305,8 @@ def paft_loss(
     return LossOutput(loss, diag)
 
 
+GrpoLossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+ScaleRewards = Literal["group", "batch", "none"]
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tsallis_core.maths.curves import final_success, steps_to_escape
+from tsallis_core.maths.estimators import baseline_estimator
 from tsallis_core.maths.stats import bootstrap_interval, median_ratio_interval, paired_bootstrap_difference, t_interval
 from tsallis_core.studies.escape import StudyConfig
 
@@ -111,7 +112,7 @@ def claim_check(summaries: list[dict], start: float) -> list[str]:
     for s in summaries:  # a factor's summaries carry the factor in their regime ("kl_coef=0.04 adamw")
         groups.setdefault(s["regime"], {})[s["setting"]] = s
     for group, members in groups.items():
-        grpo, garl = members.get("grpo"), members.get("garl:0.75")
+        grpo, garl = members.get(baseline_estimator()), members.get("garl:0.75")
         if not grpo or not garl:
             continue
         stalls = all(f <= 2 * max(start, 1e-9) for f in grpo["final"])
@@ -202,9 +203,10 @@ def noise_differences(summaries: list[dict], resamples: int, reference: str = "g
     return "\n".join(lines)
 
 
-def horizon_table(summaries: list[dict], reference: str = "grpo") -> str:
+def horizon_table(summaries: list[dict]) -> str:
     """Steps to escape per seed at the horizon (a run that never escaped counts as its cap, so a ratio against it
-    is a lower bound, marked >=), and the median ratio reference / estimator with a bootstrap interval over seeds."""
+    is a lower bound, marked >=), and the median ratio baseline (GRPO) / estimator with a bootstrap interval over seeds."""
+    reference = baseline_estimator()
     head = ("| regime | estimator | lr | steps to escape, seeds | min / median / max | "
             f"median {reference} / estimator [95% CI] |\n|---|---|---|---|---|---|")
     rows = [head]
@@ -227,6 +229,7 @@ def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float)
     from tsallis_core.studies.plots import _save, label_axes, plt
 
     regimes = list(dict.fromkeys(s["regime"] for s in summaries))
+    baseline = baseline_estimator()
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 4), squeeze=False, sharey=True)
     for ax, regime in zip(axes[0], regimes):
         for s in (x for x in summaries if x["regime"] == regime):
@@ -238,7 +241,7 @@ def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float)
             arr = np.array([np.convolve(c[:n], np.ones(window) / window, mode="valid") for c in curves])
             x = np.arange(window, n + 1)
             line = ax.plot(x, arr.mean(0), label=f"{s['setting']} (lr {s['best_lr']:.2g})",
-                           ls="--" if s["setting"] == "grpo" else "-", color="k" if s["setting"] == "grpo" else None)
+                           ls="--" if s["setting"] == baseline else "-", color="k" if s["setting"] == baseline else None)
             ax.fill_between(x, arr.min(0), arr.max(0), color=line[0].get_color(), alpha=0.15)
         ax.axhline(threshold, color="grey", lw=0.8, ls=":")
         label_axes(ax, "step", f"{title}: {regime}", fontsize=7)
@@ -268,7 +271,7 @@ def plot_mechanism(points: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_noise(summaries: list[dict], path: Path) -> Path:
+def plot_noise_cells(summaries: list[dict], path: Path) -> Path:
     from tsallis_core.studies.plots import _save, label_axes, plt
 
     lrs = sorted({s["best_lr"] for s in summaries})
@@ -324,7 +327,7 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
                   "Paired differences (the same noisy prompts; an interval that excludes 0 separates the two):\n",
                   noise_differences(by_group["noise"], study.eval.bootstrap), "\n",
                   summary_table(by_group["noise"], heldout), "\n", "![noise](noise.png)\n"]
-        plot_noise(by_group["noise"], report / "noise.png")
+        plot_noise_cells(by_group["noise"], report / "noise.png")
     if by_group["factor"]:
         # the regime column names the factor changed (e.g. "kl_coef=0.04 adamw"): one claim check per factor
         factor_summaries = [{**s, "regime": s["cell"].split("/", 3)[3] + " " + s["regime"]} for s in by_group["factor"]]

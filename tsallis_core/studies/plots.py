@@ -11,6 +11,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from tsallis_core.maths.estimators import baseline_estimator
 from tsallis_core.maths.theory import EscapeRecord, NoiseRecord
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_escape(records: list[EscapeRecord], slopes: dict[float, float], path: str | Path) -> Path:
+def plot_theory_escape(records: list[EscapeRecord], slopes: dict[float, float], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for q, slope in slopes.items():
         rows = sorted((r for r in records if r.q == q), key=lambda r: r.p0, reverse=True)
@@ -50,7 +51,7 @@ def plot_escape(records: list[EscapeRecord], slopes: dict[float, float], path: s
     return _save(fig, path)
 
 
-def plot_noise(records: list[NoiseRecord], path: str | Path) -> Path:
+def plot_theory_noise(records: list[NoiseRecord], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for share in sorted({r.noise_share for r in records}):
         rows = sorted((r for r in records if r.noise_share == share), key=lambda r: r.q)
@@ -79,8 +80,8 @@ def plot_success_curves(runs: list[SweepRun], threshold: float, path: str | Path
     """Training success rate against step: a panel per q-estimator, a line per q (seed mean, band: seed min-max);
     GRPO dashed in every panel."""
     groups = _by_estimator(runs)
-    baselines = groups.pop("grpo", {}).get(None, [])
-    panels = list(groups) or ["grpo"]
+    baselines = groups.pop(baseline_estimator(), {}).get(None, [])
+    panels = list(groups) or [baseline_estimator()]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
     for ax, estimator in zip(axes[0], panels):
         by_q = groups.get(estimator, {})
@@ -108,7 +109,7 @@ def plot_escape_steps(runs: list[SweepRun], threshold: float, path: str | Path) 
     from tsallis_core.studies.runs import steps_to_escape
 
     groups = _by_estimator(runs)
-    baselines = groups.pop("grpo", {}).get(None, [])
+    baselines = groups.pop(baseline_estimator(), {}).get(None, [])
     never = max((len(r.history) for r in runs), default=1) + 1
 
     def steps_of(members: list[SweepRun]) -> list[int]:
@@ -138,7 +139,7 @@ def plot_escape_steps(runs: list[SweepRun], threshold: float, path: str | Path) 
 def plot_final_by_q(runs: list[SweepRun], metric: str, path: str | Path) -> Path:
     """Held-out pass@k and maj@k against q, per estimator: seed mean, bars: seed range; GRPO as a line and band."""
     groups = _by_estimator(runs)
-    baselines = groups.pop("grpo", {}).get(None, [])
+    baselines = groups.pop(baseline_estimator(), {}).get(None, [])
     names = sorted({k for r in runs for k in r.evaluation if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names):
