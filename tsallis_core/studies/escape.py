@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,29 +171,91 @@ def _worker_setup() -> None:
     torch.set_num_threads(1)
 
 
-def run_one(job: dict) -> dict:
+@dataclass(frozen=True)
+class StudyPaths:
+    """Where a group of cells finds its base model and task data, and where the study writes."""
+
+    base: Path  # the SFT'd base model directory
+    data: Path  # the task's directory (train.jsonl, test.jsonl)
+    out: Path  # the study's out
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """One RL run of the study (saved as ``job`` in its result.json): its cell, optimiser, lr, seed, paths and
+    run settings (``RunSettings``' fields, with a factor's value where a factor cell changes one)."""
+
+    cell: str
+    group: str
+    regime: str
+    setting: str  # estimator or estimator:q
+    optimizer: str
+    eps: float
+    grad_clip: float
+    lr: float
+    seed: int
+    base: str
+    data: str  # train.jsonl
+    out: str
+    steps: int
+    group_size: int
+    prompts_per_step: int
+    baseline: str
+    kl_coef: float
+    max_new_tokens: int
+    temperature: float
+    stop_after_escape: int | None = None  # the horizon part: stop this many steps after escaping
+    escape_threshold: float = ESCAPE_THRESHOLD
+    keep_checkpoints: bool = False  # the mechanism part reads the optimiser state of a checkpoint
+
+    @property
+    def done_marker(self) -> Path:
+        return Path(self.out) / "result.json"
+
+    def overrides(self) -> list[str]:
+        """The ``tsallis train`` settings of this run."""
+        estimator, _, q = self.setting.partition(":")
+        return [
+            "stage=rl", f"output_dir={self.out}", f"model.name_or_path={self.base}", f"data.train_path={self.data}",
+            f"steps={self.steps}", f"seed={self.seed}", f"rl.estimator={estimator}", f"rl.group_size={self.group_size}",
+            f"rl.batch_size={self.group_size * self.prompts_per_step}", f"rl.max_new_tokens={self.max_new_tokens}",
+            f"rl.temperature={self.temperature}", f"rl.baseline={self.baseline}", f"rl.kl_coef={self.kl_coef}",
+            f"optim.optimizer={self.optimizer}", f"optim.lr={self.lr}", f"optim.eps={self.eps}",
+            f"optim.grad_clip={self.grad_clip}", "checkpoint_every=0",
+            "tracking.enabled=false", "engine.threads=1",
+        ] + ([f"rl.q={q}"] if q else []) + ([f"rl.stop_after_escape={self.stop_after_escape}",
+                                            f"rl.escape_threshold={self.escape_threshold}"]
+                                           if self.stop_after_escape is not None else [])
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Held-out evaluation of one run's model (and, for the noise cells, its noisy training prompts)."""
+
+    run_out: str
+    test: str  # test.jsonl
+    prompts: int
+    n: int
+    max_new_tokens: int
+    noisy_train: str | None = None
+    noisy_prompts: int = 0
+
+    @property
+    def done_marker(self) -> Path:
+        return Path(self.run_out) / "eval.json"
+
+
+def run_one(job: RunJob) -> dict:
     """Train one RL run (cached: its result.json is returned when present). Diverging is a result, not a crash."""
-    out = Path(job["out"])
-    done = out / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    out = Path(job.out)
+    if job.done_marker.is_file():
+        return json.loads(job.done_marker.read_text())
     _worker_setup()
     from tsallis_core.config import load_config
     from tsallis_core.training.trainer import train
 
     shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts again
-    estimator, _, q = job["setting"].partition(":")
-    overrides = [
-        "stage=rl", f"output_dir={out}", f"model.name_or_path={job['base']}", f"data.train_path={job['data']}",
-        f"steps={job['steps']}", f"seed={job['seed']}", f"rl.estimator={estimator}", f"rl.group_size={job['group_size']}",
-        f"rl.batch_size={job['group_size'] * job['prompts_per_step']}", f"rl.max_new_tokens={job['max_new_tokens']}",
-        f"rl.temperature={job['temperature']}", f"rl.baseline={job['baseline']}", f"rl.kl_coef={job['kl_coef']}",
-        f"optim.optimizer={job['optimizer']}", f"optim.lr={job['lr']}", f"optim.eps={job['eps']}",
-        f"optim.grad_clip={job['grad_clip']}", f"checkpoint_every={job.get('checkpoint_every', 0)}",
-        "tracking.enabled=false", "engine.threads=1",
-    ] + ([f"rl.q={q}"] if q else []) + ([f"rl.stop_after_escape={job['stop_after_escape']}",
-                                        f"rl.escape_threshold={job['escape_threshold']}"]
-                                       if job.get("stop_after_escape") is not None else [])
+    overrides = job.overrides()
     started = time.time()
     try:
         history = train(load_config(None, overrides)).history
@@ -201,20 +264,20 @@ def run_one(job: dict) -> dict:
         history, error = [], f"{type(exc).__name__}: {exc}"
         if (out / "history.jsonl").is_file():
             history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
-    if not job.get("keep_checkpoints"):
+    if not job.keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     curves = {key: [round(h.get(key, float("nan")), 5) for h in history]
               for key in sorted({k for h in history for k in h if k.startswith(("success_rate", "noise/"))})}
-    result = {"job": job, "curves": curves, "error": error, "seconds": round(time.time() - started, 1)}
+    result = {"job": asdict(job), "curves": curves, "error": error, "seconds": round(time.time() - started, 1)}
     out.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(result))
+    job.done_marker.write_text(json.dumps(result))
     return result
 
 
-def eval_one(job: dict) -> dict:
+def eval_one(job: EvalJob) -> dict:
     """pass@1, pass@n and maj@n per prompt of a trained model on held-out rows (cached in eval.json); for the
     noise study also the rate of its wrong labels and true answers on noisy training prompts."""
-    out = Path(job["run_out"]) / "eval.json"
+    out = job.done_marker
     if out.is_file():
         return json.loads(out.read_text())
     _worker_setup()
@@ -223,20 +286,20 @@ def eval_one(job: dict) -> dict:
     from tsallis_core.data.records import load_records
     from tsallis_core.evaluation.evaluate import per_prompt_scores, sample_and_score
 
-    model_dir = Path(job["run_out"]) / "model"
+    model_dir = Path(job.run_out) / "model"
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
-    rows = load_records(job["test"])[: job["prompts"]]
-    results = sample_and_score(model, tokenizer, rows, job["n"], "exact", 1.0, job["max_new_tokens"], seed=12345,
+    rows = load_records(job.test)[: job.prompts]
+    results = sample_and_score(model, tokenizer, rows, job.n, "exact", 1.0, job.max_new_tokens, seed=12345,
                                prompts_per_batch=16)
-    record: dict[str, Any] = {**per_prompt_scores(results, sorted({1, job["n"]})),
+    record: dict[str, Any] = {**per_prompt_scores(results, sorted({1, job.n})),
                               "difficulty": [row.get("difficulty") for row in rows]}
-    if job.get("noisy_train"):
-        noisy = [r for r in load_records(job["noisy_train"]) if r.get("noisy")][: job["noisy_prompts"]]
-        wrong = sample_and_score(model, tokenizer, noisy, job["n"], "exact", 1.0, job["max_new_tokens"], seed=54321,
+    if job.noisy_train:
+        noisy = [r for r in load_records(job.noisy_train) if r.get("noisy")][: job.noisy_prompts]
+        wrong = sample_and_score(model, tokenizer, noisy, job.n, "exact", 1.0, job.max_new_tokens, seed=54321,
                                  prompts_per_batch=16)
         true_rows = [{**r, "answer": r["true_answer"]} for r in noisy]
-        true = sample_and_score(model, tokenizer, true_rows, job["n"], "exact", 1.0, job["max_new_tokens"], seed=54321,
+        true = sample_and_score(model, tokenizer, true_rows, job.n, "exact", 1.0, job.max_new_tokens, seed=54321,
                                 prompts_per_batch=16)  # the same samples (same seeds), scored against the true answer
         record["noisy_wrong_label"] = [sum(r.rewards) / len(r.rewards) for r in wrong]
         record["noisy_true_answer"] = [sum(r.rewards) / len(r.rewards) for r in true]
@@ -324,18 +387,17 @@ class Cell:
         changed = ",".join(f"{k}={v}" for k, v in self.run.get("changed", {}).items())
         return "/".join(x for x in (self.group, self.regime_name, self.setting, changed) if x)
 
-    def job(self, lr: float, seed: int, ctx: dict) -> dict:
+    def job(self, lr: float, seed: int, paths: StudyPaths, **extra: Any) -> RunJob:
         slug = self.name.replace("/", "-").replace(":", "q").replace(",", "-").replace("=", "")
         settings = {k: v for k, v in self.run.items() if k != "changed"}
-        return {"cell": self.name, "group": self.group, "regime": self.regime_name, "setting": self.setting,
-                "optimizer": self.regime.optimizer, "eps": self.regime.eps, "grad_clip": self.regime.grad_clip,
-                "lr": lr, "seed": seed, "base": str(ctx["base"]), "data": str(ctx["data"] / "train.jsonl"),
-                "out": str(ctx["out"] / "runs" / f"{slug}-lr{lr:.3g}-s{seed}"), **settings}
+        return RunJob(cell=self.name, group=self.group, regime=self.regime_name, setting=self.setting,
+                      optimizer=self.regime.optimizer, eps=self.regime.eps, grad_clip=self.regime.grad_clip, lr=lr,
+                      seed=seed, base=str(paths.base), data=str(paths.data / "train.jsonl"),
+                      out=str(paths.out / "runs" / f"{slug}-lr{lr:.3g}-s{seed}"), **settings, **extra)
 
 
-def _run_all(jobs: list[dict], workers: int, fn=run_one, label: str = "runs") -> list[dict]:
-    marker = "result.json" if fn is run_one else "eval.json"
-    todo = [j for j in jobs if not (Path(j.get("out", j.get("run_out", ""))) / marker).is_file()]
+def _run_all(jobs: list, workers: int, fn=run_one, label: str = "runs") -> list[dict]:
+    todo = [j for j in jobs if not j.done_marker.is_file()]
     if todo:
         print(f"{label}: {len(todo)} to do ({len(jobs) - len(todo)} cached)", flush=True)
         started = time.time()
@@ -365,12 +427,12 @@ def widen_grid(grid: list[float], scores: dict[float, float], may_widen: bool) -
     return grid, best
 
 
-def search_and_seed(cells: list[Cell], study: StudyConfig, ctx: dict) -> None:
+def search_and_seed(cells: list[Cell], study: StudyConfig, paths: StudyPaths) -> None:
     """Tune each cell's lr on seed 0, widening its grid while the best value sits on an edge (ties go to the larger
     lr, so a flat stall is widened upward until something moves or diverges), then run the other seeds."""
     pending = list(cells)
     while pending:
-        results = _run_all([c.job(lr, 0, ctx) for c in pending for lr in c.grid], study.workers, label="lr search")
+        results = _run_all([c.job(lr, 0, paths) for c in pending for lr in c.grid], study.workers, label="lr search")
         by_cell: dict[str, dict[float, float]] = {}
         for r in results:
             by_cell.setdefault(r["job"]["cell"], {})[r["job"]["lr"]] = score(r, r["job"]["steps"])
@@ -381,9 +443,9 @@ def search_and_seed(cells: list[Cell], study: StudyConfig, ctx: dict) -> None:
                 cell.grid, cell.widened = grid, cell.widened + 1
                 still.append(cell)
         pending = still
-    _run_all([c.job(c.best_lr, s, ctx) for c in cells for s in range(1, study.seeds)], study.workers, label="seeds")
+    _run_all([c.job(c.best_lr, s, paths) for c in cells for s in range(1, study.seeds)], study.workers, label="seeds")
     for cell in cells:
-        cell.run_dirs = [cell.job(cell.best_lr, s, ctx)["out"] for s in range(study.seeds)]
+        cell.run_dirs = [cell.job(cell.best_lr, s, paths).out for s in range(study.seeds)]
 
 
 def core_cells(study: StudyConfig) -> list[Cell]:
@@ -409,12 +471,12 @@ def factor_cells(study: StudyConfig, core: dict[tuple[str, str], float]) -> list
     return cells
 
 
-def evaluate_cells(cells: list[Cell], study: StudyConfig, ctx: dict, noisy_train: Path | None = None) -> None:
-    jobs = [{"run_out": c.job(c.best_lr, s, ctx)["out"], "test": str(ctx["data"] / "test.jsonl"),
-             "prompts": study.eval.prompts, "n": study.eval.n, "max_new_tokens": study.run.max_new_tokens,
-             **({"noisy_train": str(noisy_train), "noisy_prompts": study.noise.noisy_prompts} if noisy_train else {})}
+def evaluate_cells(cells: list[Cell], study: StudyConfig, paths: StudyPaths, noisy_train: Path | None = None) -> None:
+    noisy = {"noisy_train": str(noisy_train), "noisy_prompts": study.noise.noisy_prompts} if noisy_train else {}
+    jobs = [EvalJob(run_out=c.job(c.best_lr, s, paths).out, test=str(paths.data / "test.jsonl"),
+                    prompts=study.eval.prompts, n=study.eval.n, max_new_tokens=study.run.max_new_tokens, **noisy)
             for c in cells for s in range(study.seeds)]
-    jobs = [j for j in jobs if (Path(j["run_out"]) / "model" / "model.safetensors").is_file()]
+    jobs = [j for j in jobs if (Path(j.run_out) / "model" / "model.safetensors").is_file()]
     _run_all(jobs, study.workers, fn=eval_one, label="evaluations")
 
 
@@ -510,8 +572,26 @@ def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dic
             "grad_rms": {s: (g.pow(2).mean().sqrt().item()) for s, g in grads.items()}}
 
 
-def _mechanism_point(job: dict) -> dict:
-    out = Path(job["out"])
+@dataclass(frozen=True)
+class MechanismJob:
+    """One point of the mechanism part: two estimators' updates from one model state on one rollout batch."""
+
+    state_name: str
+    model: str
+    state: str | None  # the checkpoint whose optimiser state is used (None: fresh)
+    data: str
+    prompts: int
+    group_size: int
+    pair: tuple[str, str]
+    lr: float
+    eps: float
+    seed: int
+    grad_clip: float
+    out: str
+
+
+def _mechanism_point(job: MechanismJob) -> dict:
+    out = Path(job.out)
     if out.is_file():
         return json.loads(out.read_text())
     _worker_setup()
@@ -520,31 +600,32 @@ def _mechanism_point(job: dict) -> dict:
     from tsallis_core.data.records import load_records
 
     state = None
-    if job["state"]:
-        state = torch.load(Path(job["state"]) / "engine.pt", map_location="cpu", weights_only=True)["optimizer"]
-    rows = [r for r in load_records(job["data"]) if not r.get("noisy")]
-    record = {**job, **update_cosines(Path(job["model"]), state, rows, job["prompts"], job["group_size"],
-                                      tuple(job["pair"]), job["lr"], job["eps"], job["seed"], job["grad_clip"])}
+    if job.state:
+        state = torch.load(Path(job.state) / "engine.pt", map_location="cpu", weights_only=True)["optimizer"]
+    rows = [r for r in load_records(job.data) if not r.get("noisy")]
+    record = {**asdict(job), **update_cosines(Path(job.model), state, rows, job.prompts, job.group_size, job.pair,
+                                              job.lr, job.eps, job.seed, job.grad_clip)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record))
     return record
 
 
-def run_mechanism(study: StudyConfig, ctx: dict, core: dict[tuple[str, str], float]) -> None:
+def run_mechanism(study: StudyConfig, paths: StudyPaths, core: dict[tuple[str, str], float]) -> None:
     spec = study.mechanism
     regime = study.regimes[spec.regime]
     first = spec.pair[0]
     lr = core.get((spec.regime, first), 1e-4)
     state_run = Cell("mechanism", spec.regime, regime, first, {**study.run.model_dump(), "steps": spec.state_steps}, [lr])
-    job = {**state_run.job(lr, 0, ctx), "keep_checkpoints": True}
+    job = state_run.job(lr, 0, paths, keep_checkpoints=True)
     _run_all([job], 1, label="mechanism state")
-    checkpoint = Path(job["out"]) / "checkpoints" / f"step-{spec.state_steps:06d}"
-    states = {"fresh": (ctx["base"], None), f"after {spec.state_steps} steps": (Path(job["out"]) / "model", checkpoint)}
-    jobs = [{"state_name": name, "model": str(model), "state": str(state) if state else None, "data": str(ctx["data"] / "train.jsonl"),
-             "prompts": p, "group_size": study.run.group_size, "pair": list(spec.pair), "lr": lr, "eps": regime.eps, "seed": b, "grad_clip": regime.grad_clip,
-             "out": str(ctx["out"] / "mechanism" / f"{name.replace(' ', '-')}-p{p}-b{b}.json")}
+    checkpoint = Path(job.out) / "checkpoints" / f"step-{spec.state_steps:06d}"
+    states = {"fresh": (paths.base, None), f"after {spec.state_steps} steps": (Path(job.out) / "model", checkpoint)}
+    jobs = [MechanismJob(state_name=name, model=str(model), state=str(state) if state else None,
+                         data=str(paths.data / "train.jsonl"), prompts=p, group_size=study.run.group_size,
+                         pair=spec.pair, lr=lr, eps=regime.eps, seed=b, grad_clip=regime.grad_clip,
+                         out=str(paths.out / "mechanism" / f"{name.replace(' ', '-')}-p{p}-b{b}.json"))
             for name, (model, state) in states.items() for p in spec.prompts_per_step for b in range(spec.batches)]
-    todo = [j for j in jobs if not Path(j["out"]).is_file()]
+    todo = [j for j in jobs if not Path(j.out).is_file()]
     if todo:
         print(f"mechanism: {len(todo)} points", flush=True)
         with ProcessPoolExecutor(study.workers) as pool:
@@ -567,31 +648,31 @@ def horizon_cells(study: StudyConfig) -> list[Cell]:
     return [Cell("horizon", r, study.regimes[r], s, run, [h.lrs[r][s]]) for r in h.regimes for s in h.settings]
 
 
-def run_horizon(study: StudyConfig, ctx: dict) -> None:
+def run_horizon(study: StudyConfig, paths: StudyPaths) -> None:
     """Each cell's seeds at its lr; a cell where any seed diverged reruns half a decade lower (``lr_drops``)."""
     if study.horizon.base is not None:
-        base, data = make_base(study.horizon.base, ctx["out"])
+        base, data = make_base(study.horizon.base, paths.out)
         start = measure_start(study.horizon.base, base, data, study.run.max_new_tokens)
         strata = ", ".join(f"{d}: {v['success']:.4f}" for d, v in start["by_difficulty"].items())
         print(f"horizon base {study.horizon.base.name}: start success {start['success']:.4f} ({strata})", flush=True)
-        ctx = {**ctx, "base": base, "data": data}
+        paths = StudyPaths(base=base, data=data, out=paths.out)
     pending = horizon_cells(study)
     for cell in pending:
         cell.best_lr = cell.grid[0]
     done: list[Cell] = []
     for drop in range(study.horizon.lr_drops + 1):
-        results = _run_all([c.job(c.best_lr, s, ctx) for c in pending for s in range(study.seeds)], study.workers,
+        results = _run_all([c.job(c.best_lr, s, paths) for c in pending for s in range(study.seeds)], study.workers,
                            label="horizon")
         diverged = {r["job"]["cell"] for r in results if r["error"]}
         for cell in pending:
-            cell.run_dirs = [cell.job(cell.best_lr, s, ctx)["out"] for s in range(study.seeds)]
+            cell.run_dirs = [cell.job(cell.best_lr, s, paths).out for s in range(study.seeds)]
         done += [c for c in pending if c.name not in diverged or drop == study.horizon.lr_drops]
         pending = [c for c in pending if c.name in diverged and drop < study.horizon.lr_drops]
         for cell in pending:
             cell.best_lr = round(cell.best_lr / math.sqrt(10), 12)
         if not pending:
             break
-    write_cells(done, ctx["out"] / "cells.json")
+    write_cells(done, paths.out / "cells.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,29 +703,30 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped study still records its wall time
     try:
-        ctx: dict[str, Any] = {"out": out}
-        if parts != ["horizon"] or study.horizon.base is None:  # the horizon part may bring its own base
+        paths = StudyPaths(base=out, data=out, out=out)  # the horizon part alone may bring its own base
+        main_base = parts != ["horizon"] or study.horizon.base is None
+        if main_base:
             base, data = make_base(study.base, out)
             start = measure_start(study.base, base, data, study.run.max_new_tokens)
             strata = ", ".join(f"{d}: {v['success']:.4f}" for d, v in start["by_difficulty"].items())
             print(f"base {study.base.name}: start success {start['success']:.4f} ({strata})", flush=True)
-            ctx.update(base=base, data=data)
-        cells = core_cells(study) if "base" in ctx else []
+            paths = StudyPaths(base=base, data=data, out=out)
+        cells = core_cells(study) if main_base else []
         if "core" not in parts:  # factors and mechanism need the best lrs of their own regimes' core cells only
             needed = {*(study.factors.regimes if "factors" in parts else []),
                       *([study.mechanism.regime] if "mechanism" in parts else [])}
             cells = [c for c in cells if c.regime_name in needed]
         core: dict[tuple[str, str], float] = {}
         if cells:
-            search_and_seed(cells, study, ctx)
+            search_and_seed(cells, study, paths)
             write_cells(cells, out / "cells.json")
             core = {(c.regime_name, c.setting): c.best_lr for c in cells}
             save_ledger()
         if "core" in parts:
-            evaluate_cells(cells, study, ctx)
+            evaluate_cells(cells, study, paths)
             save_ledger()
         if "mechanism" in parts:
-            run_mechanism(study, ctx, core)
+            run_mechanism(study, paths, core)
             save_ledger()
         if "noise" in parts:
             noisy_base, noisy_data = make_base(study.noise.base, out)
@@ -653,19 +735,19 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
             noise = [Cell("noise", study.noise.regime, regime, s,
                           {**study.run.model_dump(), "steps": study.noise.steps, "changed": {"lr": lr}}, [lr])
                      for lr in study.noise.lrs for s in study.noise.settings]
-            nctx = {"base": noisy_base, "data": noisy_data, "out": out}
-            search_and_seed(noise, study, nctx)
+            noisy_paths = StudyPaths(base=noisy_base, data=noisy_data, out=out)
+            search_and_seed(noise, study, noisy_paths)
             write_cells(noise, out / "cells.json")
-            evaluate_cells(noise, study, nctx, noisy_train=noisy_data / "train.jsonl")
+            evaluate_cells(noise, study, noisy_paths, noisy_train=noisy_data / "train.jsonl")
             save_ledger()
         if "horizon" in parts:
-            run_horizon(study, ctx)
+            run_horizon(study, paths)
             save_ledger()
         if "factors" in parts:
             factors = factor_cells(study, core)
-            search_and_seed(factors, study, ctx)
+            search_and_seed(factors, study, paths)
             write_cells(factors, out / "cells.json")
-            evaluate_cells(factors, study, ctx)
+            evaluate_cells(factors, study, paths)
     finally:
         save_ledger()
     return out
