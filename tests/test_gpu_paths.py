@@ -12,6 +12,7 @@ from conftest import REPO
 from tsallis_core.config import ConfigError, ModelConfig, OptimConfig, load_config
 from tsallis_core.engines import _optimizer
 from tsallis_core.models import load_model
+from tsallis_core.sampling import cache_kwarg, unwrap_model
 
 
 def test_compile_is_for_the_torch_backend():
@@ -43,3 +44,12 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert set(report["logprob_memory"]["8x8"]) == {"ours_chunked", "one_chunk_full_logits"}
     assert report["sft"]["torch"]["train_tokens_per_s"] > 0
     assert set(report["rl_step"]["split_s"]) == {"rollout", "logprobs", "backward", "optimizer"}
+
+
+def test_the_cache_argument_is_read_from_the_model_under_torch_compile():
+    """engine.compile wraps the model: its wrapper's forward takes ``*args, **kwargs``, which named no cache argument and
+    gave the deprecated ``past_key_values``; the name comes from the model's own class."""
+    model = load_model(ModelConfig(), torch.device("cpu"), 0)
+    compiled = torch.compile(model)  # compiles lazily: nothing runs here
+    assert unwrap_model(compiled) is model and unwrap_model(torch.nn.Sequential(model)) is not model
+    assert cache_kwarg(compiled) == cache_kwarg(model) == "cache"
