@@ -36,6 +36,7 @@ def assert_same(a, b):
 def static_decoder(rollout: HFRollout, cls=StaticDecoder, **kwargs) -> StaticDecoder:
     """``cls`` installed as ``rollout``'s decoder (as its settings would choose it), built from its parts."""
     tok = rollout.tokenizer
+    kwargs.setdefault("max_buckets", RolloutConfig().max_buckets)
     rollout._static = cls(rollout.model, tok.eos_token_id, tok.pad_token_id, rollout.temperature, rollout.loop, **kwargs)
     rollout._chosen = True
     return rollout._static
@@ -174,3 +175,15 @@ def test_rollout_settings_are_validated():
         load_config(None, ["rollout.static_cache=sometimes"])
     with pytest.raises(ConfigError, match="rollout: cuda_graphs=true graphs the static-cache decode step"):
         load_config(None, ["rollout.static_cache=false", "rollout.cuda_graphs=true"])
+
+
+def test_evaluation_takes_the_rollout_settings(tmp_path, capsys):
+    from tsallis_core.cli import main
+    from tsallis_core.evaluate import evaluate_model
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\n", "answer": str(i + 1)}) + "\n" for i in range(2)))
+    assert main(["evaluate", "--model", "embedded:tiny", "--data", str(data), "--rollout", "static_cache=sometimes"]) == 2
+    assert "invalid --rollout: static_cache: must be auto, true or false; got 'sometimes'" in capsys.readouterr().err
+    records = [evaluate_model("embedded:tiny", data, 4, max_new_tokens=12, settings=settings) for settings in (EAGER, STATIC)]
+    assert records[0]["metrics"] == records[1]["metrics"]

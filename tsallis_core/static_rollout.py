@@ -110,13 +110,13 @@ class StaticDecoder:
     """The static-cache decoder: ``DecodeLoop`` over fixed buffers, each step a CUDA graph where ``cuda_graphs``.
 
     Buffers and graphs are kept per (rows, capacity bucket) and reused by later rollouts of the same shape: the
-    capacity (prompt + max_new_tokens) is rounded up to a multiple of ``bucket`` (default 64 with CUDA graphs, else
-    1) so that prompts of other lengths reuse the graph. At most ``max_buckets`` are kept, the least recently
+    capacity (prompt + max_new_tokens) is rounded up to a multiple of ``bucket`` (default 64 on CUDA, else 1) so
+    that prompts of other lengths reuse the graph. At most ``max_buckets`` are kept, the least recently
     used evicted (its memory released). A capture or replay error is raised as ``GraphFailure``.
     """
 
     def __init__(self, model, eos: int, pad: int, temperature: float, loop: DecodeLoop, cuda_graphs: bool = True,
-                 bucket: int | None = None, max_buckets: int = 4):
+                 bucket: int | None = None, *, max_buckets: int):
         self.model, self.eos, self.pad, self.temperature, self.loop = model, eos, pad, temperature, loop
         self.cuda_graphs, self.bucket, self.max_buckets = cuda_graphs, bucket, max_buckets
         self.buckets: OrderedDict[tuple, Bucket] = OrderedDict()
@@ -129,7 +129,7 @@ class StaticDecoder:
         logits = prefill.logits
         n, p, device = len(logits), prefill.prompt_ids.shape[1], logits.device
         graphed = self._graphed(device)
-        bucket = self.bucket or (64 if graphed else 1)
+        bucket = self.bucket or (64 if device.type == "cuda" else 1)  # the same bucket with and without graphs
         capacity = -(-(p + self.loop.max_new_tokens) // bucket) * bucket
         entry = self._bucket((n, capacity, prefill.layers[0][0].dtype, device), prefill, capacity)
         state = entry.state
