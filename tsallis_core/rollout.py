@@ -65,9 +65,6 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-STATIC_BY_DEFAULT = {"cuda": True, "cpu": False}  # rollout.static_cache=auto: by device type (docs/benchmarks.md)
-
-
 class HFRollout:
     """Sampling with the training model itself: one prefill, then one cached forward per token.
 
@@ -144,7 +141,8 @@ class HFRollout:
             return self._static
         self._chosen = True
         settings = self.settings
-        wanted = STATIC_BY_DEFAULT[device.type] if settings.static_cache == "auto" else settings.static_cache
+        # auto: on CUDA only (on CPU the static step was no faster than the eager loop: docs/benchmarks.md)
+        wanted = device.type == "cuda" if settings.static_cache == "auto" else settings.static_cache
         reason = unsupported_reason(self.model) if wanted else None
         if reason:
             log.info("rollouts decode with the eager loop: the static KV cache cannot run this model (%s)", reason)
