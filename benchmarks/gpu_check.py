@@ -12,8 +12,13 @@
    tokens (>= 16k tokens per step), plain PyTorch (fused AdamW) and DeepSpeed ZeRO-2.
 4. One GARL RL step (64 completions x 128 tokens, plain PyTorch) split into rollout, log-prob forward,
    backward and optimiser (timers around those calls, synchronised).
-Every ratio compares contenders measured in this run on this card. Results: printed, and saved to
-docs/gpu_check_<gpu>.json (and --out when given).
+5. The static-cache decoder with and without CUDA graphs on the same bucket: bit-identical tokens.
+6. A LoRA rollout (peft) and two SFT steps under ``engine.compile=true``: they run.
+Every ratio compares contenders measured in this run on this card. HF's static-cache ``generate`` runs with its
+compile disabled (a compile inside the time limit is unbounded). Each run works in a fresh directory under
+--work; the JSON is rewritten after every section (a timeout keeps what was measured), and a section that would
+start past --budget-s is skipped. The end prints one line per target: figure, target, ok or not. Results:
+printed, and saved to docs/gpu_check_<gpu>.json (and --out when given).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import random
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,9 +97,10 @@ def completion_tokens(ids, prompt_len: int, eos: int) -> int:
     return int(((ended == 0) | ((ended == 1) & (new == eos))).sum())
 
 
-def bench_rollouts(model, tokenizer, batches, new_tokens, device, smoke: bool) -> dict:
+def bench_rollouts(model, tokenizer, batches, new_tokens, device) -> dict:
     import torch
 
+    from tsallis_core.config import RolloutConfig
     from tsallis_core.rollout.eager import HFRollout, row_seed
 
     timer, out = Timers(device), {}
@@ -103,8 +110,9 @@ def bench_rollouts(model, tokenizer, batches, new_tokens, device, smoke: bool) -
         enc = tokenizer(sorted(set(prompts)), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         enc = {k: v.repeat_interleave(8, dim=0) for k, v in enc.items()}
         runs = {
-            "ours_static_graph": lambda: HFRollout(model, tokenizer, 1.0, new_tokens, static_cache=True),
-            "ours_eager": lambda: HFRollout(model, tokenizer, 1.0, new_tokens, static_cache=False),
+            "ours_static_graph": lambda: HFRollout(model, tokenizer, 1.0, new_tokens,
+                                                   settings=RolloutConfig(static_cache=True, cuda_graphs="auto")),
+            "ours_eager": lambda: HFRollout(model, tokenizer, 1.0, new_tokens, settings=RolloutConfig(static_cache=False)),
         }
         figures = {}
         for name, make in runs.items():
@@ -118,11 +126,10 @@ def bench_rollouts(model, tokenizer, batches, new_tokens, device, smoke: bool) -
                              "ms_per_token_step": 1e3 * elapsed / r.completion_ids.shape[1]}
         for name, cache in (("hf_generate_dynamic", None), ("hf_generate_static", "static")):
             kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "max_new_tokens": new_tokens,
-                      "pad_token_id": tokenizer.pad_token_id, "cache_implementation": cache}
-            if smoke:
-                kwargs["disable_compile"] = True
+                      "pad_token_id": tokenizer.pad_token_id, "cache_implementation": cache,
+                      "disable_compile": True}  # HF compiles its static-cache step otherwise: minutes, unbounded
             with torch.no_grad():
-                model.generate(**enc, **kwargs)  # warm-up (the static cache compiles here)
+                model.generate(**enc, **kwargs)  # warm-up
                 timer.sync()
                 start = time.perf_counter()
                 ids = model.generate(**enc, **kwargs)
@@ -249,25 +256,105 @@ def bench_rl_step(work: Path, common: list[str], device, rows: int, new_tokens: 
     return out
 
 
+def graph_identity(model, tokenizer, rows: int, new_tokens: int) -> dict:
+    """The static-cache decoder with and without CUDA graphs, same prompts, seeds and bucket: equal tokens?"""
+    import torch
+
+    from tsallis_core.config import RolloutConfig
+    from tsallis_core.rollout.eager import HFRollout, row_seed
+
+    prompts, seeds = prompts_for(rows), [row_seed(1, i) for i in range(rows)]
+    outs = {graphs: HFRollout(model, tokenizer, 1.0, new_tokens, settings=RolloutConfig(static_cache=True, cuda_graphs=graphs))
+            .generate(prompts, seeds).completion_ids for graphs in (True, False)}
+    same = outs[True].shape == outs[False].shape and bool(torch.equal(outs[True], outs[False]))
+    out = {"rows": rows, "tokens": new_tokens, "bit_identical": same}
+    print("graphs vs no graphs: " + json.dumps(out), flush=True)
+    return out
+
+
+def lora_rollout(work: Path, device, new_tokens: int) -> dict:
+    """A rollout of the model with LoRA adapters (peft), with the decoder ``rollout`` settings choose by default."""
+    from tsallis_core.config import LoraSettings, ModelConfig
+    from tsallis_core.rollout.eager import HFRollout, row_seed
+    from tsallis_core.training.models import load_model, load_tokenizer
+
+    config = ModelConfig(name_or_path=str(work / "model"), lora=LoraSettings(r=8))
+    model, tokenizer = load_model(config, device, 0), load_tokenizer(config)
+    start = time.perf_counter()
+    rollout = HFRollout(model, tokenizer, 1.0, new_tokens)
+    r = rollout.generate(prompts_for(16), [row_seed(2, i) for i in range(16)])
+    out = {"ran": True, "s": time.perf_counter() - start, "completion_tokens": r.num_completion_tokens,
+           "decoder": "eager" if rollout._static is None else f"static, graphs: {rollout._static.cuda_graphs}"}
+    print("LoRA rollout: " + json.dumps(out), flush=True)
+    return out
+
+
+def compile_step(work: Path, common: list[str]) -> dict:
+    """Two SFT steps with ``engine.compile=true`` (short rows: the compile, not the step, is what is checked)."""
+    from tsallis_core.config import load_config
+    from tsallis_core.training.trainer import train
+
+    write_long_rows(work / "short.jsonl", 8, 48)
+    start = time.perf_counter()
+    result = train(load_config(None, [
+        *common, "engine.backend=torch", "engine.compile=true", "stage=sft", f"output_dir={work / 'compiled'}",
+        f"data.train_path={work / 'short.jsonl'}", "steps=2", "sft.batch_size=4", "sft.max_length=64",
+    ]))
+    out = {"ran": True, "s": time.perf_counter() - start, "loss": result.history[-1].get("loss")}
+    print("engine.compile step: " + json.dumps(out), flush=True)
+    return out
+
+
+def targets(report: dict) -> list[tuple[str, object, str, bool]]:
+    """(figure name, figure, target, met) for each target of issue 22."""
+    def get(*keys):
+        node = report
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    rows = []
+    for batch in report.get("rollout_batches", []):
+        ratio = get("rollouts", f"B={batch}", "ratio_ours_static_graph_to_hf_static")
+        rows.append((f"rollouts B={batch}: ours (static, graphs) / HF static-cache generate (tokens/s)", ratio,
+                     ">= 1.5", isinstance(ratio, float) and ratio >= 1.5))
+    shape = report.get("logprob_target_shape")
+    peak = get("logprob_memory", shape, "ours_chunked", "peak_gib_above_weights")
+    rows.append((f"log-prob forward+backward peak at {shape} (GiB above weights)", peak, "<= 16",
+                 isinstance(peak, float) and peak <= 16))
+    mfu = get("sft", "torch", "mfu")
+    rows.append(("SFT MFU, plain PyTorch", mfu, ">= 0.40", isinstance(mfu, float) and mfu >= 0.40))
+    same = get("graph_identity", "bit_identical")
+    rows.append(("tokens with and without CUDA graphs, same bucket", same, "bit-identical", same is True))
+    for name, label in (("lora_rollout", "LoRA rollout"), ("compile_step", "engine.compile step")):
+        ran = get(name, "ran")
+        rows.append((label, ran if ran is not None else get(name, "error"), "runs", ran is True))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--work", default="/tmp/gpu_check")
+    parser.add_argument("--work", default="/tmp/gpu_check", help="a fresh directory is made under it for each run")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU: the code paths, not the figures")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="no section starts after this many seconds")
     args = parser.parse_args()
 
     import torch
 
     smoke = args.smoke
     device = torch.device("cpu" if smoke else "cuda")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=args.work))
     gpu = "cpu-smoke" if smoke else torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     t0 = time.time()
     model, tokenizer = build_model(work / "model", TINY if smoke else FULL, device)
     params = sum(p.numel() for p in model.parameters())
-    report: dict = {"gpu": gpu, "torch": torch.__version__, "parameters": params, "smoke": smoke}
+    batches, shapes = ([8], [(8, 8)]) if smoke else ([64, 256], [(64, 128), (256, 128)])
+    report: dict = {"gpu": gpu, "torch": torch.__version__, "parameters": params, "smoke": smoke, "work": str(work),
+                    "hf_static_generate": "compile disabled", "rollout_batches": batches,
+                    "logprob_target_shape": "{}x{}".format(*shapes[-1])}
     common = [f"model.name_or_path={work / 'model'}", "tracking.enabled=false", "checkpoint_every=0", "optim.lr=1e-6",
               f"engine.device={device.type}"]
     try:
@@ -275,27 +362,51 @@ def main() -> None:
         backends = ["torch", "deepspeed_zero2"]
     except ImportError:
         backends = ["torch"]
-    if smoke:
-        report["rollouts"] = bench_rollouts(model, tokenizer, [8], 8, device, smoke)
-        report["logprob_memory"] = bench_logprob_memory(model, [(8, 8)], 4, device)
-        report["sft"] = bench_sft(work, common, params, peak, 4, 64, 2, ["torch"])
-        report["rl_step"] = bench_rl_step(work, common, device, 8, 8, 1)
-    else:
-        report["rollouts"] = bench_rollouts(model, tokenizer, [64, 256], 128, device, smoke)
-        report["logprob_memory"] = bench_logprob_memory(model, [(64, 128), (256, 128)], 16, device)
-        del model
-        torch.cuda.empty_cache()
-        report["sft"] = bench_sft(work, common, params, peak, 32, 512, 6, backends)
-        report["rl_step"] = bench_rl_step(work, common, device, 64, 128, 3)
-    report["wall_s"] = time.time() - t0
     slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower().removeprefix("nvidia ")).strip("_")
     paths = [Path(args.out)] if args.out else []
     if not smoke:
         paths.append(REPO / "docs" / f"gpu_check_{slug}.json")
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    new_tokens = 8 if smoke else 128
+
+    def free_model():
+        nonlocal model
+        model = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    sections = [
+        ("rollouts", lambda: bench_rollouts(model, tokenizer, batches, new_tokens, device)),
+        ("graph_identity", lambda: graph_identity(model, tokenizer, batches[0], new_tokens)),
+        ("logprob_memory", lambda: bench_logprob_memory(model, shapes, 4 if smoke else 16, device)),
+        ("free_model", free_model),
+        ("sft", lambda: bench_sft(work, common, params, peak, 4, 64, 2, ["torch"]) if smoke
+         else bench_sft(work, common, params, peak, 32, 512, 6, backends)),
+        ("rl_step", lambda: bench_rl_step(work, common, device, 8, 8, 1) if smoke
+         else bench_rl_step(work, common, device, 64, 128, 3)),
+        ("lora_rollout", lambda: lora_rollout(work, device, new_tokens)),
+        ("compile_step", lambda: {"ran": None, "skipped": "smoke: inductor on CPU is not what is checked"} if smoke
+         else compile_step(work, common)),
+    ]
+    for name, run in sections:
+        if time.time() - t0 > args.budget_s:
+            report[name] = {"skipped": f"past the {args.budget_s:.0f} s budget"}
+        else:
+            try:
+                result = run()
+                if result is not None:
+                    report[name] = result
+            except Exception as error:  # noqa: BLE001 - one failing section must not lose the others
+                report[name] = {"error": f"{type(error).__name__}: {error}"}
+                print(f"{name} failed: {type(error).__name__}: {error}", flush=True)
+        report["wall_s"] = time.time() - t0
+        report["targets"] = [{"figure": f, "value": v, "target": t, "ok": ok} for f, v, t, ok in targets(report)]
+        for path in paths:  # after every section: a timeout keeps what was measured
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str))
+    for figure, value, target, ok in targets(report):
+        shown = f"{value:.3g}" if isinstance(value, float) else value
+        print(f"{figure}: {shown} (target {target}) {'ok' if ok else 'NOT MET'}")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from tsallis_core.evaluation.evaluate import evaluate_model, write_json
 
     record = evaluate_model(args.model, args.data, args.n, args.k, args.verifier, args.temperature, args.max_new_tokens,
-                            args.seed, args.limit)
+                            args.seed, args.limit, settings=_rollout_settings(args))
     metrics = record["metrics"]
     path = write_json(record, args.out)
     if args.track:
@@ -116,13 +116,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout_settings(args: argparse.Namespace):
+    """The decoder settings of ``--rollout key=value`` (training's ``rollout.*`` section), validated."""
+    from tsallis_core.config import RolloutConfig, validate_settings
+
+    return validate_settings(RolloutConfig, {}, args.rollout, "invalid --rollout")
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from tsallis_core.evaluation.evaluate import diagnose, load_for_eval, sample_and_score, write_json
 
+    settings = _rollout_settings(args)
     model, tokenizer, rows = load_for_eval(args.model, args.data, args.limit, args.seed)
-    results = sample_and_score(model, tokenizer, rows, args.m, args.verifier, args.temperature, args.max_new_tokens, args.seed)
+    results = sample_and_score(model, tokenizer, rows, args.m, args.verifier, args.temperature, args.max_new_tokens, args.seed,
+                               settings=settings)
     d = diagnose(results, args.verifier)
     write_json(asdict(d), args.out)
     print(f"p0 (one sample succeeds): {d.p0:.4f}; prompts with no success in {d.group_size} samples: {d.frac_zero_success:.1%}")
@@ -198,6 +207,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N rows (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rollout", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="decoder settings as training's rollout section sets them, e.g. static_cache=false "
+                             "cuda_graphs=auto (see `tsallis train --help`)")
     parser.add_argument("--out", default=out, help="where to write the JSON result")
 
 

@@ -156,6 +156,35 @@ class SFTConfig(Section):
     max_length: int = Field(128, ge=8, description="longest prompt + completion in tokens (longer rows are an error)")
 
 
+class RolloutConfig(Section):
+    """How rollouts decode, in training and in evaluation: the eager loop, or a static KV cache with CUDA graphs."""
+
+    static_cache: bool | Literal["auto"] = Field(
+        "auto", description="decode over a static KV cache (tsallis_core/rollout/static.py); auto: on CUDA. A model "
+        "whose attention it cannot run exactly (sliding-window or chunked attention, a kernel other than eager or "
+        "sdpa) decodes with the eager loop, with one log line saying why")
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto", description="replay each static-cache decode step as a CUDA graph; auto: on CUDA without DeepSpeed "
+        "ZeRO-3 (never graphed: it gathers weights in every forward). A capture or replay error logs one warning, "
+        "then rollouts decode with the eager loop for the rest of the run")
+    max_buckets: int = Field(4, ge=1, description="(rows, capacity) buckets whose static buffers and CUDA graphs are "
+                             "kept; beyond this the least recently used is released")
+
+    @field_validator("static_cache", "cuda_graphs", mode="before")
+    @classmethod
+    def _auto_true_false(cls, value: Any) -> Any:
+        if value not in (True, False, "auto", "true", "false"):  # one message instead of pydantic's two (bool, literal)
+            raise ValueError(f"must be auto, true or false; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _graphs_need_static(self) -> RolloutConfig:
+        if self.cuda_graphs is True and self.static_cache is False:
+            raise ValueError("cuda_graphs=true graphs the static-cache decode step: set static_cache=true or auto, "
+                             "or cuda_graphs=false")
+        return self
+
+
 class EngineConfig(Section):
     """Where the optimiser runs."""
 
@@ -199,6 +228,7 @@ class TrainConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

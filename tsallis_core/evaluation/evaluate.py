@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tsallis_core.config import RolloutConfig
 from tsallis_core.data.verify import exact_match_score, extract_answer, f1_score, get_verifier, normalize_answer
 
 
@@ -51,12 +52,14 @@ class PromptResult:
 
 
 def sample_and_score(model, tokenizer, rows: list[dict], num_samples: int, verifier: str, temperature: float,
-                     max_new_tokens: int, seed: int, prompts_per_batch: int = 8) -> list[PromptResult]:
-    """num_samples completions per row (seeded), each verified; a progress bar over the rows."""
+                     max_new_tokens: int, seed: int, prompts_per_batch: int = 8,
+                     settings: RolloutConfig | None = None) -> list[PromptResult]:
+    """num_samples completions per row (seeded), each verified; a progress bar over the rows. ``settings``: the
+    decoder, as ``rollout.*`` chooses it in training (default: training's defaults)."""
     from tsallis_core.rollout.eager import HFRollout, row_seed
 
     verify = get_verifier(verifier)
-    rollout = HFRollout(model, tokenizer, temperature, max_new_tokens)
+    rollout = HFRollout(model, tokenizer, temperature, max_new_tokens, settings=settings)
     results = []
     with torch.no_grad(), tqdm(total=len(rows), desc="evaluate", unit="prompt") as bar:
         for start in range(0, len(rows), prompts_per_batch):
@@ -178,12 +181,13 @@ def load_for_eval(model: str, data: str | Path, limit: int = 0, seed: int = 0):
 
 
 def evaluate_model(model: str, data: str | Path, n: int, ks: Sequence[int] | None = None, verifier: str = "exact",
-                   temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0, limit: int = 0) -> dict:
+                   temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0, limit: int = 0,
+                   settings: RolloutConfig | None = None) -> dict:
     """``tsallis evaluate`` as a function: n samples per row of ``data`` from ``model``, scored (pass@k and maj@k
-    for each k, by default 1 and n). Returns the JSON record that the command writes
-    (``{model, data, verifier, temperature, metrics}``)."""
+    for each k, by default 1 and n), decoded as ``settings`` (``rollout.*``) say. Returns the JSON record that the
+    command writes (``{model, data, verifier, temperature, metrics}``)."""
     net, tokenizer, rows = load_for_eval(model, data, limit, seed)
-    results = sample_and_score(net, tokenizer, rows, n, verifier, temperature, max_new_tokens, seed)
+    results = sample_and_score(net, tokenizer, rows, n, verifier, temperature, max_new_tokens, seed, settings=settings)
     ks = sorted(set(ks or [1, n]))
     return {"model": str(model), "data": str(data), "verifier": verifier, "temperature": temperature,
             "metrics": summarize(results, ks), "per_prompt": per_prompt_scores(results, ks)}

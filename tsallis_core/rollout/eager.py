@@ -10,18 +10,22 @@ bf16 an occasional near-tie token can differ).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tsallis_core.config import RolloutConfig
 from tsallis_core.distributed import all_ranks
-from tsallis_core.rollout.sampling import Prefill, _unwrap, cache_kwarg, hashed_uniform, row_seed, sample_tokens  # noqa: F401 - public here too
+from tsallis_core.rollout.decode import DecodeLoop, next_tokens
+from tsallis_core.rollout.sampling import Prefill, cache_kwarg, hashed_uniform, row_seed, sample_tokens, unwrap_model  # noqa: F401 - public here too
+from tsallis_core.rollout.static import GraphFailure, StaticDecoder, unsupported_reason
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,38 +65,21 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-class RolloutEngine(Protocol):
-    """What the trainer needs from a sampler (a vLLM engine would implement the same)."""
-
-    def generate(self, prompts: list[str], seeds: list[int]) -> Rollout: ...
-
-    def sync_weights(self, model: torch.nn.Module) -> None: ...
-
-
-STATIC_BY_DEFAULT = {"cuda": True, "cpu": False}  # HFRollout(static_cache=None): by device type (docs/benchmarks.md)
-
-
 class HFRollout:
-    """Sampling with the training model itself: one prefill, then one cached forward per token."""
+    """Sampling with the training model itself: one prefill, then one cached forward per token.
+
+    ``settings`` (``rollout.*``) choose the decoder: the eager loop, or the static-cache decoder with or without
+    CUDA graphs; ``zero3``: the model is sharded by DeepSpeed ZeRO-3, whose weight gathers are never graphed.
+    """
 
     def __init__(self, model, tokenizer, temperature: float, max_new_tokens: int, progress: bool = False,
-                 sync_ranks: bool = False, check_every: int | None = None, static_cache: bool | None = None):
-        self.model, self.tokenizer = model, tokenizer
-        self.temperature, self.max_new_tokens, self.progress = temperature, max_new_tokens, progress
-        self.sync_ranks = sync_ranks  # ZeRO-3 gathers weights in every forward: all ranks must decode equally long
-        self.check_every = check_every  # tokens between "has every row finished?" checks; None: 1 on CPU, 8 on GPU
-        # decode over a static KV cache (tsallis_core.rollout.static; CUDA graphs on GPU); None: where it pays
-        self.static_cache = static_cache
-        self._static = None
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        if model is not self.model:
-            self._static = None  # its buffers and graphs belong to the old model
-        self.model = model  # same process, same weights: nothing to copy
-
-    def _all_finished(self, finished: Tensor) -> bool:
-        done = bool(finished.all())
-        return all_ranks(done, finished.device) if self.sync_ranks else done
+                 sync_ranks: bool = False, check_every: int | None = None, settings: RolloutConfig | None = None,
+                 zero3: bool = False):
+        self.model, self.tokenizer, self.temperature = model, tokenizer, temperature
+        self.loop = DecodeLoop(max_new_tokens, progress, check_every, sync_ranks)
+        self.settings, self.zero3 = settings or RolloutConfig(), zero3
+        self._static: StaticDecoder | None = None
+        self._chosen = False  # the decoder is chosen at the first rollout (it depends on the device)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> Rollout:
@@ -133,48 +120,70 @@ class HFRollout:
                        [(layer.keys[index], layer.values[index]) for layer in cache.layers],
                        torch.tensor(seeds, dtype=torch.int64, device=device))
 
-    def _steps(self):
-        return tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, disable=not self.progress)
-
-    def _stop_after(self, t: int, finished: Tensor) -> bool:
-        """After token t: the last token, or (every ``check_every`` tokens) every row has finished on every rank."""
-        every = self.check_every or (1 if finished.device.type == "cpu" else 8)
-        return t == self.max_new_tokens - 1 or ((t + 1) % every == 0 and self._all_finished(finished))
-
     def _decode(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
-        """Tokens and alive flags [N, T]: the static-cache decoder where chosen and supported, else the eager loop."""
-        from tsallis_core.rollout.static import StaticDecoder
+        """Tokens and alive flags [N, T]: the static-cache decoder where chosen and supported, else the eager loop.
+        A CUDA graph that fails to capture or replay warns once; the eager loop decodes from then on."""
+        static = self._static_decoder(prefill.logits.device)
+        if static is not None:
+            try:
+                return static.decode(prefill)
+            except GraphFailure as failure:
+                log.warning("CUDA graph of the decode step failed (%s); rollouts decode with the eager loop for the "
+                            "rest of the run (rollout.cuda_graphs=false skips the graphs)", failure)
+                static.release()
+                self._static = None
+        return self._decode_eager(prefill)
 
-        wanted = self.static_cache if self.static_cache is not None else STATIC_BY_DEFAULT[prefill.logits.device.type]
-        if not (wanted and StaticDecoder.supports(self.model)):
-            return self._decode_eager(prefill)
-        if self._static is None:
-            self._static = StaticDecoder(self)
-        return self._static.decode(prefill)
+    def _static_decoder(self, device: torch.device) -> StaticDecoder | None:
+        """The static-cache decoder if ``rollout.static_cache`` (auto: on CUDA) and the model allow it; chosen once,
+        with one info line when the model rules it out."""
+        if self._chosen:
+            return self._static
+        self._chosen = True
+        settings = self.settings
+        # auto: on CUDA only (on CPU the static step was no faster than the eager loop: docs/benchmarks.md)
+        wanted = device.type == "cuda" if settings.static_cache == "auto" else settings.static_cache
+        reason = unsupported_reason(self.model) if wanted else None
+        if reason:
+            log.info("rollouts decode with the eager loop: the static KV cache cannot run this model (%s)", reason)
+        if not wanted or reason:
+            return None
+        graphs = device.type == "cuda" if settings.cuda_graphs == "auto" else settings.cuda_graphs
+        if graphs and self.zero3:
+            log.info("static-cache rollouts run without CUDA graphs: DeepSpeed ZeRO-3 gathers weights in every forward")
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self._static = StaticDecoder(self.model, eos, pad, self.temperature, self.loop,
+                                     cuda_graphs=graphs and not self.zero3, max_buckets=settings.max_buckets)
+        return self._static
 
     def _decode_eager(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
         """The eager loop: sample, then one cached forward of the new tokens; tokens and alive flags [N, T]."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        capacity = prefill.prompt_ids.shape[1] + self.max_new_tokens
+        capacity = prefill.prompt_ids.shape[1] + self.loop.max_new_tokens
         cache = DynamicCache()
         cache.layers = [PreallocatedLayer(keys, values, capacity) for keys, values in prefill.layers]
-        logits, attention, position = prefill.logits, prefill.prompt_mask, prefill.position
-        finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+        attention, position = prefill.prompt_mask, prefill.position
+        finished = torch.zeros(len(prefill.logits), dtype=torch.bool, device=prefill.logits.device)
         tokens, alive = [], []
-        for t in self._steps():
-            next_tokens = sample_tokens(logits, prefill.seeds, t, self.temperature)
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+
+        def sample(logits: Tensor, t: int) -> Tensor:
+            nonlocal finished
+            tokens.append(next_tokens(logits, prefill.seeds, t, self.temperature, finished, pad))
             alive.append(~finished)
-            tokens.append(next_tokens)
-            finished = finished | (next_tokens == eos)
-            if self._stop_after(t, finished):
-                break
+            finished = finished | (tokens[-1] == eos)
+            return finished
+
+        def advance(t: int) -> Tensor:
+            nonlocal attention, position
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             position = position + 1
             logits = self.model(
-                input_ids=next_tokens[:, None], attention_mask=attention, position_ids=position, use_cache=True,
+                input_ids=tokens[-1][:, None], attention_mask=attention, position_ids=position, use_cache=True,
                 **{cache_kwarg(self.model): cache},
             ).logits[:, -1]
+            return sample(logits, t)
+
+        self.loop.run(lambda: sample(prefill.logits, 0), advance)
         return torch.stack(tokens, dim=1), torch.stack(alive, dim=1)
 
 
@@ -200,7 +209,7 @@ def selective_log_softmax(model, hidden: Tensor, targets: Tensor, temperature: f
     logits are recomputed in the backward instead of kept, one chunk at a time (the head is
     called as a module, so ZeRO-3 gathers its weight and peft adapters on it apply).
     """
-    base = _unwrap(model)
+    base = unwrap_model(model)
     head = base.get_output_embeddings()
     vocab = getattr(head, "out_features", None) or base.config.vocab_size
     softcap = getattr(base.config, "final_logit_softcapping", None)

@@ -67,8 +67,9 @@ def sample_tokens(logits: Tensor, seeds: Tensor, position: int | Tensor, tempera
 
 
 def cache_kwarg(model) -> str:
-    """transformers >= 5.2x calls the KV cache argument ``cache``; older releases ``past_key_values``."""
-    base = getattr(model, "module", model)  # under DDP or DeepSpeed
+    """transformers >= 5.2x calls the KV cache argument ``cache``; older releases ``past_key_values``. Read from
+    the model's own class: under DDP, DeepSpeed, ``torch.compile`` (whose wrapper's forward takes ``*args``) or peft."""
+    base = unwrap_model(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
@@ -85,8 +86,11 @@ class Prefill:
     seeds: Tensor  # [N] int64 row seeds
 
 
-def _unwrap(model):
-    """The Hugging Face model inside DDP or DeepSpeed (a peft model stays: it forwards to its base)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+def unwrap_model(model):
+    """The Hugging Face model inside DDP, DeepSpeed or ``torch.compile`` (a peft model stays: it forwards to its
+    base). Read from the registered submodules, not attributes (a compiled wrapper forwards every attribute)."""
+    while True:
+        inner = next((model._modules[name] for name in ("_orig_mod", "module") if name in model._modules), None)
+        if inner is None:
+            return model
+        model = inner

@@ -9,27 +9,48 @@ own device tensor, advanced only by the step itself: unlike transformers' ``Stat
 whose internal counter also advances on warm-up calls, warming up and capturing leave the state
 as they found it (it is saved and restored around them).
 
-The tokens are those of the eager loop (``HFRollout``) with the same noise: the masked slots add
-exact zeros to attention, up to float rounding of the longer reductions (equal tokens in float32
+Both run ``DecodeLoop`` (decode.py). The tokens are those of the eager loop (``HFRollout``) with the same noise:
+the masked slots add exact zeros to attention, up to float rounding of the longer reductions (equal tokens in float32
 on CPU in our tests; in bf16 on GPU a near-tie token can differ, as between any two kernels).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from tsallis_core.rollout.sampling import Prefill, _unwrap, cache_kwarg, sample_tokens
-
-if TYPE_CHECKING:
-    from tsallis_core.rollout.eager import HFRollout
+from tsallis_core.rollout.decode import DecodeLoop, next_tokens
+from tsallis_core.rollout.sampling import Prefill, cache_kwarg, unwrap_model
 
 STATIC_MASK_ATTENTION = ("eager", "sdpa")  # attention implementations that take our additive [N, 1, 1, capacity] mask
+LOCAL_ATTENTION_ATTRIBUTES = ("sliding_window", "attention_chunk_size")  # config fields of windowed or chunked attention
+
+
+class GraphFailure(RuntimeError):
+    """A CUDA graph of the decode step could not be captured or replayed (the cause is chained)."""
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the static decoder cannot run ``model`` exactly (None: it can). It writes one full additive mask for
+    every layer, so sliding-window or chunked attention (from ``layer_types`` or from the config's own fields, as
+    Mistral sets ``sliding_window`` without ``layer_types``) would see tokens that the model would not."""
+    config = unwrap_model(model).config
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in STATIC_MASK_ATTENTION:
+        return f"attention implementation {attention!r} is not one of {', '.join(STATIC_MASK_ATTENTION)}"
+    local = sorted({kind for kind in getattr(config, "layer_types", None) or () if kind != "full_attention"})
+    if local:
+        return f"layer_types has {', '.join(local)}"
+    if getattr(config, "use_sliding_window", True) is not False:  # Qwen2 keeps sliding_window but switches it off
+        for name in LOCAL_ATTENTION_ATTRIBUTES:
+            if getattr(config, name, None) is not None:
+                return f"config.{name} = {getattr(config, name)}"
+    return None
 
 
 class StaticBufferLayer(DynamicLayer):
@@ -71,53 +92,79 @@ class DecodeState:
             getattr(self, name).copy_(value)
 
 
-class StaticDecoder:
-    """The static-cache decode loop of an ``HFRollout`` (its model, tokenizer, temperature, length, rank sync).
+@dataclass
+class Bucket:
+    """The buffers of one (rows, capacity, dtype, device) bucket and, once captured, the CUDA graph of its step."""
 
-    Buffers and graphs are kept per (rows, capacity bucket) and reused by later rollouts of the same
-    shape: the capacity (prompt + max_new_tokens) is rounded up to a multiple of ``bucket`` (default
-    64 with CUDA graphs, else 1) so that prompts of other lengths reuse the graph.
+    state: DecodeState
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def release(self) -> None:
+        """Drop the graph (its private memory pool goes with it) and the buffers."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.state = None, None
+
+
+class StaticDecoder:
+    """The static-cache decoder: ``DecodeLoop`` over fixed buffers, each step a CUDA graph where ``cuda_graphs``.
+
+    Buffers and graphs are kept per (rows, capacity bucket) and reused by later rollouts of the same shape: the
+    capacity (prompt + max_new_tokens) is rounded up to a multiple of ``bucket`` (default 64 on CUDA, else 1) so
+    that prompts of other lengths reuse the graph. At most ``max_buckets`` are kept, the least recently
+    used evicted (its memory released). A capture or replay error is raised as ``GraphFailure``.
     """
 
-    def __init__(self, rollout: HFRollout, cuda_graphs: bool = True, bucket: int | None = None):
-        self.rollout, self.cuda_graphs, self.bucket = rollout, cuda_graphs, bucket
-        self._states: dict[tuple, DecodeState] = {}
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-
-    @staticmethod
-    def supports(model) -> bool:
-        """Attention kernels that take our additive [N, 1, 1, capacity] mask, and no sliding-window layers
-        (the mask is the same full mask for every layer)."""
-        config = _unwrap(model).config
-        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
-        return getattr(config, "_attn_implementation", None) in STATIC_MASK_ATTENTION and not sliding
+    def __init__(self, model, eos: int, pad: int, temperature: float, loop: DecodeLoop, cuda_graphs: bool = True,
+                 bucket: int | None = None, *, max_buckets: int):
+        self.model, self.eos, self.pad, self.temperature, self.loop = model, eos, pad, temperature, loop
+        self.cuda_graphs, self.bucket, self.max_buckets = cuda_graphs, bucket, max_buckets
+        self.buckets: OrderedDict[tuple, Bucket] = OrderedDict()
 
     def _graphed(self, device: torch.device) -> bool:
-        # ZeRO-3 gathers weights in every forward; warm-up runs two steps past the current one
-        return (self.cuda_graphs and device.type == "cuda" and not self.rollout.sync_ranks
-                and self.rollout.max_new_tokens > 3)
+        return self.cuda_graphs and device.type == "cuda" and self.loop.max_new_tokens > 3  # warm-up runs two steps
 
     def decode(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
         """Tokens and alive flags [N, T] from the prefill, as ``HFRollout``'s eager loop gives them."""
-        rollout, logits = self.rollout, prefill.logits
+        logits = prefill.logits
         n, p, device = len(logits), prefill.prompt_ids.shape[1], logits.device
-        bucket = self.bucket or (64 if self._graphed(device) else 1)
-        capacity = -(-(p + rollout.max_new_tokens) // bucket) * bucket
-        key = (n, capacity, prefill.layers[0][0].dtype, device)
-        state = self._states.get(key)
-        if state is None:
-            state = self._states[key] = self._new_state(prefill, capacity)
+        graphed = self._graphed(device)
+        bucket = self.bucket or (64 if device.type == "cuda" else 1)  # the same bucket with and without graphs
+        capacity = -(-(p + self.loop.max_new_tokens) // bucket) * bucket
+        entry = self._bucket((n, capacity, prefill.layers[0][0].dtype, device), prefill, capacity)
+        state = entry.state
         self._load(state, prefill)
-        self._sample(state, logits)  # token 0, from the prefill's logits
-        for t in rollout._steps():
-            if rollout._stop_after(t, state.finished):
-                break
-            if self._graphed(device):
-                self._graph(key, state).replay()
+
+        def first() -> Tensor:
+            self._sample(state, logits)  # token 0, from the prefill's logits
+            return state.finished
+
+        def advance(t: int) -> Tensor:
+            if graphed:
+                self._replay(entry)
             else:
                 self._step(state)
-        steps = t + 1
+            return state.finished
+
+        steps = self.loop.run(first, advance)
         return state.out_tokens[:, :steps].clone(), state.out_alive[:, :steps].clone()
+
+    def _bucket(self, key: tuple, prefill: Prefill, capacity: int) -> Bucket:
+        """The bucket of ``key`` (made if new), now the most recently used; the least recently used beyond
+        ``max_buckets`` is released."""
+        entry = self.buckets.pop(key, None) or Bucket(self._new_state(prefill, capacity))
+        self.buckets[key] = entry
+        while len(self.buckets) > self.max_buckets:
+            _, evicted = self.buckets.popitem(last=False)
+            evicted.release()
+            if key[3].type == "cuda":
+                torch.cuda.empty_cache()  # the evicted buffers and graph pool back to the device
+        return entry
+
+    def release(self) -> None:
+        """Every bucket's buffers and graphs."""
+        while self.buckets:
+            self.buckets.popitem()[1].release()
 
     def _new_state(self, prefill: Prefill, capacity: int) -> DecodeState:
         n, device = len(prefill.logits), prefill.logits.device
@@ -130,8 +177,8 @@ class StaticDecoder:
             tokens=torch.zeros(n, **long), position=torch.zeros(n, 1, **long),
             mask=torch.zeros(n, 1, 1, capacity, dtype=dtype, device=device), write_at=write_at,
             step=torch.zeros((), **long), finished=torch.zeros(n, dtype=torch.bool, device=device),
-            seeds=torch.zeros(n, **long), out_tokens=torch.zeros(n, self.rollout.max_new_tokens, **long),
-            out_alive=torch.zeros(n, self.rollout.max_new_tokens, dtype=torch.bool, device=device), cache=cache,
+            seeds=torch.zeros(n, **long), out_tokens=torch.zeros(n, self.loop.max_new_tokens, **long),
+            out_alive=torch.zeros(n, self.loop.max_new_tokens, dtype=torch.bool, device=device), cache=cache,
         )
 
     def _load(self, state: DecodeState, prefill: Prefill) -> None:
@@ -150,44 +197,47 @@ class StaticDecoder:
 
     def _sample(self, state: DecodeState, logits: Tensor) -> None:
         """Sample token ``step`` from logits [N, V] and record it (in place, no host sync)."""
-        eos, pad = self.rollout.tokenizer.eos_token_id, self.rollout.tokenizer.pad_token_id
-        tokens = sample_tokens(logits, state.seeds, state.step, self.rollout.temperature)  # [N]
-        tokens = torch.where(state.finished, torch.full_like(tokens, pad), tokens)
+        tokens = next_tokens(logits, state.seeds, state.step, self.temperature, state.finished, self.pad)  # [N]
         column = state.step.view(1)
         state.out_alive.index_copy_(1, column, (~state.finished).unsqueeze(1))
         state.out_tokens.index_copy_(1, column, tokens.unsqueeze(1))
-        state.finished.logical_or_(tokens == eos)
+        state.finished.logical_or_(tokens == self.eos)
         state.tokens.copy_(tokens)
 
     def _step(self, state: DecodeState) -> None:
         """One decode step on the buffers: forward of the last token (written at ``write_at``), sample the next."""
         state.mask.index_fill_(3, state.write_at, 0.0)  # the new token's slot becomes visible
-        model = self.rollout.model
-        logits = model(
+        logits = self.model(
             input_ids=state.tokens.unsqueeze(1), attention_mask=state.mask, position_ids=state.position,
-            use_cache=True, **{cache_kwarg(model): state.cache},
+            use_cache=True, **{cache_kwarg(self.model): state.cache},
         ).logits[:, -1]  # [N, V]
         state.step.add_(1)
         self._sample(state, logits)
         state.write_at.add_(1)
         state.position.add_(1)
 
-    def _graph(self, key: tuple, state: DecodeState) -> torch.cuda.CUDAGraph:
-        """The step captured as a CUDA graph (once per bucket): warm-up on a side stream, then capture.
-        The state is restored after each, so neither shifts the rollout in progress."""
-        graph = self._graphs.get(key)
-        if graph is None:
-            saved = state.snapshot()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step(state)
-            torch.cuda.current_stream().wait_stream(side)
-            state.restore(saved)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+    def _replay(self, entry: Bucket) -> None:
+        """One step as the bucket's CUDA graph (captured on first use); any error of either is a ``GraphFailure``."""
+        try:
+            if entry.graph is None:
+                entry.graph = self._capture(entry.state)
+            entry.graph.replay()
+        except Exception as error:
+            raise GraphFailure(f"{type(error).__name__}: {error}") from error
+
+    def _capture(self, state: DecodeState) -> torch.cuda.CUDAGraph:
+        """The step captured as a CUDA graph: warm-up on a side stream, then capture. The state is restored
+        after each, so neither shifts the rollout in progress."""
+        saved = state.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
                 self._step(state)
-            state.restore(saved)  # capture records without running; restore anyway, cheap and safe
-            self._graphs[key] = graph
+        torch.cuda.current_stream().wait_stream(side)
+        state.restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(state)
+        state.restore(saved)  # capture records without running; restore anyway, cheap and safe
         return graph

@@ -43,6 +43,18 @@ def _scheduler(optimizer, cfg: OptimConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
 
+def deepspeed_config(config_path: str) -> dict:
+    """The DeepSpeed JSON at ``config_path`` (ConfigError when it is missing)."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"engine.deepspeed_config {config_path!r} does not exist (see configs/deepspeed/)")
+    return json.loads(path.read_text())
+
+
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
 class TorchEngine:
     """Plain PyTorch: AdamW or SGD, an LR schedule, gradient clipping, DDP when several processes run."""
 
@@ -108,10 +120,7 @@ class DeepSpeedEngine:
             import deepspeed
         except ImportError:
             raise ConfigError("engine.backend=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"engine.deepspeed_config {config_path!r} does not exist (see configs/deepspeed/)")
-        ds_config = json.loads(path.read_text())
+        ds_config = deepspeed_config(config_path)
         ds_config.update(
             train_micro_batch_size_per_gpu=1,
             gradient_accumulation_steps=cfg.grad_accum,
@@ -121,7 +130,7 @@ class DeepSpeedEngine:
         )
         bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
         ds_config["bf16"] = {"enabled": bf16}
-        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.stage = zero_stage(ds_config)
         optimizer = _optimizer(model.parameters(), cfg)
         scheduler = _scheduler(optimizer, cfg, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -43,7 +43,7 @@ from tsallis_core.training.checkpoints import (
     load_newest_checkpoint,
     save_checkpoint,
 )
-from tsallis_core.training.engines import make_engine, pick_device
+from tsallis_core.training.engines import deepspeed_config, make_engine, pick_device, zero_stage
 from tsallis_core.training.models import (
     check_model_source,
     check_prompts_fit,
@@ -184,6 +184,10 @@ class Trainer:
         check_model_source(config.model.name_or_path)
         config.check_processes(self.world_size)
         self.device = pick_device(config.engine.device)
+        self.zero3 = config.engine.backend == "deepspeed" and zero_stage(deepspeed_config(config.engine.deepspeed_config)) == 3
+        if self.zero3 and config.rollout.cuda_graphs is True:
+            raise ConfigError("rollout.cuda_graphs=true cannot run under DeepSpeed ZeRO-3 (engine.deepspeed_config is "
+                              "stage 3, which gathers weights in every forward): set rollout.cuda_graphs=auto or false")
         checkpoint_bytes, context = model_facts(config.model, self.device)
         self.tokenizer = load_tokenizer(config.model)
         if config.stage == "rl":
@@ -224,7 +228,8 @@ class Trainer:
         if resume:
             self.state = load_checkpoint(self.engine, self.output_dir) or TrainerState()
         self.rollout = HFRollout(self.engine.module, self.tokenizer, config.rl.temperature, config.rl.max_new_tokens,
-                                 progress=self.rank == 0, sync_ranks=getattr(self.engine, "stage", 0) == 3 and is_distributed())
+                                 progress=self.rank == 0, sync_ranks=self.zero3 and is_distributed(),
+                                 settings=config.rollout, zero3=self.zero3)
         self.verify = get_verifier(config.data.verifier)
         self.history_path = self.output_dir / "history.jsonl"
         self.has_label_noise = config.stage == "rl" and any(row.get("noisy") for row in self.rows)
