@@ -34,3 +34,15 @@ def paired_bootstrap_difference(a: list[list[float]], b: list[list[float]], resa
     95% bootstrap interval over prompts resampled jointly for both."""
     diff = np.asarray(a, dtype=float).mean(axis=0) - np.asarray(b, dtype=float).mean(axis=0)  # [P]
     return bootstrap_interval([diff.tolist()], resamples, seed)
+
+
+def bootstrap_median_ratio(numerator: list[float], denominator: list[float], resamples: int = 2000,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """(ratio, low, high): median(numerator) / median(denominator) over seeds [S_a], [S_b], with a 95% percentile
+    bootstrap that resamples each side's seeds independently (seeded numpy)."""
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    rng = np.random.default_rng(seed)
+    a_star = np.median(a[rng.integers(0, a.size, size=(resamples, a.size))], axis=1)  # [R]
+    b_star = np.median(b[rng.integers(0, b.size, size=(resamples, b.size))], axis=1)  # [R]
+    ratios = a_star / b_star
+    return float(np.median(a) / np.median(b)), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
