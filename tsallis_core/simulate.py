@@ -564,9 +564,47 @@ def run_map(cfg: SimulateConfig, out: str | os.PathLike | None = None) -> Path:
                "cells": [{k: v for k, v in c.items() if k != "config"} for c in cells]}
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=1))
+    (out / "summary.md").write_text(summary_markdown(results))
     for level in cfg.thresholds:
         plot_ratio_map(results, f"{level:g}", out / f"ratio_map_{level:g}.png")
     return path
+
+
+def escapes_where_grpo_does_not(cell: dict, name: str, level: str) -> bool:
+    """Every seed of ``name`` reached ``level`` within the cap, and most of GRPO's seeds did not."""
+    mine, grpo = cell["estimators"][name]["steps_to"][level], cell["estimators"][BASELINE]["steps_to"][level]
+    return all(s is not None for s in mine) and sum(s is None for s in grpo) > len(grpo) / 2
+
+
+def summary_markdown(results: dict) -> str:
+    """Per threshold: a table of median ratio GRPO / estimator [95% interval] per cell (``*``: the interval holds 1,
+    ``>=``: GRPO seeds that never escaped count as the cap), GRPO's median steps, and the cells where an estimator
+    escaped in every seed while most GRPO seeds did not."""
+    names = results["estimators"]
+    title = (f"# Simulator map: median steps GRPO / estimator ({results['settings']['policy']} policy, "
+             f"{results['settings']['seeds']} seeds, {results['seconds_total']:.0f} s of cell time)")
+    lines = [title, ""]
+    for level in [f"{t:g}" for t in results["settings"]["thresholds"]]:
+        lines += [f"## Steps to mean success {level}", "",
+                  "| optimiser | p0 | M | cap | GRPO median steps (never) | " + " | ".join(names) + " |",
+                  "|" + "---|" * (5 + len(names))]
+        escaped_alone = []
+        for cell in results["cells"]:
+            grpo = cell["estimators"][BASELINE]["steps_to"][level]
+            row = [cell["optimizer"], f"{cell['p0']:g}", str(cell["group_size"]), str(cell["cap"]),
+                   f"{np.median(steps_or_cap(grpo, cell['cap'])):.0f} ({sum(s is None for s in grpo)})"]
+            for name in names:
+                r = cell["ratios"][name][level]
+                mark = "*" if r["low"] <= 1 <= r["high"] else ""
+                row.append(f"{'>=' if r['grpo_never'] else ''}{r['median_ratio']:.2f} [{r['low']:.2f}, "
+                           f"{r['high']:.2f}]{mark}")
+                if escapes_where_grpo_does_not(cell, name, level):
+                    escaped_alone.append(f"{name} at {cell['optimizer']}, p0={cell['p0']:g}, M={cell['group_size']} "
+                                         f"(cap {cell['cap']})")
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", f"Escaped in every seed while most GRPO seeds did not reach {level} within the cap: "
+                  + ("; ".join(escaped_alone) if escaped_alone else "nowhere") + ".", ""]
+    return "\n".join(lines)
 
 
 def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
