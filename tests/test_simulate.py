@@ -158,3 +158,16 @@ def test_diagnose_reads_the_committed_map():
     results = load_map("docs/simulate/results.json")
     advice = map_advice(results, 0.003, 8, "adamw")
     assert advice.p0 == 0.003 and advice.group_size == 8 and set(advice.ratios) >= {"garl:0.75", "garl:1"}
+
+
+def test_diagnose_command_reports_the_map(task_dir, tmp_path):
+    map_path = tmp_path / "map.json"
+    map_path.write_text(json.dumps(MAP))
+    out = tmp_path / "diag.json"
+    result = run_tsallis("diagnose", "--model", "embedded:tiny", "--data", str(task_dir / "test.jsonl"), "--m", "2",
+                         "--limit", "4", "--max-new-tokens", "8", "--out", str(out), "--optimizer", "adamw",
+                         "--map", str(map_path))
+    record = json.loads(out.read_text())
+    assert record["p0"] == 0.0 and record["map"]["optimizer"] == "adamw" and not record["map"]["in_range"]
+    assert "map: map cell adamw" in result.stdout and "not applied" in result.stdout
+    assert "recommendation: estimator=garl q=0" in result.stdout  # no success: the map does not override the rule

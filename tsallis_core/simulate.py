@@ -520,7 +520,8 @@ def cell_ratios(record: dict, resamples: int = 2000) -> dict[str, dict]:
             median, low, high = bootstrap_median_ratio(grpo, mine, resamples, seed=0)
             ratios[name][level] = {"median_ratio": round(median, 4), "low": round(low, 4), "high": round(high, 4),
                                    "grpo_never": sum(s is None for s in base["steps_to"][level]),
-                                   "estimator_never": sum(s is None for s in steps)}
+                                   "estimator_never": sum(s is None for s in steps),
+                                   "both_capped": bool(np.median(grpo) >= cap and np.median(mine) >= cap)}
     return ratios
 
 
@@ -549,6 +550,7 @@ def run_map(cfg: SimulateConfig, out: str | os.PathLike | None = None) -> Path:
             if path.is_file():
                 cached = json.loads(path.read_text())
                 if cached.get("config") == json.loads(json.dumps(wanted)):
+                    cached["ratios"] = cell_ratios(cached, cfg.bootstrap)  # cheap: the summary's current fields
                     cells.append(cached)
                     continue
             progress.set_description(cell_name(optimizer, p0, group_size))
@@ -578,8 +580,8 @@ def escapes_where_grpo_does_not(cell: dict, name: str, level: str) -> bool:
 
 def summary_markdown(results: dict) -> str:
     """Per threshold: a table of median ratio GRPO / estimator [95% interval] per cell (``*``: the interval holds 1,
-    ``>=``: GRPO seeds that never escaped count as the cap), GRPO's median steps, and the cells where an estimator
-    escaped in every seed while most GRPO seeds did not."""
+    ``>=``: GRPO seeds that never escaped count as the cap; "both capped": neither median escaped), GRPO's median
+    steps, and the cells where an estimator escaped in every seed while most GRPO seeds did not."""
     names = results["estimators"]
     title = (f"# Simulator map: median steps GRPO / estimator ({results['settings']['policy']} policy, "
              f"{results['settings']['seeds']} seeds, {results['seconds_total']:.0f} s of cell time)")
@@ -596,7 +598,8 @@ def summary_markdown(results: dict) -> str:
             for name in names:
                 r = cell["ratios"][name][level]
                 mark = "*" if r["low"] <= 1 <= r["high"] else ""
-                row.append(f"{'>=' if r['grpo_never'] else ''}{r['median_ratio']:.2f} [{r['low']:.2f}, "
+                row.append("both capped" if r["both_capped"] else
+                           f"{'>=' if r['grpo_never'] else ''}{r['median_ratio']:.2f} [{r['low']:.2f}, "
                            f"{r['high']:.2f}]{mark}")
                 if escapes_where_grpo_does_not(cell, name, level):
                     escaped_alone.append(f"{name} at {cell['optimizer']}, p0={cell['p0']:g}, M={cell['group_size']} "
@@ -634,6 +637,8 @@ def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
                 grid[i, j] = entry["median_ratio"]
                 holds_one = entry["low"] <= 1 <= entry["high"]
                 text = ("≥" if entry["grpo_never"] else "") + f"{entry['median_ratio']:.2g}" + ("\n×" if holds_one else "")
+                if entry["both_capped"]:  # neither escaped in most seeds: no ratio
+                    grid[i, j], text = np.nan, "cap"
                 ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color="0.35" if holds_one else "black")
             image = ax.imshow(np.clip(grid, 1 / 8, 8), cmap="RdBu", norm=norm, origin="lower", aspect="auto")
             ax.set_xticks(range(len(p0s)), [f"{p:g}" for p in p0s], fontsize=6)
@@ -644,8 +649,8 @@ def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
                 ax.set_ylabel(f"{optimizer}\nM", fontsize=7)
             if row == 0:
                 ax.set_title(name, fontsize=8)
-    fig.suptitle(f"median steps to success {level}: GRPO / estimator (>1: estimator faster; × : 95% interval holds 1; "
-                 f"≥: some GRPO seeds never escaped)", fontsize=8)
+    fig.suptitle(f"median steps to success {level}: GRPO / estimator (>1: estimator faster; ×: 95% interval holds 1; "
+                 f"≥: some GRPO seeds never escaped; cap: neither escaped within the cap)", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="ratio (log scale)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
