@@ -47,6 +47,7 @@ from .losses import check_q, paft_resample_counts
 from .stats import bootstrap_median_ratio
 
 BASELINE = "grpo"  # the estimator every ratio divides by
+SATURATED_STEPS = 2  # GRPO escaping within this many steps: the tuned lr jumps at once, the ratio cannot exceed ~2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +522,8 @@ def cell_ratios(record: dict, resamples: int = 2000) -> dict[str, dict]:
             ratios[name][level] = {"median_ratio": round(median, 4), "low": round(low, 4), "high": round(high, 4),
                                    "grpo_never": sum(s is None for s in base["steps_to"][level]),
                                    "estimator_never": sum(s is None for s in steps),
-                                   "both_capped": bool(np.median(grpo) >= cap and np.median(mine) >= cap)}
+                                   "both_capped": bool(np.median(grpo) >= cap and np.median(mine) >= cap),
+                                   "grpo_median_steps": float(np.median(grpo))}
     return ratios
 
 
@@ -639,7 +641,11 @@ def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
                 text = ("≥" if entry["grpo_never"] else "") + f"{entry['median_ratio']:.2g}" + ("\n×" if holds_one else "")
                 if entry["both_capped"]:  # neither escaped in most seeds: no ratio
                     grid[i, j], text = np.nan, "cap"
-                ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color="0.35" if holds_one else "black")
+                elif entry["grpo_median_steps"] <= SATURATED_STEPS:  # GRPO jumps there at once: nothing to win
+                    text = f"{text}\n(1-2 st)"
+                dark = not entry["both_capped"] and abs(math.log(max(entry["median_ratio"], 1e-9))) > math.log(4)
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                        color="white" if dark else "0.35" if holds_one else "black")
             image = ax.imshow(np.clip(grid, 1 / 8, 8), cmap="RdBu", norm=norm, origin="lower", aspect="auto")
             ax.set_xticks(range(len(p0s)), [f"{p:g}" for p in p0s], fontsize=6)
             ax.set_yticks(range(len(sizes)), [str(m) for m in sizes], fontsize=6)
@@ -650,7 +656,8 @@ def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
             if row == 0:
                 ax.set_title(name, fontsize=8)
     fig.suptitle(f"median steps to success {level}: GRPO / estimator (>1: estimator faster; ×: 95% interval holds 1; "
-                 f"≥: some GRPO seeds never escaped; cap: neither escaped within the cap)", fontsize=8)
+                 f"≥: some GRPO seeds never escaped; cap: neither escaped within the cap; 1-2 st: GRPO escapes in 1-2 steps)",
+                 fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="ratio (log scale)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
