@@ -144,10 +144,13 @@ def test_map_advice_replaces_the_m_rule_where_the_map_contradicts_it():
     assert (adamw.p0, adamw.group_size, adamw.best_estimator, adamw.best_group_size) == (0.01, 8, "garl:0.75", 8)
     assert adamw.rule_contradicted and "contradicts raising M" in adamw.text
     diagnosis = apply_map_advice(recommend(0.009, 0.9, 8, "exact"), adamw)
-    assert diagnosis.suggested_group_size == 8 and "map" in diagnosis.reason
+    assert diagnosis.suggested_group_size == 8 and (diagnosis.estimator, diagnosis.q) == ("garl", 0.75)
+    assert "map" in diagnosis.reason
     sgd = map_advice(MAP, 0.009, 8, "sgd")  # the map agrees with raising M under SGD
     assert not sgd.rule_contradicted and sgd.best_group_size == 128
-    assert apply_map_advice(recommend(0.009, 0.9, 8, "exact"), sgd).suggested_group_size == 64  # the rule, capped at 64
+    revised = apply_map_advice(recommend(0.009, 0.9, 8, "exact"), sgd)
+    assert revised.suggested_group_size == 64  # the rule (capped at 64) stands
+    assert (revised.estimator, revised.q) == ("garl", 0.75)  # and the map's winner at M = 128 replaces q = 0
     with pytest.raises(ValueError, match="no cells for optimizer 'lion'"):
         map_advice(MAP, 0.01, 8, "lion")
 

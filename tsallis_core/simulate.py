@@ -678,14 +678,15 @@ class MapAdvice:
     ratios: dict[str, dict]  # estimator -> {median_ratio, low, high, ...} at the target
     best_estimator: str | None  # the largest ratio whose interval lies above 1 (None: no measured gain)
     best_group_size: int | None  # the map's M at this p0 with the largest such lower bound
-    rule_group_size: int  # min(64, ceil(1/p0)): the p0 * M >= 1 rule
+    rule_group_size: int  # min(64, ceil(1/p0)): the p0 * M >= 1 rule (contradicted: the best M is smaller, or none)
     rule_contradicted: bool
+    winners: dict[int, str | None]  # map M at this p0 -> the estimator with the largest lower bound above 1 (or None)
     in_range: bool  # p0 within half a decade of the map's p0 range (else the nearest cell is an extrapolation)
     text: str
 
 
 def _nearest(values: list[float], x: float) -> float:
-    return min(values, key=lambda v: abs(math.log(v) - math.log(x)))
+    return min(values, key=lambda v: (round(abs(math.log(v) - math.log(x)), 9), -v))  # a tie goes to the larger
 
 
 def map_advice(results: dict, p0: float, group_size: int, optimizer: str) -> MapAdvice:
@@ -711,9 +712,9 @@ def map_advice(results: dict, p0: float, group_size: int, optimizer: str) -> Map
     by_m = {m: best_of(c)[1] for m, c in row.items()}
     best_m = max(by_m, key=lambda m: (by_m[m], -m)) if max(by_m.values()) > 0 else None
     rule_m = 64 if p0 <= 0 else min(64, max(2, math.ceil(1.0 / p0)))
-    rule_cell_m = int(_nearest(sorted(row), rule_m))
-    contradicted = best_m is not None and rule_cell_m != best_m and by_m[rule_cell_m] < by_m[best_m] \
-        or best_m is None and rule_cell_m > near_m
+    # the rule says: raise M to rule_m. The map contradicts it where its largest measured gain sits at a smaller M,
+    # or where no M measured a gain at this p0 (raising M for q's sake is then unsupported)
+    contradicted = best_m < rule_m if best_m is not None else rule_m > near_m
     where = f"map cell {optimizer}, p0={near_p0:g}, M={near_m}"
     if best_estimator:
         r = ratios[best_estimator]
@@ -724,25 +725,31 @@ def map_advice(results: dict, p0: float, group_size: int, optimizer: str) -> Map
     if contradicted:
         text += (f"; the map contradicts raising M to {rule_m} (p0*M >= 1): " +
                  (f"the gain over GRPO is largest at M={best_m}" if best_m else "no M measured a gain at this p0"))
+    elif best_m is not None:
+        text += f"; the largest measured gain at this p0 is at M={best_m}"
     if not in_range:
         text += f" (p0={p0:g} lies outside the map's {p0s[0]:g}..{p0s[-1]:g}: not applied)"
-    return MapAdvice(optimizer, near_p0, near_m, ratios, best_estimator, best_m, rule_m, contradicted, in_range, text)
+    winners = {m: best_of(c)[0] for m, c in sorted(row.items())}
+    return MapAdvice(optimizer, near_p0, near_m, ratios, best_estimator, best_m, rule_m, contradicted, winners,
+                     in_range, text)
 
 
 def apply_map_advice(diagnosis, advice: MapAdvice):
-    """The rule-based ``evaluate.Diagnosis`` revised by the map: the measured winner's estimator and q where the map
-    has one (interval above 1), and the map's M where it contradicts the p0 * M >= 1 rule (the current M where the
-    map measured no gain at any M)."""
+    """The rule-based ``evaluate.Diagnosis`` revised by the map: its M where the map contradicts the p0 * M >= 1 rule
+    (the current M where no M measured a gain), then the estimator and q that the map measured fastest at that M
+    (interval above 1), if any. Outside the map's p0 range, or with no success at all, only the reason changes."""
     from dataclasses import replace
 
     changes: dict[str, Any] = {"reason": f"{diagnosis.reason}; map: {advice.text}"}
     if not advice.in_range:
         return replace(diagnosis, **changes)
-    if advice.best_estimator is not None:
-        family, q = parse_estimator(advice.best_estimator)
-        changes.update(estimator=family, q=q if q is not None else 0.0)
     if advice.rule_contradicted:
         changes["suggested_group_size"] = advice.best_group_size or diagnosis.group_size
+    group_size = changes.get("suggested_group_size", diagnosis.suggested_group_size)
+    winner = advice.winners[int(_nearest(sorted(advice.winners), group_size))]
+    if winner is not None:
+        family, q = parse_estimator(winner)
+        changes.update(estimator=family, q=q if q is not None else 0.0)
     return replace(diagnosis, **changes)
 
 
