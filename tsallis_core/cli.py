@@ -133,7 +133,16 @@ def _diagnose(args: argparse.Namespace) -> int:
     results = sample_and_score(model, tokenizer, rows, args.m, args.verifier, args.temperature, args.max_new_tokens, args.seed,
                                settings=settings)
     d = diagnose(results, args.verifier)
-    write_json(asdict(d), args.out)
+    payload = asdict(d)
+    if Path(args.map).is_file():  # the measured simulator map revises the rule where it contradicts it
+        from tsallis_core.studies.simulate import apply_map_advice, load_map, map_advice
+
+        advice = map_advice(load_map(args.map), d.p0, d.group_size, args.optimizer)
+        d = apply_map_advice(d, advice)
+        payload = {**asdict(d), "map": asdict(advice)}
+    else:
+        print(f"(no simulator map at {args.map}: the rule alone; make one with tsallis simulate)")
+    write_json(payload, args.out)
     print(f"p0 (one sample succeeds): {d.p0:.4f}; prompts with no success in {d.group_size} samples: {d.frac_zero_success:.1%}")
     print(f"recommendation: estimator={d.estimator} q={d.q:g} group_size>={d.suggested_group_size} ({d.reason})")
     print(f"  tsallis train --config configs/rl.yaml rl.estimator={d.estimator} rl.q={d.q:g} "
@@ -263,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     diag = commands.add_parser("diagnose", help="estimate p0 and recommend an estimator, q and group size")
     _add_eval_arguments(diag, "outputs/eval/diagnosis.json")
     diag.add_argument("--m", type=int, default=8, help="samples per prompt (the group size to diagnose)")
+    diag.add_argument("--optimizer", default="adamw", help="the optimiser you train with: sgd, adamw or adamw_large_eps "
+                      "(a column of the simulator map)")
+    diag.add_argument("--map", default="docs/simulate/results.json",
+                      help="the simulator map (tsallis simulate's results.json) the advice is read from")
     diag.set_defaults(func=_diagnose)
 
     report = commands.add_parser(
@@ -308,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in entry_points(group="tsallis.commands"):  # commands of the application layer (tsallis_kubeflow/cli.py)
         entry.load()(commands)
     _add_study_commands(commands)
+    from tsallis_core.studies.simulate import add_simulate_command
+
+    add_simulate_command(commands)
     return parser
 
 

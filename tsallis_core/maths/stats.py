@@ -36,13 +36,13 @@ def paired_bootstrap_difference(a: list[list[float]], b: list[list[float]], resa
     return bootstrap_interval([diff.tolist()], resamples, seed)
 
 
-def median_ratio_interval(numerator: list[float], denominator: list[float], resamples: int = 2000,
-                          seed: int = 0) -> tuple[float, float, float]:
-    """(ratio, low, high): median(numerator) / median(denominator), e.g. GRPO's steps to escape over an
-    estimator's, with a 95% percentile bootstrap that resamples the seeds of each side independently."""
-    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)  # [S_a], [S_b]
+def bootstrap_median_ratio(numerator: list[float], denominator: list[float], resamples: int = 2000,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """(ratio, low, high): median(numerator) / median(denominator) over seeds [S_a], [S_b], with a 95% percentile
+    bootstrap that resamples each side's seeds independently (seeded numpy)."""
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
     rng = np.random.default_rng(seed)
-    boot_a = np.median(a[rng.integers(0, len(a), size=(resamples, len(a)))], axis=1)  # [R]
-    boot_b = np.median(b[rng.integers(0, len(b), size=(resamples, len(b)))], axis=1)  # [R]
-    ratios = boot_a / boot_b
+    a_star = np.median(a[rng.integers(0, a.size, size=(resamples, a.size))], axis=1)  # [R]
+    b_star = np.median(b[rng.integers(0, b.size, size=(resamples, b.size))], axis=1)  # [R]
+    ratios = a_star / b_star
     return float(np.median(a) / np.median(b)), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))

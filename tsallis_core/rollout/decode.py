@@ -2,7 +2,7 @@
 
 ``DecodeLoop.run`` owns when decoding stops (the last token, or every row finished on every rank) and the
 progress bar; a decoder supplies how it samples token 0 and how it advances by one token. The eager loop
-(``HFRollout`` in rollout.py) and the static-cache decoder (static_rollout.py) are both such decoders.
+(``HFRollout`` in eager.py) and the static-cache decoder (static.py) are both such decoders.
 """
 
 from __future__ import annotations

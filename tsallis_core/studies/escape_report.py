@@ -16,7 +16,7 @@ import numpy as np
 
 from tsallis_core.maths.curves import final_success, steps_to_escape
 from tsallis_core.maths.estimators import baseline_estimator
-from tsallis_core.maths.stats import bootstrap_interval, median_ratio_interval, paired_bootstrap_difference, t_interval
+from tsallis_core.maths.stats import bootstrap_interval, bootstrap_median_ratio, paired_bootstrap_difference, t_interval
 from tsallis_core.studies.escape import StudyConfig
 
 
@@ -219,7 +219,7 @@ def horizon_table(summaries: list[dict]) -> str:
         if ref is not None and ref is not s:
             ref_steps = [e if e is not None else cap for e in ref["escape"]]
             censored = None in ref["escape"]
-            ratio = ((">=" if censored else "") + _fmt_ci(median_ratio_interval(ref_steps, steps), 2))
+            ratio = ((">=" if censored else "") + _fmt_ci(bootstrap_median_ratio(ref_steps, steps), 2))
         rows.append(f"| {s['regime']} | {s['setting']} | {s['best_lr']:.3g} | {shown} | "
                     f"{min(steps)} / {statistics.median(steps):g} / {max(steps)} | {ratio} |")
     return "\n".join(rows)
