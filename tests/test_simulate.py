@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import run_tsallis
 
-from tsallis_core import losses, theory
 from tsallis_core.config import ConfigError
 from tsallis_core.evaluation.evaluate import recommend
+from tsallis_core.maths import losses, theory
 from tsallis_core.maths.stats import bootstrap_median_ratio
 from tsallis_core.studies.simulate import (
     OptimizerSpec,
@@ -174,3 +174,18 @@ def test_diagnose_command_reports_the_map(task_dir, tmp_path):
     assert record["p0"] == 0.0 and record["map"]["optimizer"] == "adamw" and not record["map"]["in_range"]
     assert "map: map cell adamw" in result.stdout and "not applied" in result.stdout
     assert "recommendation: estimator=garl q=0" in result.stdout  # no success: the map does not override the rule
+
+
+def test_the_map_verdict_counts_every_estimator_cell_once_and_the_sentence_names_each_optimiser():
+    from tsallis_core.studies.simulate import load_map, map_claim_sentence, map_verdict
+
+    results = load_map("docs/simulate/results.json")
+    verdict = map_verdict(results)
+    for optimizer, counts in verdict.items():
+        cells = [c for c in results["cells"] if c["optimizer"] == optimizer]
+        assert sum(counts.values()) == len(cells) * len(results["estimators"])
+    faster = [(c["optimizer"], n) for c in results["cells"] for n, r in c["ratios"].items()
+              if r["0.5"]["low"] > 1 and not r["0.5"]["both_capped"]]
+    assert sum(c["faster"] for c in verdict.values()) == len(faster)
+    sentence = map_claim_sentence(results)
+    assert all(f"{optimizer}: faster than GRPO in {verdict[optimizer]['faster']}," in sentence for optimizer in verdict)

@@ -156,7 +156,10 @@ def _report(args: argparse.Namespace) -> int:
     runs = sweep.select_runs(sweep.find_run_dirs(args.runs), args.evals, args.estimators, args.q, args.seeds)
     champion = sweep.pick_champion(runs, args.metric)
     registered = sweep.register_champion(champion, args.register_as, args.metric) if args.register_as else None
-    paths = sweep.write_report(runs, champion, args.out, args.metric, args.escape_threshold, registered)
+    if args.simulate and not (Path(args.simulate) / "results.json").is_file():
+        raise SystemExit(f"tsallis: error: --simulate {args.simulate}: no results.json there; make the map with "
+                         "tsallis simulate --params configs/simulate_small.yaml --out DIR")
+    paths = sweep.write_report(runs, champion, args.out, args.metric, args.escape_threshold, registered, args.simulate)
     if args.sweep:
         parent = sweep.log_sweep(runs, args.sweep, args.out, champion, args.metric)
         print(f"MLflow: sweep {args.sweep!r} is parent run {parent} with {len(runs)} nested runs")
@@ -293,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="5-step mean training success that counts as escaped")
     report.add_argument("--register-as", default="", help="registered model name for the champion ('' : no registration)")
     report.add_argument("--sweep", default="", help="sweep name: log to its MLflow parent run ('': no MLflow logging)")
+    report.add_argument("--simulate", default=None, help="a tsallis simulate output directory: its map and what it "
+                        "says about the claim go into the report")
     report.set_defaults(func=_report)
 
     data = commands.add_parser("data", help="prepare datasets")

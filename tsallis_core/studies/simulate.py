@@ -42,11 +42,11 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from tsallis_core.config import ConfigError, Section, validate_settings
-from tsallis_core.maths.estimators import PolicyBatch, get_estimator
+from tsallis_core.maths.estimators import PolicyBatch, baseline_estimator, get_estimator
 from tsallis_core.maths.losses import check_q, paft_resample_counts
 from tsallis_core.maths.stats import bootstrap_median_ratio
 
-BASELINE = "grpo"  # the estimator every ratio divides by
+BASELINE = baseline_estimator()  # the estimator every ratio divides by (the registry says which)
 SATURATED_STEPS = 2  # GRPO escaping within this many steps: the tuned lr jumps at once, the ratio cannot exceed ~2
 
 
@@ -610,6 +610,30 @@ def summary_markdown(results: dict) -> str:
         lines += ["", f"Escaped in every seed while most GRPO seeds did not reach {level} within the cap: "
                   + ("; ".join(escaped_alone) if escaped_alone else "nowhere") + ".", ""]
     return "\n".join(lines)
+
+
+def map_verdict(results: dict, level: str = "0.5") -> dict[str, dict[str, int]]:
+    """Per optimiser: how many (estimator, cell) pairs escaped faster than GRPO (interval above 1), slower (below 1),
+    inside the noise (the interval holds 1), or not at all (both capped)."""
+    counts: dict[str, dict[str, int]] = {}
+    for cell in results["cells"]:
+        tally = counts.setdefault(cell["optimizer"], {"faster": 0, "slower": 0, "noise": 0, "capped": 0})
+        for ratio in (r[level] for r in cell["ratios"].values()):
+            kind = ("capped" if ratio["both_capped"] else "faster" if ratio["low"] > 1 else
+                    "slower" if ratio["high"] < 1 else "noise")
+            tally[kind] += 1
+    return counts
+
+
+def map_claim_sentence(results: dict, level: str = "0.5") -> str:
+    """One sentence on the claim from a map: per optimiser, in how many of its cells the estimators beat GRPO."""
+    parts = [f"{optimizer}: faster than GRPO in {c['faster']}, slower in {c['slower']}, within the noise in "
+             f"{c['noise']}" + (f", neither escaped in {c['capped']}" if c["capped"] else "")
+             for optimizer, c in map_verdict(results, level).items()]
+    names = ", ".join(results["estimators"])
+    return (f"In the simulator ({results['settings']['seeds']} seeds a cell, start success "
+            f"{', '.join(f'{p:.1%}' for p in results['p0s'])}, M {', '.join(map(str, results['group_sizes']))}), "
+            f"{names} reached success {level} (median steps, 95% interval against 1) — {'; '.join(parts)}.")
 
 
 def plot_ratio_map(results: dict, level: str, path: Path) -> Path:

@@ -164,10 +164,27 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def simulator_section(simulate_dir: str | Path, out: Path, runs: list[SweepRun]) -> str:
+    """The report's section on the small simulator map (``tsallis simulate``'s results.json and heatmap, copied in):
+    what it says about the claim, and where this run's language-model sweep starts."""
+    import shutil
+
+    from tsallis_core.studies.simulate import load_map, map_claim_sentence
+
+    source = Path(simulate_dir)
+    results = load_map(source / "results.json")
+    shutil.copy(source / "ratio_map_0.5.png", out / "simulate_map.png")
+    start = sum(r.history[0]["success_rate"] for r in runs if r.history) / max(1, sum(bool(r.history) for r in runs))
+    return (f"## When q matters: the simulator map\n\n{map_claim_sentence(results)} This sweep's language-model runs "
+            f"start at {start:.1%} training success (first step, mean over runs); the full map and the long runs "
+            "are in docs/escape.md.\n\n![simulator map](simulate_map.png)\n")
+
+
 def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, metric: str,
-                 escape_threshold: float = 0.5, registered: dict | None = None) -> dict[str, Path]:
+                 escape_threshold: float = 0.5, registered: dict | None = None,
+                 simulate_dir: str | Path | None = None) -> dict[str, Path]:
     """report.md, sweep.csv, success_curves.csv, final_by_q.csv (for dvc plots), metrics.json (for dvc
-    metrics) and the PNG plots, in ``out_dir``."""
+    metrics) and the PNG plots, in ``out_dir``; with ``simulate_dir``, the simulator map's section."""
     from tsallis_core.studies.plots import plot_escape_steps, plot_final_by_q, plot_success_curves
 
     out = Path(out_dir)
@@ -212,6 +229,9 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
         "![success rate against step](success_curves.png)\n\n![steps to escape against q](steps_to_escape.png)\n\n"
         "![final metrics against q](final_by_q.png)\n"
     )
+    if simulate_dir is not None:
+        text += "\n" + simulator_section(simulate_dir, out, runs)
+        paths["simulate_png"] = out / "simulate_map.png"
     paths["report"] = out / "report.md"
     paths["report"].write_text(text)
     return paths
