@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .tasks.verify import exact_match_score, extract_answer, f1_score, get_verifier, normalize_answer
+from .tasks.registry import get_verifier
+from .tasks.verify import exact_match_score, extract_answer, f1_score, normalize_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -28,7 +28,7 @@ from .losses import group_diagnostics, paft_resample_counts, sft_loss
 from .models import check_model_source, check_prompts_fit, load_model, load_tokenizer, model_facts, save_model
 from .rollout import HFRollout, Rollout, completion_logprobs, row_seed
 from .schedules import AdaptiveQ, update_success_ema
-from .tasks.verify import get_verifier
+from .tasks.registry import get_verifier
 from .tracking import make_tracker, train_metric_name
 
 log = logging.getLogger(__name__)

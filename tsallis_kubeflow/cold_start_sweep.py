@@ -80,8 +80,8 @@ def build_pipeline(settings: PipelineSettings):
 
     def cold_start_sweep(*values) -> dsl.Markdown:
         p = SimpleNamespace(**dict(zip(parameters, values)))  # kfp passes one channel per parameter, in order
-        data = stages.prepare_data(seed=p.data_seed, p0=p.data_p0, num_train=p.data_num_train, num_test=p.data_num_test,
-                                   num_pretrain=p.data_num_pretrain).set_display_name("prepare")
+        data = stages.prepare_data(**{name.removeprefix("data_"): getattr(p, name) for name in parameters
+                                      if name.startswith("data_")}, model=p.warmup_model).set_display_name("prepare")
         parent = with_access(stages.sweep_parent(experiment=p.report_experiment, sweep=p.report_sweep))
         parent.set_caching_options(False).set_display_name("mlflow sweep run")
         warm = retried(on_gpu(stages.sft_warmup(
@@ -93,7 +93,7 @@ def build_pipeline(settings: PipelineSettings):
                       "estimator": run.estimator, "q": run.q, "seed": run.seed, "steps": p.train_steps, "lr": p.train_lr,
                       "group_size": p.train_group_size, "batch_size": p.train_batch_size,
                       "max_new_tokens": p.train_max_new_tokens, "temperature": p.train_temperature,
-                      "sweep": p.report_sweep, "experiment": p.report_experiment}
+                      "sweep": p.report_sweep, "experiment": p.report_experiment, "verifier": p.data_verifier}
             if multinode:  # the launcher needs no GPU: the TrainJob's nodes have them
                 train = stages.train_rl_trainjob(**common, cluster=cluster.model_dump(),
                                                  pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -104,7 +104,8 @@ def build_pipeline(settings: PipelineSettings):
             retried(train).after(parent).set_display_name("train")
             evaluation = on_gpu(stages.evaluate_model(
                 data=data.outputs["data"], model=train.outputs["model"], run_name=run.run_name, n=p.evaluate_n,
-                max_new_tokens=p.evaluate_max_new_tokens, temperature=p.evaluate_temperature, seed=p.evaluate_seed),
+                max_new_tokens=p.evaluate_max_new_tokens, temperature=p.evaluate_temperature, seed=p.evaluate_seed,
+                verifier=p.data_verifier),
                 min(gpus, 1)).set_display_name("evaluate")
         champion = with_access(stages.register_champion(
             models=dsl.Collected(train.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
