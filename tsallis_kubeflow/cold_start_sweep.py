@@ -142,12 +142,29 @@ def submit(settings: PipelineSettings, host: str, params: dict[str, Any], experi
     import kfp
 
     params = check_params(settings, params)
+    check_host(host)
     with tempfile.TemporaryDirectory() as tmp:
         path = compile_pipeline(settings, package or Path(tmp) / "pipeline.yaml")
         client = kfp.Client(host=host, namespace=namespace)
         run = client.create_run_from_pipeline_package(str(path), arguments=params, run_name=run_name,
                                                       experiment_name=experiment, namespace=namespace)
     return run.run_id
+
+
+def check_host(host: str, timeout: float = 5.0) -> None:
+    """A one-line ValueError at once when the Kubeflow Pipelines API does not answer (kfp.Client would retry and
+    end in a long traceback); an HTTP error (401, 403) is an answer: the credentials are kfp.Client's business."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{host.rstrip('/')}/apis/v2beta1/healthz", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise ValueError(f"cannot reach Kubeflow Pipelines at --host {host} ({getattr(error, 'reason', error)}); give "
+                         f"the API's URL, e.g. after kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80, "
+                         f"--host http://localhost:8080") from None
 
 
 def run_local(settings: PipelineSettings, workdir: str | Path, params: dict[str, Any] | None = None) -> Path:

@@ -13,6 +13,8 @@ skipped or made an error (``bad_rows``); nothing is dropped silently.
 from __future__ import annotations
 
 import logging
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,9 +97,35 @@ def load_native(spec: DatasetSpec, path: str | None = None, hub_id: str | None =
     data_files = spec.data_files if hub == spec.hub_id or Path(hub).is_dir() else None
     if data_files is not None and split not in data_files:
         raise ValueError(f"split must be one of {', '.join(data_files)} for {spec.name}; got {split!r}")
-    rows = datasets.load_dataset(hub, config if config is not None else spec.hub_config, split=split, revision=revision,
-                                 data_files={split: data_files[split]} if data_files else None)
+    if not Path(hub).is_dir():
+        check_hub()
+    try:
+        rows = datasets.load_dataset(hub, config if config is not None else spec.hub_config, split=split,
+                                     revision=revision, data_files={split: data_files[split]} if data_files else None)
+    except ConnectionError as error:  # offline mode and not in the cache
+        raise DatasetError(f"{spec.name}: {error}; {LOCAL_FILES}") from None
     return rows, f"{spec.name}:{hub}:{split}"
+
+
+LOCAL_FILES = ("give a local file in the dataset's original format instead (--path, or params.yaml's data.train_file "
+               "and data.test_file; docs/datasets.md)")
+
+
+def check_hub(timeout: float = 5.0) -> None:
+    """A one-line DatasetError at once when the Hugging Face hub does not answer (instead of a minute of retries
+    and a long traceback); nothing in offline mode (HF_HUB_OFFLINE=1 reads the datasets cache)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as error:
+        raise DatasetError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} "
+                           f"({getattr(error, 'reason', error)}): {LOCAL_FILES}, or set HF_HUB_OFFLINE=1 to read "
+                           f"the datasets cache") from None
 
 
 def to_records(spec: DatasetSpec, rows, source: str, bad_rows: str = "skip", tokenizer=None,
