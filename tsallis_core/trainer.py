@@ -445,6 +445,8 @@ class Trainer:
             return self.cfg.tracking.run_name
         if self.cfg.stage == "sft":
             return "sft"
+        if not self.estimator.uses_q:  # GRPO has no q
+            return f"{self.cfg.rl.estimator}-seed{self.cfg.seed}"
         schedule = self.cfg.rl.schedule
         q = f"q{schedule.q:g}" if hasattr(schedule, "q") else schedule.kind
         return f"{self.cfg.rl.estimator}-{q}-seed{self.cfg.seed}"
