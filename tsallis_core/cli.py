@@ -256,14 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("evaluate", help="pass@k, maj@k, accuracy, EM and F1 from n samples per prompt")
-    _add_eval_arguments(evaluate, "outputs/eval/metrics.json")
+    _add_eval_arguments(evaluate, "outputs/evaluate/metrics.json")  # not outputs/eval: the report's input folder
     evaluate.add_argument("--n", type=int, default=16, help="samples per prompt")
     evaluate.add_argument("--k", type=int, nargs="+", default=[1, 4, 16], help="k values for pass@k and maj@k")
     evaluate.add_argument("--track", action="store_true", help="also log the metrics to MLflow")
     evaluate.set_defaults(func=_evaluate)
 
     diag = commands.add_parser("diagnose", help="estimate p0 and recommend an estimator, q and group size")
-    _add_eval_arguments(diag, "outputs/eval/diagnosis.json")
+    _add_eval_arguments(diag, "outputs/evaluate/diagnosis.json")
     diag.add_argument("--m", type=int, default=8, help="samples per prompt (the group size to diagnose)")
     diag.set_defaults(func=_diagnose)
 
