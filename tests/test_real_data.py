@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, run_tsallis
 
 from tsallis_core.config import ConfigError, load_config
+from tsallis_core.distributed import free_port
 from tsallis_core.tasks.prepare import TaskSettings
 from tsallis_core.tasks.registry import DATASETS, VERIFIERS, get_verifier, native_datasets
 
@@ -83,6 +85,19 @@ def test_task_settings_name_the_field_and_the_fix():
         TaskSettings(template=TEMPLATE)
     with pytest.raises(ValueError, match="dataset must be one of synthetic, local, finqa, hotpotqa, musique"):
         TaskSettings(source="squad")
+
+
+@pytest.mark.parametrize("command", ["data prepare", "pipeline submit"])
+def test_offline_the_hub_or_the_kubeflow_host_is_one_error_line_at_once(command, tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: as offline as it gets, on every machine
+    args = {"data prepare": ["data", "prepare", "--dataset", "hotpotqa", "--out", str(tmp_path / "rows.jsonl")],
+            "pipeline submit": ["pipeline", "submit", "--host", closed, "--image", "registry.example/tsallis:t"]}[command]
+    started = time.time()
+    result = run_tsallis(*args, env={"HF_ENDPOINT": closed, "HF_HUB_OFFLINE": "0"}, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("tsallis: error: cannot reach") and closed in lines[0]
+    assert time.time() - started < 30  # no minute of retries (a loaded 2-core machine needs ~10 s to import)
 
 
 HOTPOT_DATA = {"source": "hotpotqa", "train_file": str(HOTPOT / "train.jsonl"),
