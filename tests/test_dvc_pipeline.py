@@ -33,7 +33,7 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
             "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
             "GIT_COMMITTER_EMAIL": "t@example.com"}
     result = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env, capture_output=True,
-                            text=True, timeout=900, check=False)
+                            text=True, timeout=1800, check=False)  # a loaded machine
     if check and result.returncode:
         raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
     return result

@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--params", metavar="PARAMS_YAML",
                        help="also set what params.yaml sets on every RL run of the DVC sweep (its train section: "
                             "steps, optim.lr, rl.group_size, rl.batch_size, rl.max_new_tokens, rl.temperature; "
-                            "report.sweep: tracking.sweep); key=value overrides win")
+                            "data.verifier; report.sweep: tracking.sweep); key=value overrides win")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.q=0.5 optim.lr=3e-4")
     train.set_defaults(func=_train)
 
