@@ -122,7 +122,7 @@ def run_trl(work: Path, steps: int, threads: int, timers: Timers) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tsallis_core.data.verify import get_verifier
+    from tsallis_core.data.registry import get_verifier
 
     torch.set_num_threads(threads)
     GenerationMixin.generate = timers.wrap("generation", GenerationMixin.generate)

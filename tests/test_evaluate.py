@@ -97,3 +97,11 @@ def test_evaluate_logs_to_mlflow(task_dir, base_model, tmp_path):
     assert len(runs) == 1 and runs[0].data.tags["stage"] == "evaluate"
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert runs[0].data.metrics["eval/pass_at_1"] == pytest.approx(metrics["pass@1"])
+
+
+def test_evaluate_without_out_keeps_out_of_the_reports_input_folder(task_dir, tmp_path):
+    """outputs/eval holds one evaluation per sweep run for `tsallis report`; a manual evaluation must not add one."""
+    result = run_tsallis("evaluate", "--model", "embedded:tiny", "--data", str(task_dir / "test.jsonl"), "--n", "1",
+                         "--k", "1", "--limit", "1", "--max-new-tokens", "4", cwd=tmp_path)
+    assert (tmp_path / "outputs/evaluate/metrics.json").is_file() and not (tmp_path / "outputs/eval").exists()
+    assert "metrics: outputs/evaluate/metrics.json" in result.stdout

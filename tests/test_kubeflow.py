@@ -140,7 +140,7 @@ def test_train_params_give_the_three_dvc_rl_stages_one_list_of_overrides(tmp_pat
     assert config.steps == 3  # an override given after --params wins
     assert (config.optim.lr, config.rl.group_size, config.rl.batch_size) == (train["lr"], train["group_size"], train["batch_size"])
     assert (config.rl.max_new_tokens, config.rl.temperature) == (train["max_new_tokens"], train["temperature"])
-    assert config.tracking.sweep == params["report"]["sweep"]
+    assert config.tracking.sweep == params["report"]["sweep"] and config.data.verifier == params["data"]["verifier"]
     dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert all("--params params.yaml" in dvc_stages[name]["cmd"] for name in ("train", "baseline", "experiment"))
     with pytest.raises(ConfigError, match=r"--params .*missing.yaml: no such file"):

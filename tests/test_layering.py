@@ -19,7 +19,7 @@ LAYERS = (
     {"training"},  # the trainer's recipes, engines, checkpoints, models
     {"evaluation"},
     {"studies"},  # the sweep, the escape study, the simulator, plots
-    {"kubeflow", "launch", "cli", "__init__"},  # entry points
+    {"prepare", "kubeflow", "launch", "cli", "__init__"},  # the pipelines' params and entry points
 )
 
 
@@ -105,23 +105,24 @@ def test_the_dvc_training_stages_depend_on_every_module_that_tsallis_train_impor
 
     modules = module_imports("tsallis_core")
     cli_tree = ast.parse((REPO / "tsallis_core" / "cli.py").read_text())
-    todo = {"tsallis_core.config", "tsallis_core.training.trainer", "tsallis_core.kubeflow"}
-    todo |= {n.module for n in cli_tree.body if isinstance(n, ast.ImportFrom) and n.module in modules}
-    closure = {"tsallis_core.cli"}  # its other commands' imports (inside their functions) do not run
-    while todo:
-        module = todo.pop()
-        closure.add(module)
-        todo |= {i for i in modules[module] if i in modules and i not in closure}
+    cli_imports = {n.module for n in cli_tree.body if isinstance(n, ast.ImportFrom) and n.module in modules}
+
+    def closure_of(roots: set[str]) -> set[str]:
+        todo, seen = set(roots), {"tsallis_core.cli"}  # cli's other commands' imports (in their functions) do not run
+        while todo:
+            module = todo.pop()
+            seen.add(module)
+            todo |= {i for i in modules[module] if i in modules and i not in seen}
+        return seen
 
     def path_of(module: str) -> str:
         path = Path(*module.split("."))
         return str(path / "__init__.py") if (REPO / path).is_dir() else f"{path}.py"
 
+    train = {"tsallis_core.config", "tsallis_core.training.trainer", *cli_imports}
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for stage in ("warmup", "train"):
+    for stage, roots in (("warmup", train), ("train", train | {"tsallis_core.kubeflow"})):  # train: --params
         deps = [d for d in stages[stage]["deps"] if d.startswith("tsallis_core")]
-        missing = sorted(m for m in closure if m != "tsallis_core" and not any(
+        missing = sorted(m for m in closure_of(roots) if m != "tsallis_core" and not any(
             path_of(m) == d or path_of(m).startswith(d.rstrip("/") + "/") for d in deps))
-        if stage == "warmup":
-            missing = [m for m in missing if m != "tsallis_core.kubeflow"]  # --params is the RL stages'
         assert not missing, f"dvc.yaml stage {stage} does not depend on {', '.join(missing)}"

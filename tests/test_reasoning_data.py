@@ -9,6 +9,7 @@ from conftest import run_tsallis
 from tsallis_core.config import ModelConfig
 from tsallis_core.data.reasoning import load_native, to_records
 from tsallis_core.data.records import DatasetError
+from tsallis_core.data.registry import get_dataset
 from tsallis_core.training.models import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -18,25 +19,25 @@ FILES = {"finqa": FIXTURES / "finqa" / "test.json", "hotpotqa": FIXTURES / "hotp
 
 @pytest.mark.parametrize("dataset", list(FILES))
 def test_local_files_map_to_one_schema_and_bad_rows_are_reported(dataset):
-    rows, source = load_native(dataset, path=str(FILES[dataset]))
-    records, report = to_records(dataset, rows, source)
+    rows, source = load_native(get_dataset(dataset), path=str(FILES[dataset]))
+    records, report = to_records(get_dataset(dataset), rows, source)
     assert report.rows == 3 and report.kept == len(records) >= 1
     for r in records:
         assert {"id", "context", "question", "answer", "aliases", "source", "prompt"} <= r.keys()
         assert r["question"] in r["prompt"] and "Answer:" in r["prompt"]
     assert all(line.startswith("row ") and source in line for line in report.skipped)
     with pytest.raises(DatasetError, match=r"bad row\(s\) \(bad_rows=fail\): row \d of"):
-        to_records(dataset, rows, source, bad_rows="fail")
+        to_records(get_dataset(dataset), rows, source, bad_rows="fail")
 
 
 def test_dataset_specific_fields():
-    finqa, _ = to_records("finqa", *load_native("finqa", path=str(FILES["finqa"])))
+    finqa, _ = to_records(get_dataset("finqa"), *load_native(get_dataset("finqa"), path=str(FILES["finqa"])))
     assert finqa[0]["answer"] == "20%" and finqa[0]["aliases"] == ["0.2"]  # exe_ans kept as an alias
     assert "revenue | $ 120 | $ 100" in finqa[0]["context"]  # the table as text
-    musique, report = to_records("musique", *load_native("musique", path=str(FILES["musique"])))
+    musique, report = to_records(get_dataset("musique"), *load_native(get_dataset("musique"), path=str(FILES["musique"])))
     assert musique[0]["aliases"] == ["FRD", "Freedonia dollar"]
     assert any("not answerable" in s for s in report.skipped) and any("int, not a string" in s for s in report.skipped)
-    hotpot, report = to_records("hotpotqa", *load_native("hotpotqa", path=str(FILES["hotpotqa"])))
+    hotpot, report = to_records(get_dataset("hotpotqa"), *load_native(get_dataset("hotpotqa"), path=str(FILES["hotpotqa"])))
     assert hotpot[0]["context"].startswith("Freedonia: ") and any("no answer" in s or "empty context" in s for s in report.skipped)
 
 
@@ -45,17 +46,17 @@ def test_hub_path_through_datasets_on_a_local_repository(tmp_path):
     repo = tmp_path / "MuSiQue"
     repo.mkdir()
     (repo / "musique_ans_v1.0_dev.jsonl").write_text(FILES["musique"].read_text())
-    rows, source = load_native("musique", hub_id=str(repo), split="validation")
-    records, _ = to_records("musique", rows, source)
+    rows, source = load_native(get_dataset("musique"), hub_id=str(repo), split="validation")
+    records, _ = to_records(get_dataset("musique"), rows, source)
     assert len(records) == 1 and source.endswith(":validation")
     with pytest.raises(ValueError, match="split must be one of train, validation"):
-        load_native("musique", hub_id=str(repo), split="test")
+        load_native(get_dataset("musique"), hub_id=str(repo), split="test")
 
 
 def test_truncation_by_tokens_is_counted():
     tokenizer = load_tokenizer(ModelConfig())
-    rows, source = load_native("hotpotqa", path=str(FILES["hotpotqa"]))
-    records, report = to_records("hotpotqa", rows, source, tokenizer=tokenizer, max_context_tokens=20)
+    rows, source = load_native(get_dataset("hotpotqa"), path=str(FILES["hotpotqa"]))
+    records, report = to_records(get_dataset("hotpotqa"), rows, source, tokenizer=tokenizer, max_context_tokens=20)
     assert report.truncated == 2 and all(len(r["context"]) <= 20 for r in records)
 
 

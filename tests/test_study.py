@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_tsallis
+from conftest import REPO, run_tsallis
 
 from tsallis_core.config import load_config
 from tsallis_core.data.synthetic import SyntheticTaskConfig, generate, worked_solution
@@ -153,3 +153,15 @@ def test_bad_study_params_are_one_line_errors(tmp_path):
     params.write_text("seeds: 3\n")  # key=value after --parts is an override, not a part
     result = run_tsallis("study", "escape", "--params", str(params), "--parts", "core", "workers=0", check=False)
     assert result.returncode == 2 and "workers: Input should be greater than or equal to 1" in result.stderr
+
+
+def test_study_report_refuses_to_overwrite_a_report_with_an_empty_one(tmp_path):
+    report = tmp_path / "escape"
+    report.mkdir()
+    (report / "report.md").write_text("the committed report\n")
+    result = run_tsallis("study", "report", "--params", str(REPO / "configs/study/escape.yaml"), "--out", str(report),
+                         f"out={tmp_path / 'no-runs'}", check=False)
+    assert result.returncode == 2 and (report / "report.md").read_text() == "the committed report\n"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tsallis: error: no runs of the study under")
+    assert f"cp -r docs/escape/study {tmp_path / 'no-runs'}" in lines[0]

@@ -37,3 +37,21 @@ def test_unreachable_server_fails_at_once_in_one_line(base_model, task_dir, tmp_
     lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
     assert len(lines) == 1 and "is unreachable" in lines[0] and "tracking.enabled=false" in lines[0]
     assert not (out / "history.jsonl").exists()
+
+
+def test_grpo_runs_are_named_without_q_and_the_sweep_parent_has_no_stage(task_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    from tsallis_core.tracking import sweep_run_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_tsallis("train", "stage=rl", f"output_dir={tmp_path / 'grpo'}", f"data.train_path={task_dir / 'train.jsonl'}",
+                "rl.estimator=grpo", "steps=1", "rl.group_size=4", "rl.batch_size=8", "rl.max_new_tokens=8",
+                "checkpoint_every=0", "tracking.log_model=false", "engine.threads=1", env={"MLFLOW_TRACKING_URI": uri})
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    run = client.get_run(json.loads((tmp_path / "grpo" / "mlflow.json").read_text())["run_id"])
+    assert run.info.run_name == "grpo-seed0"
+    monkeypatch.setenv("DVC_STAGE", "train@garl-0.0-0")  # the first training run of a sweep creates the parent
+    parent = client.get_run(sweep_run_id(mlflow, "tsallis", "a-sweep"))
+    assert parent.data.tags["tsallis.role"] == "sweep" and "dvc.stage" not in parent.data.tags

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tsallis_core.data.registry import get_verifier
 from tsallis_core.data.verify import (
     em_reward,
     exact_reward,
@@ -10,7 +11,6 @@ from tsallis_core.data.verify import (
     f1_score,
     finqa_match,
     finqa_reward,
-    get_verifier,
     normalize_answer,
     parse_number,
 )
@@ -82,7 +82,7 @@ def test_parse_number():
 
 
 def test_unknown_verifier():
-    with pytest.raises(ValueError, match="verifier must be one of exact, finqa, em, f1"):
+    with pytest.raises(ValueError, match="verifier must be one of exact, finqa, em, f1, or package.module:function"):
         get_verifier("bleu")
 
 

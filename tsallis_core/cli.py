@@ -76,23 +76,36 @@ def _data_synthetic(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from tsallis_core.data.reasoning import SOURCES, load_native, to_records
+    from tsallis_core.data.reasoning import load_native, to_records
+    from tsallis_core.data.registry import get_dataset
 
+    spec = get_dataset(args.dataset)
     tokenizer = None
     if args.tokenizer:
         from tsallis_core.config import ModelConfig
         from tsallis_core.training.models import load_tokenizer
 
         tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer))
-    rows, source = load_native(args.dataset, args.path, args.hub_id, args.hub_config, args.split, args.revision)
-    records, report = to_records(args.dataset, rows, source, args.bad_rows, tokenizer, args.max_context_tokens)
+    rows, source = load_native(spec, args.path, args.hub_id, args.hub_config, args.split, args.revision)
+    records, report = to_records(spec, rows, source, args.bad_rows, tokenizer, args.max_context_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"{report.kept} of {report.rows} rows from {source} -> {out}; skipped {len(report.skipped)}, "
-          f"contexts truncated {report.truncated}; verify with data.verifier={SOURCES[args.dataset].verifier}")
+          f"contexts truncated {report.truncated}; verify with data.verifier={spec.verifier}")
     for line in report.skipped[:20]:
         print(f"  skipped {line}")
+    return 0
+
+
+def _data_task(args: argparse.Namespace) -> int:
+    from tsallis_core.kubeflow import load_settings
+    from tsallis_core.prepare import write_task
+
+    settings = load_settings(args.params)
+    for split, path in write_task(settings.data, args.out, settings.warmup.model).items():
+        print(f"{split}: {path}")
+    print(f"source {settings.data.source}, verifier {settings.data.verifier}: {args.out}/task.json")
     return 0
 
 
@@ -214,7 +227,9 @@ def _add_study_commands(commands) -> None:
 def _add_eval_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--model", required=True, help="model directory, hub id, or embedded:tiny")
     parser.add_argument("--data", default="data/synthetic/test.jsonl", help="JSONL rows with prompt and answer (aliases optional)")
-    parser.add_argument("--verifier", default="exact", help="exact, finqa, em or f1")
+    from tsallis_core.data.registry import verifier_help
+
+    parser.add_argument("--verifier", default="exact", help=f"the reward (tasks/registry.py): {verifier_help()}")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N rows (0: all)")
@@ -261,19 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--params", metavar="PARAMS_YAML",
                        help="also set what params.yaml sets on every RL run of the DVC sweep (its train section: "
                             "steps, optim.lr, rl.group_size, rl.batch_size, rl.max_new_tokens, rl.temperature; "
-                            "report.sweep: tracking.sweep); key=value overrides win")
+                            "data.verifier; report.sweep: tracking.sweep); key=value overrides win")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.q=0.5 optim.lr=3e-4")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("evaluate", help="pass@k, maj@k, accuracy, EM and F1 from n samples per prompt")
-    _add_eval_arguments(evaluate, "outputs/eval/metrics.json")
+    _add_eval_arguments(evaluate, "outputs/evaluate/metrics.json")  # not outputs/eval: the report's input folder
     evaluate.add_argument("--n", type=int, default=16, help="samples per prompt")
     evaluate.add_argument("--k", type=int, nargs="+", default=[1, 4, 16], help="k values for pass@k and maj@k")
     evaluate.add_argument("--track", action="store_true", help="also log the metrics to MLflow")
     evaluate.set_defaults(func=_evaluate)
 
     diag = commands.add_parser("diagnose", help="estimate p0 and recommend an estimator, q and group size")
-    _add_eval_arguments(diag, "outputs/eval/diagnosis.json")
+    _add_eval_arguments(diag, "outputs/evaluate/diagnosis.json")
     diag.add_argument("--m", type=int, default=8, help="samples per prompt (the group size to diagnose)")
     diag.add_argument("--optimizer", default="adamw", help="the optimiser you train with: sgd, adamw or adamw_large_eps "
                       "(a column of the simulator map)")
@@ -310,11 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("overrides", nargs="*", help="task knobs as key=value, e.g. p0=0.01")
     synthetic.set_defaults(func=_data_synthetic)
 
+    from tsallis_core.data.registry import DATASETS, native_datasets
+
     prepare = data_commands.add_parser(
-        "prepare", help="FinQA / HotPotQA / MuSiQue -> JSONL records with prompts (hub or local files)")
-    prepare.add_argument("--dataset", required=True, choices=["finqa", "hotpotqa", "musique"])
+        "prepare", help=f"{' / '.join(native_datasets())} -> JSONL records with prompts (hub or local files)",
+        epilog="datasets (tasks/registry.py; docs/datasets.md):\n" + "\n".join(
+            f"  {DATASETS[n].name}: {DATASETS[n].description}; hub {DATASETS[n].hub_id}"
+            f"{f' ({DATASETS[n].hub_config})' if DATASETS[n].hub_config else ''}, split {DATASETS[n].split}; "
+            f"data.verifier={DATASETS[n].verifier}" for n in native_datasets()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    prepare.add_argument("--dataset", required=True, choices=native_datasets())
     prepare.add_argument("--path", help="local JSON/JSONL/Parquet file in the dataset's native schema (instead of the hub)")
-    prepare.add_argument("--hub-id", help="hub dataset id (default: see docs/datasets.md)")
+    prepare.add_argument("--hub-id", help="hub dataset id (default: the dataset's, below)")
     prepare.add_argument("--hub-config", help="hub config name (HotPotQA: distractor)")
     prepare.add_argument("--split", help="split (default: the dataset's evaluation split)")
     prepare.add_argument("--revision", help="hub revision: branch, tag or commit")
@@ -323,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--bad-rows", choices=["skip", "fail"], default="skip", help="skip and report, or fail")
     prepare.add_argument("--out", required=True, help="output JSONL")
     prepare.set_defaults(func=_data_prepare)
+    task = data_commands.add_parser(
+        "task", help="the pipelines' data from params.yaml's data section: pretrain, train, test JSONL (DVC stage "
+                     "prepare)", description="Sources: " + "; ".join(f"{s.name}: {s.description}" for s in DATASETS.values()))
+    task.add_argument("--params", default="params.yaml", help="params.yaml (its data section and warmup.model)")
+    task.add_argument("--out", default="data/task", help="output directory")
+    task.set_defaults(func=_data_task)
     for entry in entry_points(group="tsallis.commands"):  # commands of the application layer (tsallis_kubeflow/cli.py)
         entry.load()(commands)
     _add_study_commands(commands)

@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from tsallis_core.config import ConfigError, Section, parse_assignment, validate_settings
 from tsallis_core.maths.curves import ESCAPE_THRESHOLD
 from tsallis_core.maths.estimators import ESTIMATORS, baseline_estimator, get_estimator
+from tsallis_core.prepare import TaskSettings
 
 LOCAL_IMAGE = "tsallis:local"  # `docker build -t tsallis:local .` for a local cluster (README, section Kubeflow)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -130,17 +131,10 @@ class ClusterSettings(Section):
     retry_backoff: str = Field("120s", description="wait before the first retry (doubling), over an NFS lock lease")
 
 
-class DataParams(Section):
-    seed: int = 0
-    p0: float = Field(0.05, gt=0.0, le=1.0)
-    num_train: int = Field(2000, ge=1)
-    num_test: int = Field(200, ge=1)
-    num_pretrain: int = Field(38400, ge=1)
-
-
 class WarmupParams(Section):
-    model: str = "embedded:tiny"
-    steps: int = Field(600, ge=0, description="0 skips the warm-up (the model passes through unchanged)")
+    model: str = Field("embedded:tiny", description="the base model: embedded:tiny, a local directory or a hub id")
+    steps: int = Field(600, ge=0, description="SFT steps on data's pretrain.jsonl (warm start); 0: cold start, RL from "
+                       "the base model (it passes through unchanged)")
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, ge=1)
 
@@ -178,7 +172,7 @@ class PipelineSettings(Section):
     parallelism: int = Field(4, ge=0, description="training runs at once (0: no limit)")
     sweep: SweepGrid = Field(default_factory=SweepGrid)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
-    data: DataParams = Field(default_factory=DataParams)
+    data: TaskSettings = Field(default_factory=TaskSettings)
     warmup: WarmupParams = Field(default_factory=WarmupParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
@@ -218,22 +212,23 @@ def train_overrides(train: TrainParams) -> list[str]:
 
 def params_train_overrides(params: str | os.PathLike) -> list[str]:
     """``tsallis train --params params.yaml``: the overrides of every RL run of the DVC sweep (params.yaml's ``train``
-    section and ``report.sweep``), so that dvc.yaml's train, baseline and experiment stages share one list."""
+    section, ``data.verifier`` and ``report.sweep``), so that dvc.yaml's train, baseline and experiment stages share one list."""
     if not Path(params).is_file():
         raise ConfigError(f"--params {params}: no such file; give the params.yaml that holds the train section")
     settings = load_settings(params)
-    return [*train_overrides(settings.train), f"tracking.sweep={settings.report.sweep}"]
+    return [*train_overrides(settings.train), f"data.verifier={settings.data.verifier}",
+            f"tracking.sweep={settings.report.sweep}"]
 
 
 def sweep_run_overrides(run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
                         batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str,
-                        checkpoint_every: int) -> list[str]:
+                        checkpoint_every: int, verifier: str = "exact") -> list[str]:
     """The ``tsallis train`` overrides of one RL run of the sweep (as dvc.yaml's train stage sets them), shared by
     the components train_rl (one node) and train_rl_trainjob (a TrainJob)."""
     train = TrainParams(steps=steps, lr=lr, group_size=group_size, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, temperature=temperature)
     return [
-        f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}", *train_overrides(train),
+        f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}", *train_overrides(train), f"data.verifier={verifier}",
         f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2",
         f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
     ]

@@ -88,7 +88,9 @@ def sweep_run_id(mlflow_module, experiment: str, sweep: str) -> str:
                                order_by=["attributes.start_time ASC"], max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=f"sweep-{sweep}", tags={SWEEP_TAG: sweep, "tsallis.role": "sweep", **provenance_tags()})
+    # the parent spans every stage of the sweep: not tagged with the DVC stage of the run that happens to create it
+    provenance = {k: v for k, v in provenance_tags().items() if k != "dvc.stage"}
+    run = client.create_run(exp_id, run_name=f"sweep-{sweep}", tags={SWEEP_TAG: sweep, "tsallis.role": "sweep", **provenance})
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 

@@ -60,7 +60,8 @@ def add_pipeline_commands(commands) -> None:
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--params", default="params.yaml", help="params.yaml whose sections give the defaults")
-        cmd.add_argument("--image", help="image of every step (default: $TSALLIS_IMAGE; one of them is required)")
+        cmd.add_argument("--image", help="not used: kfp.local runs every step as a subprocess here" if name == "run-local"
+                         else "image of every step (default: $TSALLIS_IMAGE; one of them is required)")
         cmd.add_argument("overrides", nargs="*", help="settings as key=value, e.g. sweep.q=[0.25,0.75]")
         cmd.set_defaults(func=func)
         if name == "compile":

@@ -80,8 +80,8 @@ def build_pipeline(settings: PipelineSettings):
 
     def cold_start_sweep(*values) -> dsl.Markdown:
         p = SimpleNamespace(**dict(zip(parameters, values)))  # kfp passes one channel per parameter, in order
-        data = stages.prepare_data(seed=p.data_seed, p0=p.data_p0, num_train=p.data_num_train, num_test=p.data_num_test,
-                                   num_pretrain=p.data_num_pretrain).set_display_name("prepare")
+        data = stages.prepare_data(**{name.removeprefix("data_"): getattr(p, name) for name in parameters
+                                      if name.startswith("data_")}, model=p.warmup_model).set_display_name("prepare")
         parent = with_access(stages.sweep_parent(experiment=p.report_experiment, sweep=p.report_sweep))
         parent.set_caching_options(False).set_display_name("mlflow sweep run")
         warm = retried(on_gpu(stages.sft_warmup(
@@ -93,7 +93,7 @@ def build_pipeline(settings: PipelineSettings):
                       "estimator": run.estimator, "q": run.q, "seed": run.seed, "steps": p.train_steps, "lr": p.train_lr,
                       "group_size": p.train_group_size, "batch_size": p.train_batch_size,
                       "max_new_tokens": p.train_max_new_tokens, "temperature": p.train_temperature,
-                      "sweep": p.report_sweep, "experiment": p.report_experiment}
+                      "sweep": p.report_sweep, "experiment": p.report_experiment, "verifier": p.data_verifier}
             if multinode:  # the launcher needs no GPU: the TrainJob's nodes have them
                 train = stages.train_rl_trainjob(**common, cluster=cluster.model_dump(),
                                                  pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -104,7 +104,8 @@ def build_pipeline(settings: PipelineSettings):
             retried(train).after(parent).set_display_name("train")
             evaluation = on_gpu(stages.evaluate_model(
                 data=data.outputs["data"], model=train.outputs["model"], run_name=run.run_name, n=p.evaluate_n,
-                max_new_tokens=p.evaluate_max_new_tokens, temperature=p.evaluate_temperature, seed=p.evaluate_seed),
+                max_new_tokens=p.evaluate_max_new_tokens, temperature=p.evaluate_temperature, seed=p.evaluate_seed,
+                verifier=p.data_verifier),
                 min(gpus, 1)).set_display_name("evaluate")
         champion = with_access(stages.register_champion(
             models=dsl.Collected(train.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
@@ -141,12 +142,29 @@ def submit(settings: PipelineSettings, host: str, params: dict[str, Any], experi
     import kfp
 
     params = check_params(settings, params)
+    check_host(host)
     with tempfile.TemporaryDirectory() as tmp:
         path = compile_pipeline(settings, package or Path(tmp) / "pipeline.yaml")
         client = kfp.Client(host=host, namespace=namespace)
         run = client.create_run_from_pipeline_package(str(path), arguments=params, run_name=run_name,
                                                       experiment_name=experiment, namespace=namespace)
     return run.run_id
+
+
+def check_host(host: str, timeout: float = 5.0) -> None:
+    """A one-line ValueError at once when the Kubeflow Pipelines API does not answer (kfp.Client would retry and
+    end in a long traceback); an HTTP error (401, 403) is an answer: the credentials are kfp.Client's business."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{host.rstrip('/')}/apis/v2beta1/healthz", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise ValueError(f"cannot reach Kubeflow Pipelines at --host {host} ({getattr(error, 'reason', error)}); give "
+                         f"the API's URL, e.g. after kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80, "
+                         f"--host http://localhost:8080") from None
 
 
 def run_local(settings: PipelineSettings, workdir: str | Path, params: dict[str, Any] | None = None) -> Path:

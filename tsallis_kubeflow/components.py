@@ -12,12 +12,17 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def prepare_data(data: Output[Dataset], seed: int, p0: float, num_train: int, num_test: int, num_pretrain: int):
-    """dvc.yaml prepare: the synthetic cold-start task (pretrain/train/test JSONL) -> tasks.synthetic.write_splits."""
-    from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
+def prepare_data(data: Output[Dataset], source: str, train_file: str, test_file: str, verifier: str, template: str,
+                 chat_template: bool, max_context_tokens: int, seed: int, p0: float, num_train: int, num_test: int,
+                 num_pretrain: int, model: str):
+    """dvc.yaml prepare: params.yaml's data section -> the task folder (pretrain/train/test JSONL), from the synthetic
+    generator, a published dataset (hub or local files in its original format) or your JSONL -> tasks.prepare.write_task."""
+    from tsallis_core.prepare import TaskSettings, write_task
 
-    task = SyntheticTaskConfig(seed=seed, p0=p0, num_train=num_train, num_test=num_test, num_pretrain=num_pretrain)
-    write_splits(task, data.path)
+    task = TaskSettings(source=source, train_file=train_file, test_file=test_file, verifier=verifier, template=template,
+                        chat_template=chat_template, max_context_tokens=max_context_tokens, seed=seed, p0=p0,
+                        num_train=num_train, num_test=num_test, num_pretrain=num_pretrain)
+    write_task(task, data.path, model)
     data.metadata.update(task.model_dump())
 
 
@@ -52,7 +57,8 @@ def sft_warmup(data: Input[Dataset], model: Output[Model], metrics: Output[Metri
 def train_rl(data: Input[Dataset], base_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
              run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
              batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str, gpus: int,
-             deepspeed_config: str, checkpoint_root: str = "", checkpoint_every: int = 0, pipeline_run: str = ""):
+             deepspeed_config: str, verifier: str = "exact", checkpoint_root: str = "", checkpoint_every: int = 0,
+             pipeline_run: str = ""):
     """dvc.yaml train/baseline: one RL run of the sweep, nested under the sweep's MLflow parent run
     -> trainer.train(load_config("configs/rl.yaml", overrides)); torchrun + DeepSpeed when gpus > 1. Checkpoints
     go to <checkpoint_root>/<sweep>/<pipeline_run>/<run_name> (the cache PVC); a retried step resumes there."""
@@ -63,7 +69,7 @@ def train_rl(data: Input[Dataset], base_model: Input[Model], model: Output[Model
         f"output_dir={model.path}/{run_name}", f"model.name_or_path={base_model.path}/model",
         f"data.train_path={data.path}/train.jsonl", *sweep_run_overrides(
             run_name, estimator, q, seed, steps, lr, group_size, batch_size, max_new_tokens, temperature, sweep,
-            experiment, checkpoint_every),
+            experiment, checkpoint_every, verifier),
     ], gpus, deepspeed_config, checkpoint_path(checkpoint_root, sweep, pipeline_run, run_name))
     model.metadata.update({"run_name": run_name, "estimator": estimator, "q": float(q), "seed": int(seed)})
     for key, value in final.items():
@@ -73,7 +79,7 @@ def train_rl(data: Input[Dataset], base_model: Input[Model], model: Output[Model
 def train_rl_trainjob(data: Input[Dataset], base_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
                       run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
                       batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str,
-                      cluster: dict, pipeline_run: str = ""):
+                      cluster: dict, verifier: str = "exact", pipeline_run: str = ""):
     """train_rl across nodes: submits a Kubeflow Trainer TrainJob that runs the same `tsallis train` on
     cluster["num_nodes"] nodes, waits, and fails with the job's error -> launch.run_trainjob. The run's staging
     is <cache>/trainjobs/<sweep>/<pipeline_run>/<run_name>: a retried launcher resumes from its checkpoints."""
@@ -82,7 +88,7 @@ def train_rl_trainjob(data: Input[Dataset], base_model: Input[Model], model: Out
 
     final = run_trainjob("configs/rl.yaml", sweep_run_overrides(
         run_name, estimator, q, seed, steps, lr, group_size, batch_size, max_new_tokens, temperature, sweep, experiment,
-        cluster["checkpoint_every"],
+        cluster["checkpoint_every"], verifier,
     ), data.path, f"{base_model.path}/model", model.path, run_name, ClusterSettings.model_validate(cluster),
         work_dir=checkpoint_path(f"{cluster['cache_path']}/trainjobs", sweep, pipeline_run, run_name))
     model.metadata.update({"run_name": run_name, "estimator": estimator, "q": float(q), "seed": int(seed)})
@@ -91,12 +97,12 @@ def train_rl_trainjob(data: Input[Dataset], base_model: Input[Model], model: Out
 
 
 def evaluate_model(data: Input[Dataset], model: Input[Model], metrics: Output[Metrics], evaluation: Output[Artifact],
-                   run_name: str, n: int, max_new_tokens: int, temperature: float, seed: int):
-    """dvc.yaml evaluate: n samples per held-out prompt, pass@k and maj@k for k in (1, n)
+                   run_name: str, n: int, max_new_tokens: int, temperature: float, seed: int, verifier: str = "exact"):
+    """dvc.yaml evaluate: n samples per held-out prompt scored by ``verifier``, pass@k and maj@k for k in (1, n)
     -> evaluate.evaluate_model; the JSON goes to evaluation/<run_name>.json as `tsallis evaluate --out` writes it."""
     from tsallis_core.evaluation.evaluate import evaluate_model, write_json
 
-    record = evaluate_model(f"{model.path}/{run_name}/model", f"{data.path}/test.jsonl", n, [1, n],
+    record = evaluate_model(f"{model.path}/{run_name}/model", f"{data.path}/test.jsonl", n, [1, n], verifier,
                             temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     write_json(record, f"{evaluation.path}/{run_name}.json")
     for key, value in record["metrics"].items():

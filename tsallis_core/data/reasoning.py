@@ -2,6 +2,8 @@
 
 A record: ``id, context, question, answer, aliases, source`` plus the ``prompt`` built from a
 per-dataset template (the trainer and the evaluator read ``prompt``, ``answer``, ``aliases``).
+Each dataset's hub location, template, normaliser (``*_record`` below) and verifier are registered
+once, in ``tasks/registry.py``; the functions here take its ``DatasetSpec``.
 Rows come through Hugging Face ``datasets``, from the hub (id, config, split, revision) or from
 local JSON/JSONL/Parquet files in the dataset's native schema. A bad row (no answer, a
 non-string answer, an empty context or question) is reported with its index and source, then
@@ -11,45 +13,18 @@ skipped or made an error (``bad_rows``); nothing is dropped silently.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tsallis_core.data.records import DatasetError
 
+if TYPE_CHECKING:
+    from tsallis_core.data.registry import DatasetSpec
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a dataset comes from by default, and how it is verified."""
-
-    hub_id: str
-    config: str | None
-    split: str
-    verifier: str
-    data_files: dict[str, str] | None = None
-    note: str = ""
-
-
-SOURCES = {
-    "finqa": Source("TableQAKit/FinQA_retrieval", None, "test", "finqa",
-                    {"train": "train.json", "validation": "dev.json", "test": "test.json"},
-                    "the original FinQA JSON files (github.com/czyssrs/FinQA/tree/main/dataset) on the hub"),
-    "hotpotqa": Source("hotpotqa/hotpot_qa", "distractor", "validation", "em"),
-    "musique": Source("dgslibisey/MuSiQue", None, "validation", "em",
-                      {"train": "musique_ans_v1.0_train.jsonl", "validation": "musique_ans_v1.0_dev.jsonl"},
-                      "the answerable (musique_ans) v1.0 files"),
-}
-
-TEMPLATES = {
-    "finqa": ("Read the financial report and answer the question. Think step by step, then give the final "
-              "numeric answer on a last line of the form 'Answer: <number>'.\n\n{context}\n\nQuestion: {question}\n"),
-    "hotpotqa": ("Answer the question using the paragraphs. Reason step by step, then finish with a last line of "
-                 "the form 'Answer: <short answer>'.\n\n{context}\n\nQuestion: {question}\n"),
-}
-TEMPLATES["musique"] = TEMPLATES["hotpotqa"]
 
 
 class BadRow(ValueError):
@@ -66,7 +41,7 @@ def _text(value: Any, name: str) -> str:
     return value.strip()
 
 
-def _finqa(row: dict) -> dict:
+def finqa_record(row: dict) -> dict:
     qa = row.get("qa") or row
     table = "\n".join(" | ".join(str(c) for c in r) for r in (row.get("table") or []))
     context = "\n".join([*(row.get("pre_text") or []), table, *(row.get("post_text") or [])]).strip()
@@ -78,7 +53,7 @@ def _finqa(row: dict) -> dict:
             "aliases": aliases}
 
 
-def _hotpotqa(row: dict) -> dict:
+def hotpotqa_record(row: dict) -> dict:
     ctx = row.get("context") or {}
     pairs = zip(ctx.get("title", []), ctx.get("sentences", [])) if isinstance(ctx, dict) else ctx
     context = "\n\n".join(f"{title}: {''.join(sentences)}" for title, sentences in pairs)
@@ -86,16 +61,13 @@ def _hotpotqa(row: dict) -> dict:
             "answer": _text(row.get("answer"), "answer"), "aliases": []}
 
 
-def _musique(row: dict) -> dict:
+def musique_record(row: dict) -> dict:
     if row.get("answerable") is False:
         raise BadRow("not answerable (only the answerable subset is used)")
     context = "\n\n".join(f"{p.get('title', '')}: {p.get('paragraph_text', '')}" for p in row.get("paragraphs") or [])
     aliases = [a for a in (row.get("answer_aliases") or []) if isinstance(a, str) and a.strip()]
     return {"context": _text(context, "context"), "question": _text(row.get("question"), "question"),
             "answer": _text(row.get("answer"), "answer"), "aliases": aliases}
-
-
-NORMALIZERS: dict[str, Callable[[dict], dict]] = {"finqa": _finqa, "hotpotqa": _hotpotqa, "musique": _musique}
 
 
 @dataclass
@@ -107,33 +79,59 @@ class LoadReport:
     truncated: int = 0
 
 
-def load_native(dataset: str, path: str | None = None, hub_id: str | None = None, config: str | None = None,
+def load_native(spec: DatasetSpec, path: str | None = None, hub_id: str | None = None, config: str | None = None,
                 split: str | None = None, revision: str | None = None):
-    """The dataset's rows in their native schema, through ``datasets`` (local files or the hub)."""
+    """The dataset's rows in their native schema, through ``datasets`` (a local file, or the hub)."""
     import datasets
 
-    if dataset not in SOURCES:
-        raise ValueError(f"dataset must be one of {', '.join(SOURCES)}; got {dataset!r}")
-    src = SOURCES[dataset]
+    if spec.normalize is None:
+        raise ValueError(f"{spec.name} is not a published dataset with a loader; choose a dataset that has one")
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise DatasetError(f"--path {path} does not exist")
         builder = "parquet" if p.suffix == ".parquet" else "json"
-        return datasets.load_dataset(builder, data_files=str(p), split="train"), f"{dataset}:{p.name}"
-    hub = hub_id or src.hub_id
-    split = split or src.split
-    data_files = src.data_files if hub == src.hub_id or Path(hub).is_dir() else None
+        return datasets.load_dataset(builder, data_files=str(p), split="train"), f"{spec.name}:{p.name}"
+    hub = hub_id or spec.hub_id
+    split = split or spec.split
+    data_files = spec.data_files if hub == spec.hub_id or Path(hub).is_dir() else None
     if data_files is not None and split not in data_files:
-        raise ValueError(f"split must be one of {', '.join(data_files)} for {dataset}; got {split!r}")
-    rows = datasets.load_dataset(hub, config if config is not None else src.config, split=split, revision=revision,
-                                 data_files={split: data_files[split]} if data_files else None)
-    return rows, f"{dataset}:{hub}:{split}"
+        raise ValueError(f"split must be one of {', '.join(data_files)} for {spec.name}; got {split!r}")
+    if not Path(hub).is_dir():
+        check_hub()
+    try:
+        rows = datasets.load_dataset(hub, config if config is not None else spec.hub_config, split=split,
+                                     revision=revision, data_files={split: data_files[split]} if data_files else None)
+    except ConnectionError as error:  # offline mode and not in the cache
+        raise DatasetError(f"{spec.name}: {error}; {LOCAL_FILES}") from None
+    return rows, f"{spec.name}:{hub}:{split}"
 
 
-def to_records(dataset: str, rows, source: str, bad_rows: str = "skip", tokenizer=None,
-               max_context_tokens: int | None = None) -> tuple[list[dict], LoadReport]:
-    """Native rows -> records with prompts; bad rows reported by index, skipped or raised."""
+LOCAL_FILES = ("give a local file in the dataset's original format instead (--path, or params.yaml's data.train_file "
+               "and data.test_file; docs/datasets.md)")
+
+
+def check_hub(timeout: float = 5.0) -> None:
+    """A one-line DatasetError at once when the Hugging Face hub does not answer (instead of a minute of retries
+    and a long traceback); nothing in offline mode (HF_HUB_OFFLINE=1 reads the datasets cache)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as error:
+        raise DatasetError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} "
+                           f"({getattr(error, 'reason', error)}): {LOCAL_FILES}, or set HF_HUB_OFFLINE=1 to read "
+                           f"the datasets cache") from None
+
+
+def to_records(spec: DatasetSpec, rows, source: str, bad_rows: str = "skip", tokenizer=None,
+               max_context_tokens: int | None = None, template: str = "") -> tuple[list[dict], LoadReport]:
+    """Native rows -> records with prompts (``template``, else the dataset's); bad rows reported by index, skipped
+    or raised."""
     if bad_rows not in ("skip", "fail"):
         raise ValueError(f"bad_rows must be skip or fail; got {bad_rows!r}")
     report = LoadReport(source)
@@ -141,14 +139,14 @@ def to_records(dataset: str, rows, source: str, bad_rows: str = "skip", tokenize
     for index, row in enumerate(rows):
         report.rows += 1
         try:
-            record = NORMALIZERS[dataset](row)
+            record = spec.normalize(row)
         except BadRow as why:
             report.skipped.append(f"row {index} of {source}: {why}")
             continue
         record["context"], cut = truncate(record["context"], tokenizer, max_context_tokens)
         report.truncated += cut
         record.update(id=str(row.get("id", row.get("_id", index))), source=source)
-        record["prompt"] = build_prompt(dataset, record, tokenizer)
+        record["prompt"] = build_prompt(template or spec.template, record, tokenizer)
         records.append(record)
     report.kept = len(records)
     if report.skipped:
@@ -171,9 +169,10 @@ def truncate(context: str, tokenizer, max_tokens: int | None) -> tuple[str, int]
     return tokenizer.decode(ids[:max_tokens]), 1
 
 
-def build_prompt(dataset: str, record: dict, tokenizer=None) -> str:
-    """The dataset's template; wrapped in the tokenizer's chat template when it has one."""
-    text = TEMPLATES[dataset].format(context=record["context"], question=record["question"])
+def build_prompt(template: str, record: dict, tokenizer=None) -> str:
+    """``template`` filled with the record's context and question; wrapped in the tokenizer's chat template when
+    it has one."""
+    text = template.format(context=record["context"], question=record["question"])
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     return text

@@ -10,6 +10,8 @@
 - ``em`` / ``f1``: SQuAD exact match / token F1 after SQuAD normalisation (lower case, no
   punctuation, no articles a/an/the, collapsed white space), the best over the gold's aliases; F1 is 0
   when either side is yes / no / noanswer and they differ (HotPotQA's official hotpot_evaluate_v1.py).
+
+The verifiers are registered by name in ``tasks/registry.py`` (``get_verifier``), with users' own rewards.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 ANSWER_LINE = re.compile(r"^\s*Answer:\s*(.*?)\s*$", re.MULTILINE)
 BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
@@ -146,12 +148,3 @@ def em_reward(completion: str, gold: str, aliases: Sequence[str] = ()) -> float:
 def f1_reward(completion: str, gold: str, aliases: Sequence[str] = ()) -> float:
     answer = extract_answer(completion)
     return 0.0 if answer is None else max(f1_score(answer, g) for g in (gold, *aliases))
-
-
-VERIFIERS: dict[str, Callable[..., float]] = {"exact": exact_reward, "finqa": finqa_reward, "em": em_reward, "f1": f1_reward}
-
-
-def get_verifier(name: str) -> Callable[..., float]:
-    if name not in VERIFIERS:
-        raise ValueError(f"verifier must be one of {', '.join(VERIFIERS)}; got {name!r}")
-    return VERIFIERS[name]

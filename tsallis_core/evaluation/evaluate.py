@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tsallis_core.config import RolloutConfig
-from tsallis_core.data.verify import exact_match_score, extract_answer, f1_score, get_verifier, normalize_answer
+from tsallis_core.data.registry import get_verifier
+from tsallis_core.data.verify import exact_match_score, extract_answer, f1_score, normalize_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -296,8 +296,12 @@ def plot_noise_cells(summaries: list[dict], path: Path) -> Path:
 def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
     """report.md, summary.json and PNG plots in ``out_dir`` from the study's cached runs."""
     out, report = Path(study.out), Path(out_dir)
-    report.mkdir(parents=True, exist_ok=True)
     cells, results = _load(out)
+    if not results and (report / "report.md").is_file():
+        raise ValueError(f"no runs of the study under {out}/runs (a fresh clone has none): not overwriting "
+                         f"{report / 'report.md'} with an empty report; to report the committed runs: "
+                         f"mkdir -p {out.parent} && cp -r docs/escape/study {out} (docs/escape.md, 'What is left, and how to continue')")
+    report.mkdir(parents=True, exist_ok=True)
     summaries = {name: s for name, cell in cells.items() if (s := cell_summary(name, cell, results, study))}
     by_group = {g: [s for n, s in summaries.items() if cells[n]["group"] == g] for g in ("core", "factor", "noise", "horizon")}
     heldout = f"maj@{study.eval.n}"

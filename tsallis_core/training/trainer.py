@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tsallis_core.config import ConfigError, TrainConfig
 from tsallis_core.data.records import load_records
-from tsallis_core.data.verify import get_verifier
+from tsallis_core.data.registry import get_verifier
 from tsallis_core.distributed import (
     all_gather,
     barrier,
@@ -472,6 +472,8 @@ class Trainer:
             return self.cfg.tracking.run_name
         if self.cfg.stage == "sft":
             return "sft"
+        if not self.estimator.uses_q:  # GRPO has no q
+            return f"{self.cfg.rl.estimator}-seed{self.cfg.seed}"
         schedule = self.cfg.rl.schedule
         q = f"q{schedule.q:g}" if hasattr(schedule, "q") else schedule.kind
         return f"{self.cfg.rl.estimator}-{q}-seed{self.cfg.seed}"
