@@ -18,10 +18,6 @@ from typing import Self
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StoppedBySignal(SystemExit):
-    """Training stopped on a signal after a checkpoint; the exit status is 128 + the signal."""
-
-
 def _say(line: str) -> None:
     os.write(2, (line + "\n").encode())  # not print(): a handler may interrupt a print of the main thread
 
@@ -36,6 +32,7 @@ class GracefulStop:
         self.deadline: float | None = None
         self._previous: dict[int, object] = {}
         self._timer: threading.Timer | None = None
+        self._stopped = False  # the stop's work is done: the deadline only ends a slow exit
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
@@ -45,8 +42,8 @@ class GracefulStop:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-        if self._timer is not None:
-            self._timer.cancel()
+        # after a stop the timer stays: the interpreter's own exit (threads, atexit) must end by the deadline too
+        self._stopped = True
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
@@ -61,6 +58,8 @@ class GracefulStop:
              f"{self.grace_s:g} s; a second {name} exits at once")
 
     def _expire(self) -> None:
+        if self._stopped:
+            os._exit(128 + self.signum)
         _say(f"tsallis: did not stop within stop_grace_s={self.grace_s:g} s: exiting now (the newest checkpoint is "
              f"kept; --resume continues; raise stop_grace_s if the steps are long)")
         os._exit(128 + self.signum)

@@ -349,14 +349,15 @@ class MlflowTracker(NullTracker):
         return info.model_uri
 
     def end(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
-        """Send what is queued and end the run as ``status``, waiting up to ``timeout`` s (default
-        $TSALLIS_TRACKING_FLUSH_S) for a server that is away; what is left, the end included, goes to the spool
-        file. True when everything was sent."""
+        """Send what is queued and end the run as ``status``; what is left, the end included, goes to the spool
+        file. True when everything was sent. Waits up to $TSALLIS_TRACKING_FLUSH_S s for a server that is away
+        (and 30 s more for a request that hangs), or ``timeout`` s in all (a stop within its grace period)."""
         if self.sender is None:
             return True
         self.sender.send({"end": status})
-        timeout = float(os.environ.get("TSALLIS_TRACKING_FLUSH_S", FLUSH_S)) if timeout is None else timeout
-        return self.sender.close(timeout, hang_s=min(BACKOFF_S[1], timeout + 1))
+        if timeout is None:
+            return self.sender.close(float(os.environ.get("TSALLIS_TRACKING_FLUSH_S", FLUSH_S)))
+        return self.sender.close(max(0.0, timeout - 1), hang_s=min(1.0, timeout))
 
 
 def make_tracker(enabled: bool, experiment: str | None, is_main: bool, spool: Path | None = None) -> NullTracker:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from .losses import group_diagnostics, paft_resample_counts, sft_loss
 from .models import check_model_source, check_prompts_fit, load_model, load_tokenizer, model_facts, save_model
 from .rollout import HFRollout, Rollout, completion_logprobs, row_seed
 from .schedules import AdaptiveQ, update_success_ema
-from .stopping import GracefulStop, StoppedBySignal
+from .stopping import GracefulStop
 from .tasks.verify import get_verifier
 from .tracking import make_tracker, train_metric_name
 
@@ -534,15 +536,20 @@ class Trainer:
                 where = save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
                 if stopping:
                     status = "KILLED"
-                    raise StoppedBySignal(128 + (stop.signum or 15))
-                model_dir = self._save_final()
-                status = "FINISHED"
+                else:
+                    model_dir = self._save_final()
+                    status = "FINISHED"
             finally:
-                self._end_tracking(status, stop.remaining() if stop.signum else None)
+                self._end_tracking(status, max(0.0, stop.remaining() - 2) if stop.signum else None)  # 2 s: the spool
                 self.lock.release()
-                if status == "KILLED" and self.rank == 0:
-                    print(f"tsallis: stopped after step {self.state.step} of {cfg.steps}: checkpoint {where}; continue "
-                          f"with tsallis train ... --resume", file=sys.stderr, flush=True)
+        if status == "KILLED":  # stopped by a signal: everything is saved; the interpreter's own teardown (garbage
+            # collection of the model) can outlast the grace period, so the process ends here, 128 + the signal
+            if self.rank == 0:
+                print(f"tsallis: stopped after step {self.state.step} of {cfg.steps}: checkpoint {where}; continue "
+                      f"with tsallis train ... --resume", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + (stop.signum or signal.SIGTERM))
         final = history[-1] if history else {}
         if self.rank == 0:
             (self.output_dir / "metrics.json").write_text(json.dumps(final, indent=2))
