@@ -116,8 +116,9 @@ def test_a_server_that_stays_away_spools_the_metrics_and_resume_sends_them(serve
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0 and (out / "model").is_dir(), stderr[-3000:]  # the run is not lost with its server
     assert "Traceback" not in stderr and "is still away" in stderr
-    spooled = [json.loads(line)["step"] for line in (out / "mlflow_spool.jsonl").read_text().splitlines()]
-    assert spooled and spooled == sorted(spooled) and spooled[-1] == steps
+    records = [json.loads(line) for line in (out / "mlflow_spool.jsonl").read_text().splitlines()]
+    spooled = [r["step"] for r in records if "metrics" in r]
+    assert spooled and spooled == sorted(spooled) and spooled[-1] == steps and records[-1] == {"end": "FINISHED"}
 
     server.start()
     run_tsallis(*sft_args(task_dir, out, steps), "--resume", env={"MLFLOW_TRACKING_URI": server.uri})
@@ -255,7 +256,11 @@ def test_an_outage_before_the_model_is_logged_exits_0_and_track_sync_sends_the_r
     assert server.metric_steps(run_id, "train/loss") == list(range(1, steps + 1))
     assert client.get_run(run_id).info.status == "FINISHED" and not (out / "mlflow_spool.jsonl").exists()
     model_uri = json.loads((out / "mlflow.json").read_text())["model_uri"]
-    assert model_uri and mlflow.models.get_model_info(model_uri).flavors.get("transformers")
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        assert model_uri and mlflow.models.get_model_info(model_uri).flavors.get("transformers")
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_credentials_in_the_tracking_uri_pass_the_preflight_check_and_are_never_printed(server, task_dir, tmp_path):

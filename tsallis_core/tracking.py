@@ -164,10 +164,12 @@ class Sender:
         self.down_since: str | None = None
         self.current = None  # the call being tried
         self.closing = threading.Event()
+        self.spooled_through = 0  # the last step whose metrics came from the spool
         if spool is not None and Path(spool).is_file():
             for record in read_spool(spool):
                 if replay_all or "metrics" in record:
                     self.send(record)
+                    self.spooled_through = max(self.spooled_through, record.get("step", 0))
             Path(spool).unlink()
         self.thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
         self.thread.start()
@@ -272,6 +274,8 @@ class MlflowTracker(NullTracker):
         # in the background, so a few quick tries per request are enough (a setting the user made wins)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        if self.uri != (uri or mlflow.get_tracking_uri()):  # MLflow prints run URLs with the password in them
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     def start(self, params: dict, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None,
               sweep: str | None = None) -> None:
@@ -301,8 +305,7 @@ class MlflowTracker(NullTracker):
         """The last step whose metrics the run holds (in MLflow or in the spool file): a resumed run that redoes
         steps after its checkpoint does not send them twice."""
         last = max((m.step for m in self.client.get_metric_history(self.run_id, "train/lr")), default=0)
-        queued = [item[2]["step"] for item in list(self.sender.queue.queue) if item[2] and "metrics" in item[2]]
-        return max([last, *queued])
+        return max(last, self.sender.spooled_through)
 
     def _perform(self, record: dict) -> None:
         from mlflow.entities import Metric
