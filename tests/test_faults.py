@@ -251,3 +251,172 @@ def test_overrides_are_accepted_before_and_after_resume(finished_run, task_dir, 
     args = sft_args(task_dir, run, "checkpoint_every=1")
     result = run_tsallis(*args[:3], "--resume", *args[3:], "steps=5")
     assert "done:" in result.stdout and (run / "checkpoints" / "step-000005").is_dir()
+
+
+# ------------------------------------------------------------------------------------------ faults, second round
+
+
+class RunsShell:
+    """Unpickling this runs ``os.system`` (torch words its refusal "module posix is blocked", not "not allowed")."""
+
+    def __init__(self, path):
+        self.command = f"touch {path}"
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_with_an_os_system_payload_is_refused_named_and_kept(finished_run, task_dir, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    target = run / "checkpoints" / "step-000004" / "rng.pt"
+    marker = tmp_path / "pwned"
+    state = torch.load(target, weights_only=True)
+    state["extra"] = RunsShell(marker)
+    torch.save(state, target)
+    result = run_tsallis(*sft_args(task_dir, run, "steps=6", "checkpoint_every=1"), "--resume", check=False)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"checkpoint file {target} was refused" in lines[0] and "(the global posix.system)" in lines[0]
+    assert "weights_only=False" not in result.stderr and "weights_only` set to `False" not in result.stderr
+    assert not marker.exists() and target.is_file()  # kept: no fallback, no rotation deleted it
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+
+
+def test_an_engine_pt_of_the_wrong_structure_is_unreadable_and_falls_back(finished_run, task_dir, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    torch.save({"weights": torch.zeros(2)}, run / "checkpoints" / "step-000004" / "engine.pt")
+    result = run_tsallis(*sft_args(task_dir, run, "steps=4", "checkpoint_every=1"), "--resume")
+    warnings = [line for line in result.stderr.splitlines() if "step-000004 is unreadable" in line]
+    assert len(warnings) == 1 and "wrong structure" in warnings[0], result.stderr
+    assert weights_equal(finished_run / "model", run / "model")
+
+
+def history_of(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_optimiser_settings_given_with_resume_apply_to_the_restored_state_and_config_yaml_records_them(
+        finished_run, task_dir, tmp_path):
+    """The finished run trained at lr 3e-3: resumed with optim.lr=1e-3 the steps after the checkpoint run at 1e-3,
+    and config.yaml says so; resumed with its own lr it is bitwise the run that did not stop (the fallback test)."""
+    changed = copy_run(finished_run, tmp_path / "changed")
+    run_tsallis(*sft_args(task_dir, changed, "steps=6", "checkpoint_every=1", "optim.lr=1e-3",
+                          "optim.weight_decay=0.1"), "--resume")
+    assert [(r["step"], r["lr"]) for r in history_of(changed)] == [(1, 3e-3), (2, 3e-3), (3, 3e-3), (4, 3e-3),
+                                                                  (5, 1e-3), (6, 1e-3)]
+    assert "lr: 0.001" in (changed / "config.yaml").read_text()
+    state = torch.load(changed / "checkpoints" / "step-000006" / "engine.pt", weights_only=True)
+    assert [(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]] == [(1e-3, 0.1)]
+    kept = copy_run(finished_run, tmp_path / "kept")
+    run_tsallis(*sft_args(task_dir, kept, "steps=6", "checkpoint_every=1"), "--resume")
+    assert not weights_equal(kept / "model", changed / "model")  # the new settings are what ran
+
+
+@pytest.fixture(scope="module")
+def rl_run(task_dir, tmp_path_factory):
+    """One GARL q=0.75 step of the embedded model, checkpointed."""
+    out = tmp_path_factory.mktemp("rl") / "run"
+    run_tsallis("train", "stage=rl", f"output_dir={out}", f"data.train_path={task_dir / 'train.jsonl'}", "steps=1",
+                "rl.group_size=2", "rl.batch_size=4", "rl.max_new_tokens=4", "rl.estimator=garl", "rl.q=0.75",
+                "tracking.enabled=false", "engine.threads=1")
+    return out
+
+
+@pytest.mark.parametrize("change, named", [
+    (["rl.estimator=paft", "rl.q=1"], "rl.estimator is 'garl' in the checkpoint, 'paft' now"),
+    (["rl.q=0.5"], "rl.q is 0.75 in the checkpoint, 0.5 now"),
+    (["model.name_or_path=embedded:other"], "model.name_or_path is 'embedded:tiny' in the checkpoint, 'embedded:other' now"),
+    (["optim.optimizer=sgd"], "optim.optimizer is 'adamw' in the checkpoint, 'sgd' now"),
+])
+def test_resume_that_would_change_the_run_is_refused_in_one_line_naming_both_values(rl_run, task_dir, change, named):
+    before = (rl_run / "config.yaml").read_text()
+    result = run_tsallis("train", "stage=rl", f"output_dir={rl_run}", f"data.train_path={task_dir / 'train.jsonl'}",
+                         "steps=2", "rl.group_size=2", "rl.batch_size=4", "rl.max_new_tokens=4", "rl.estimator=garl",
+                         "rl.q=0.75", "tracking.enabled=false", *change, "--resume", check=False)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    if named:
+        assert "--resume would change the run" in lines[0] and named in lines[0], lines[0]
+    assert (rl_run / "config.yaml").read_text() == before and not (rl_run / ".lock").exists()
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_resume_without_a_checkpoint_is_one_line(task_dir, tmp_path, where):
+    out = tmp_path / "run"
+    if where == "empty":
+        out.mkdir()
+    result = run_tsallis(*sft_args(task_dir, out, "steps=2"), "--resume", check=False)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"--resume: output_dir {out}" in lines[0] and "run without --resume" in lines[0]
+    assert not (out / "history.jsonl").exists()
+
+
+def test_a_history_line_cut_short_is_dropped_on_resume_and_a_bad_line_inside_is_named(finished_run, task_dir,
+                                                                                       tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    with (run / "history.jsonl").open("a") as f:
+        f.write('{"loss": 2.5, "gra')  # killed mid-write
+    result = run_tsallis(*sft_args(task_dir, run, "steps=5", "checkpoint_every=1"), "--resume")
+    assert "dropped its last line" in result.stderr
+    assert [r["step"] for r in history_of(run)] == [1, 2, 3, 4, 5]
+
+    broken = copy_run(finished_run, tmp_path / "broken")
+    lines = (broken / "history.jsonl").read_text().splitlines()
+    (broken / "history.jsonl").write_text("\n".join([lines[0], "garbage", *lines[2:]]) + "\n")
+    config_before = (broken / "config.yaml").read_text()
+    result = run_tsallis(*sft_args(task_dir, broken, "steps=7", "checkpoint_every=1"), "--resume", check=False)
+    errors = error_lines(result)
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert f"{broken / 'history.jsonl'}: line 2 is not a step's metrics" in errors[0]
+    assert (broken / "config.yaml").read_text() == config_before  # written only once the run can start
+    assert not (broken / ".lock").exists()  # the error left no lock
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+    ("optim.eps=.nan", "optim.eps: Input should be a finite number"),
+    ("tracking.sweep=it's", "tracking.sweep: String should match pattern"),
+    ("tracking.run_name=../up", "tracking.run_name: String should match pattern"),
+])
+def test_non_finite_numbers_and_unsafe_names_are_refused_by_validation(task_dir, tmp_path, override, field):
+    result = run_tsallis(*sft_args(task_dir, tmp_path / "run", "steps=2"), override, check=False)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1 and field in lines[0], result.stderr
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_divergence_is_one_line_naming_the_step_and_the_settings_and_leaves_no_lock(task_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_tsallis(*sft_args(task_dir, out, "steps=20", "optim.lr=1e8", "optim.grad_clip=0"), check=False)
+    lines = [line for line in error_lines(result) if not line.startswith("warning:")]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "at step " in lines[0] and "lower optim.lr (now 1e+08) or set optim.grad_clip" in lines[0], lines[0]
+    assert not (out / ".lock").exists()
+
+
+def test_a_lock_file_that_is_a_link_is_not_followed_and_its_target_not_shown(task_dir, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password=hunter2\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(secret)
+    result = run_tsallis(*sft_args(task_dir, out, "steps=1"), check=False)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1 and "is a symbolic link" in lines[0], result.stderr
+    assert secret.read_text() == "password=hunter2\n" and "hunter2" not in result.stderr + result.stdout
+
+
+def test_a_data_path_that_is_a_directory_says_so(task_dir, tmp_path):
+    result = run_tsallis(*sft_args(task_dir, tmp_path / "run", "steps=1"), f"data.train_path={task_dir}", check=False)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1 and f"dataset file {task_dir} is a directory" in lines[0]
+
+
+@pytest.mark.parametrize("names", [("/etc", "run", "warmup"), ("s", "..", "warmup"), ("s", "run", "a/../../x")])
+def test_the_kubeflow_checkpoint_path_stays_under_its_root(tmp_path, names):
+    from tsallis_core.kubeflow import checkpoint_path
+
+    with pytest.raises(ConfigError, match="would put checkpoints outside"):
+        checkpoint_path(str(tmp_path), *names)
+    assert checkpoint_path(str(tmp_path), "s", "run", "garl-q0.5-seed0") == str(tmp_path / "s" / "run" / "garl-q0.5-seed0")

@@ -116,8 +116,9 @@ def test_a_server_that_stays_away_spools_the_metrics_and_resume_sends_them(serve
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0 and (out / "model").is_dir(), stderr[-3000:]  # the run is not lost with its server
     assert "Traceback" not in stderr and "is still away" in stderr
-    spooled = [json.loads(line)["step"] for line in (out / "mlflow_spool.jsonl").read_text().splitlines()]
-    assert spooled and spooled == sorted(spooled) and spooled[-1] == steps
+    records = [json.loads(line) for line in (out / "mlflow_spool.jsonl").read_text().splitlines()]
+    spooled = [r["step"] for r in records if "metrics" in r]
+    assert spooled and spooled == sorted(spooled) and spooled[-1] == steps and records[-1] == {"end": "FINISHED"}
 
     server.start()
     run_tsallis(*sft_args(task_dir, out, steps), "--resume", env={"MLFLOW_TRACKING_URI": server.uri})
@@ -224,3 +225,54 @@ def test_a_preempted_trainjob_is_retried_from_its_staged_checkpoints_to_the_same
                                 tmp_path / "retry" / "run" / "model" / "model.safetensors")
     assert same, detail
     assert not (tmp_path / "cache" / "trainjobs" / "s1" / "job-b" / "run").exists()  # removed once the run is back
+
+
+def test_an_outage_before_the_model_is_logged_exits_0_and_track_sync_sends_the_rest(server, task_dir, tmp_path):
+    """tracking.log_model=true (the default): the server dies mid-run and stays away. The run saves its model, exits
+    0 without a traceback, and spools the metrics, the model and the run's end; `tsallis track sync` sends them once
+    the server is back, and the run is FINISHED with a loadable model."""
+    import mlflow
+
+    out, steps = tmp_path / "run", 8
+    args = [a for a in sft_args(task_dir, out, steps) if not a.startswith("tracking.log_model")]
+    env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": server.uri, "TSALLIS_TRACKING_FLUSH_S": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "tsallis_core.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: history_steps(out) >= 3, proc, "step 3")
+    server.kill()
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and (out / "model" / "model.safetensors").is_file(), stderr[-3000:]
+    assert "Traceback" not in stderr and (out / "metrics.json").is_file(), stderr[-3000:]
+    assert len([line for line in stderr.splitlines() if "is still away" in line]) == 1, stderr[-3000:]
+    spooled = [json.loads(line) for line in (out / "mlflow_spool.jsonl").read_text().splitlines()]
+    assert spooled[-2:] == [{"model": str((out / "model").resolve())}, {"end": "FINISHED"}]
+    run_id = json.loads((out / "mlflow.json").read_text())["run_id"]
+
+    server.start()
+    client = mlflow.MlflowClient(server.uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # not FINISHED until everything is sent
+    result = run_tsallis("track", "sync", str(out), env={"MLFLOW_TRACKING_URI": server.uri})
+    assert f"sent to MLflow run {run_id}" in result.stdout
+    assert server.metric_steps(run_id, "train/loss") == list(range(1, steps + 1))
+    assert client.get_run(run_id).info.status == "FINISHED" and not (out / "mlflow_spool.jsonl").exists()
+    model_uri = json.loads((out / "mlflow.json").read_text())["model_uri"]
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        assert model_uri and mlflow.models.get_model_info(model_uri).flavors.get("transformers")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_credentials_in_the_tracking_uri_pass_the_preflight_check_and_are_never_printed(server, task_dir, tmp_path):
+    out = tmp_path / "run"
+    uri = server.uri.replace("http://", "http://alice:s3cr3t-pw@")
+    result = run_tsallis(*sft_args(task_dir, out, 2), env={"MLFLOW_TRACKING_URI": uri})
+    assert "s3cr3t-pw" not in result.stdout + result.stderr
+    record = json.loads((out / "mlflow.json").read_text())
+    assert record["tracking_uri"] == server.uri.replace("http://", "http://alice:***@")  # no password on disk
+    assert server.metric_steps(record["run_id"], "train/loss") == [1, 2]
+    away = uri.rsplit(":", 1)[0] + f":{free_port()}"
+    result = run_tsallis(*sft_args(task_dir, tmp_path / "away", 2), env={"MLFLOW_TRACKING_URI": away}, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
+    assert result.returncode == 2 and len(lines) == 1 and "alice:***@127.0.0.1" in lines[0], result.stderr
+    assert "s3cr3t-pw" not in result.stdout + result.stderr

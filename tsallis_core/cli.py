@@ -57,9 +57,21 @@ def _train(args: argparse.Namespace) -> int:
 
         overrides = [*params_train_overrides(args.params), *overrides]  # the key=value overrides given win
     config = load_config(args.config, overrides)
-    result = train(config, resume=args.resume)
+    resume = args.resume
+    if args.resume_if_any:
+        from tsallis_core.training.checkpoints import checkpoint_dirs
+
+        resume = bool(checkpoint_dirs(Path(config.output_dir)))
+    result = train(config, resume=resume)
     summary = {k: round(v, 4) for k, v in result.final_metrics.items() if isinstance(v, float)}
     print(f"done: {result.output_dir} (model: {result.model_dir}); last step: {json.dumps(summary)}")
+    return 0
+
+
+def _track_sync(args: argparse.Namespace) -> int:
+    from tsallis_core.tracking import sync_run
+
+    print(sync_run(Path(args.output_dir), args.timeout))
     return 0
 
 
@@ -272,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config fields (set in the YAML file or as key=value):\n" + "\n".join(describe_fields()),
     )
     train.add_argument("--config", help="YAML config file (fields below); omitted: all defaults")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in output_dir (none there: an error); the optimiser "
+                            "settings given (optim.*) apply to the restored state; a changed stage, estimator, q, "
+                            "model, data file or optimizer is refused")
+    train.add_argument("--resume-if-any", action="store_true",
+                       help="continue when output_dir holds a checkpoint, else start (what a restarted pod runs)")
     train.add_argument("--params", metavar="PARAMS_YAML",
                        help="also set what params.yaml sets on every RL run of the DVC sweep (its train section: "
                             "steps, optim.lr, rl.group_size, rl.batch_size, rl.max_new_tokens, rl.temperature; "
@@ -351,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--params", default="params.yaml", help="params.yaml (its data section and warmup.model)")
     task.add_argument("--out", default="data/task", help="output directory")
     task.set_defaults(func=_data_task)
+    track = commands.add_parser("track", help="MLflow tracking of finished runs")
+    track_commands = track.add_subparsers(dest="track_command", required=True)
+    sync = track_commands.add_parser(
+        "sync", help="send what a run kept while its MLflow server was away (metrics, model, end of the run)",
+        description="Sends <OUTPUT_DIR>/mlflow_spool.jsonl to the run in <OUTPUT_DIR>/mlflow.json, at "
+                    "$MLFLOW_TRACKING_URI or the URI recorded there; the run ends as it would have (FINISHED, KILLED).")
+    sync.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training run's output_dir")
+    sync.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    sync.set_defaults(func=_track_sync)
     for entry in entry_points(group="tsallis.commands"):  # commands of the application layer (tsallis_kubeflow/cli.py)
         entry.load()(commands)
     _add_study_commands(commands)
@@ -378,12 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from tsallis_core.tracking import TrackingUnreachable
+    from tsallis_core.training.trainer import TrainingDiverged
 
     try:
         return args.func(args)
     except (ValueError, TrackingUnreachable, FileNotFoundError) as error:
         print(f"tsallis: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:  # the run's numbers, not its settings' validity: exit 1
+        print(f"tsallis: error: {error}", file=sys.stderr)
+        return 1
     except ValidationError as error:
         print(f"tsallis: error: {error}", file=sys.stderr)
         return 2

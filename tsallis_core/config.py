@@ -21,6 +21,7 @@ from tsallis_core.maths.losses import AGGREGATIONS, BASELINES, GRPO_LOSS_TYPES, 
 from tsallis_core.maths.schedules import ConstantQ, QSchedule
 
 EMBEDDED_MODEL = "embedded:tiny"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # sweep and run names: safe in MLflow filters and in paths
 
 
 class ConfigError(ValueError):
@@ -31,9 +32,10 @@ SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
 class Section(BaseModel):
-    """A settings section: an unknown key is an error, and so is a bad value assigned later."""
+    """A settings section: an unknown key is an error, and so are a bad value assigned later and a number that is
+    not finite (``optim.lr=.inf``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSettings(Section):
@@ -208,10 +210,12 @@ class TrackingConfig(Section):
 
     enabled: bool = Field(True, description="log to MLflow")
     experiment: str | None = Field(None, description="experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'tsallis')")
-    run_name: str | None = Field(None, description="run name (default: from stage, estimator and q)")
+    run_name: str | None = Field(None, description="run name (default: from stage, estimator and q); letters, digits "
+                                 "and . _ -", pattern=NAME_PATTERN)
     samples_every: int = Field(25, ge=0, description="log a table of sample completions every K steps (0: never)")
     log_model: bool = Field(True, description="log the final model so that mlflow can load it")
-    sweep: str | None = Field(None, description="sweep name: nest the run under that sweep's parent run (created when missing)")
+    sweep: str | None = Field(None, description="sweep name: nest the run under that sweep's parent run (created when "
+                              "missing); letters, digits and . _ -", pattern=NAME_PATTERN)
 
 
 class TrainConfig(Section):
@@ -223,6 +227,8 @@ class TrainConfig(Section):
     steps: int = Field(100, ge=0, description="optimiser steps (rollout batches for rl); 0 (sft only): no training, the starting model is saved as it is")
     checkpoint_every: int = Field(50, ge=0, description="save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    stop_grace_s: float = Field(25.0, gt=0, description="on SIGTERM or SIGINT: finish the step, checkpoint, flush MLflow "
+                                "and exit 143 within this many seconds (Kubernetes kills 30 s after its SIGTERM)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -43,7 +43,11 @@ def require_image(image: str) -> str:
 
 def checkpoint_path(root: str, sweep: str, pipeline_run: str, run_name: str) -> str:
     """Where a Kubeflow training run trains and checkpoints: ``<root>/<sweep>/<pipeline run>/<run name>`` on the
-    cache PVC, the same for every retry of one step and apart from every other run; '' when ``root`` is ''."""
+    cache PVC, the same for every retry of one step and apart from every other run; '' when ``root`` is ''. A name
+    that is absolute or holds '..' would leave ``root``: ConfigError."""
+    for what, name in (("sweep", sweep), ("pipeline run", pipeline_run), ("run name", run_name)):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConfigError(f"{what} {name!r} would put checkpoints outside {root}: give a relative name without '..'")
     return str(Path(root) / sweep / pipeline_run / run_name) if root else ""
 
 

@@ -180,7 +180,7 @@ def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_di
     """One training run as a TrainJob on ``cluster.num_nodes`` nodes (``cluster``: kubeflow.ClusterSettings).
 
     The nodes share files through the cache PVC: the data and base model are staged under ``work_dir`` (default
-    ``<cache_path>/trainjobs/<job name>``), every node runs ``tsallis train --resume`` with torchrun (DeepSpeed
+    ``<cache_path>/trainjobs/<job name>``), every node runs ``tsallis train --resume-if-any`` with torchrun (DeepSpeed
     across all GPUs), and the run directory is copied back to ``output_dir/<run_name>``. The staging is removed
     once the run is back; after a failure it is kept, so that a retry with the same ``work_dir`` (or a TrainJob
     whose pods restart) resumes from its newest checkpoint. Returns the last step's metrics."""
@@ -195,7 +195,7 @@ def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_di
     # a bad field, or a step that the nodes x GPUs processes cannot share, fails here, before anything is staged
     load_config(config, overrides).check_processes(cluster.num_nodes * max(cluster.gpus_per_node, 1))
     command = [*train_argv(config, overrides, max(cluster.gpus_per_node, 1), resolve_path(cluster.deepspeed_config),
-                           distributed_args=()), "--resume"]  # a restarted or retried job continues its checkpoints
+                           distributed_args=()), "--resume-if-any"]  # a restarted or retried job continues its checkpoints
     request = trainjob_request(
         name, cluster.image, command, cluster.num_nodes, cluster.gpus_per_node, cluster.cpu, cluster.memory,
         cluster.accelerator_type, cluster.trainer_runtime, cluster.cache_pvc, cluster.cache_path, cluster.shm_size,

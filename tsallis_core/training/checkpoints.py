@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -21,6 +22,7 @@ import random
 import re
 import shutil
 import socket
+import stat
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -50,21 +52,31 @@ class CorruptCheckpoint(Exception):
     """A checkpoint that cannot be read (truncated, not a torch file, bad JSON): the previous one is tried."""
 
 
+def unsafe_globals(path: Path) -> list[str]:
+    """The globals (classes, functions) in a torch file that weights-only loading refuses: whatever torch's
+    wording of the refusal. Empty for a file that is not a torch zip (it is unreadable, not tampered)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - a file too damaged to list: the load reports it as unreadable
+        return []
+
+
 def safe_load(path: Path, map_location: str | None = "cpu", mmap: bool = False):
-    """``torch.load`` of tensors and plain containers only; CheckpointError when the file holds any other object
+    """``torch.load`` of tensors and plain containers only; UnsafeCheckpoint when the file holds any other object
     (it would run code), CorruptCheckpoint when it cannot be read. ``mmap``: tensors are mapped, not read."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-        if found:  # a pickle that names a function or class to call: written to run code, not by tsallis
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__qualname__")}
+        refused = [g for g in unsafe_globals(path) if g not in allowed]
+        if refused:  # a pickle that names a function or class to call: written to run code, not by tsallis
             raise UnsafeCheckpoint(
                 f"checkpoint file {path} was refused: it holds objects other than tensors (the global "
-                f"{found.group(1)}), which could run code; tsallis did not write it: delete its checkpoint directory "
-                f"or choose another output_dir", found.group(1)
+                f"{', '.join(refused)}), which could run code; tsallis did not write it and keeps it for inspection: "
+                f"move its checkpoint directory away or choose another output_dir", refused[0]
             ) from None
         detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(error))  # garbage: refused as unreadable
-        raise CorruptCheckpoint(f"{path}: {detail.group(1) if detail else str(error).splitlines()[0]}") from None
+        raise CorruptCheckpoint(f"{path}: {detail.group(1) if detail else 'not a weights-only torch file'}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptCheckpoint(f"{path}: {first}") from None
@@ -148,6 +160,12 @@ def save_checkpoint(engine, state, output_dir: Path, keep: int) -> Path:
     return final
 
 
+def check_trainer_state(state: dict) -> None:
+    """ValueError unless ``state`` (trainer_state.json) has the step and data position that tsallis writes."""
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "data_position")):
+        raise ValueError("trainer_state.json lacks an integer step and data_position")
+
+
 def load_newest_checkpoint(engine, output_dir: Path) -> dict | None:
     """Restore the engine and the RNGs from the newest readable checkpoint; returns its trainer state (a dict),
     or None when there is none. An unreadable checkpoint is skipped with a warning; a tampered one stops."""
@@ -159,11 +177,18 @@ def load_newest_checkpoint(engine, output_dir: Path) -> dict | None:
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise CorruptCheckpoint(f"{directory / 'trainer_state.json'}: not valid JSON ({error})") from None
             rng = safe_load(directory / "rng.pt")
-            engine.load(directory)
+            try:  # files that load but do not hold what tsallis writes: as unreadable as a truncated one
+                engine.load(directory)
+                set_rng_state(rng)
+                check_trainer_state(state)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+                if isinstance(error, CheckpointError):
+                    raise
+                raise CorruptCheckpoint(f"wrong structure ({type(error).__name__}: "
+                                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
         except CorruptCheckpoint as error:
             log.warning("warning: checkpoint %s is unreadable (%s); trying the previous one", directory.name, error)
             continue
-        set_rng_state(rng)
         return state
     if found:
         raise CheckpointError(f"no readable checkpoint in {Path(output_dir) / 'checkpoints'} ({len(found)} tried, all "
@@ -187,24 +212,51 @@ class OutputDirLock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                holder = self._holder(fd) or "unknown"
                 os.close(fd)
                 raise ConfigError(f"output_dir {self.path.parent} is in use by another tsallis run (process {holder}, "
                                   f"lock file {self.path}); wait for it to end, or choose another output_dir") from None
-            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+            if self.path.exists() and os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)  # the holder removed the file as we opened it: lock the new one
-        stale = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        stale = self._holder(fd)
         if stale:
             log.warning("warning: took over the lock of output_dir %s from process %s, which no longer runs",
                         self.path.parent, stale)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
         self._fd = fd
+
+    def _open(self) -> int:
+        """The lock file, created exclusively, or the existing one (a stale lock); never through a link."""
+        while True:
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except FileNotFoundError:
+                continue  # removed between the two opens: create it
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise
+                raise ConfigError(f"lock file {self.path} is a symbolic link, which tsallis does not follow; remove it "
+                                  f"(rm {self.path}) or choose another output_dir") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ConfigError(f"lock file {self.path} is not a regular file; remove it or choose another output_dir")
+            return fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        """``pid@host`` of the run that wrote the lock file, '' when it holds anything else (never shown)."""
+        text = os.pread(fd, 300, 0).decode(errors="replace").strip()
+        return text if re.fullmatch(r"\d+@[A-Za-z0-9._-]+", text) else ""
 
     def release(self) -> None:
         if self._fd is not None:

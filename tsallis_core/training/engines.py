@@ -55,6 +55,20 @@ def zero_stage(ds_config: dict) -> int:
     return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
+def apply_settings(optimizer, scheduler, cfg: OptimConfig) -> None:
+    """Put ``cfg``'s lr, weight decay, betas and eps into a restored optimiser, and its schedule (kind, warm-up,
+    peak lr) into the restored scheduler at the step it reached: the settings given with ``--resume`` are what
+    runs. The scheduler's lambdas were built from ``cfg`` (a state dict does not hold them); its peak lr and the
+    current lr are set here. With the checkpoint's own settings nothing changes, bitwise."""
+    extra = {"betas": cfg.betas, "eps": cfg.eps} if cfg.optimizer == "adamw" else {}
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 class TorchEngine:
     """Plain PyTorch: AdamW or SGD, an LR schedule, gradient clipping, DDP when several processes run."""
 
@@ -107,6 +121,11 @@ class TorchEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def apply_settings(self, cfg: OptimConfig) -> None:
+        """The optimiser settings of ``cfg`` on the restored state (grad_clip and grad_accum are read every step)."""
+        self.cfg = cfg
+        apply_settings(self.optimizer, self.scheduler, cfg)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -169,6 +188,10 @@ class DeepSpeedEngine:
 
         check_weights_only(sorted((Path(directory) / "deepspeed").glob("*.pt")), [LossScaler, ZeroStageEnum, fragment_address])
         self.engine.load_checkpoint(str(directory), tag="deepspeed")
+
+    def apply_settings(self, cfg: OptimConfig) -> None:
+        """The optimiser settings of ``cfg`` on the restored state (gradient clipping went into DeepSpeed's config)."""
+        apply_settings(self.optimizer, self.scheduler, cfg)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights for saving (ZeRO-3 shards gathered; every rank must call this)."""

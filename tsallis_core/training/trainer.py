@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,7 @@ from tsallis_core.training.models import (
     model_facts,
     save_model,
 )
+from tsallis_core.training.stopping import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class TrainerState:
     data_position: int = 0  # rows consumed so far (across epochs)
     success_ema: float | None = None  # running success rate (adaptive q)
     mlflow_run_id: str | None = None
+    identity: dict | None = None  # what makes the run itself (run_identity): a resume must not change it
 
 
 @dataclass
@@ -103,6 +108,38 @@ class RowStream:
 # ---------------------------------------------------------------------------------------------
 # checkpoints (the files: checkpoints.py)
 # ---------------------------------------------------------------------------------------------
+
+
+def run_identity(cfg: TrainConfig) -> dict:
+    """The settings that make a run itself: a ``--resume`` that changes any of them is refused (the optimiser
+    kind too: its restored state would not fit). Paths are compared resolved."""
+    def where(path: str) -> str:
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    identity = {"stage": cfg.stage, "model.name_or_path": where(cfg.model.name_or_path),
+                "data.train_path": where(cfg.data.train_path), "optim.optimizer": cfg.optim.optimizer}
+    if cfg.stage == "rl":
+        schedule = cfg.rl.schedule
+        identity |= {"rl.estimator": cfg.rl.estimator,
+                     "rl.q": schedule.q if schedule.kind == "constant" else schedule.model_dump(mode="json")}
+    return identity
+
+
+def check_same_run(output_dir: Path, cfg: TrainConfig) -> None:
+    """ConfigError, one line naming both values, when ``--resume`` would continue the newest checkpoint of
+    ``output_dir`` with another estimator, q, model, data file, stage or optimiser."""
+    newest = checkpoint_dirs(output_dir)[-1]
+    try:
+        saved = json.loads((newest / "trainer_state.json").read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: load_newest_checkpoint says so and falls back
+    if not isinstance(saved, dict):
+        return  # a checkpoint of a version that did not record it
+    now = run_identity(cfg)
+    changed = [f"{key} is {saved[key]!r} in the checkpoint, {now[key]!r} now" for key in now if key in saved and saved[key] != now[key]]
+    if changed:
+        raise ConfigError(f"--resume would change the run in {output_dir} ({newest.name}): {'; '.join(changed)}; resume "
+                          f"with the checkpoint's values, or start a new run in another output_dir")
 
 
 def load_checkpoint(engine, output_dir: Path) -> TrainerState | None:
@@ -174,6 +211,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.cfg = config
+        if resume and not checkpoint_dirs(Path(config.output_dir)):
+            state = "does not exist" if not Path(config.output_dir).exists() else "holds no checkpoint"
+            raise ConfigError(f"--resume: output_dir {config.output_dir} {state}; run without --resume to start a new run, "
+                              f"or give the output_dir of the run to continue")
+        if resume:
+            check_same_run(Path(config.output_dir), config)
         self.estimator = get_estimator(config.rl.estimator)  # the registry (estimators.py) picks the loss
         self.estimator_args = self.estimator.args_from(config.rl)
         self.output_dir = Path(config.output_dir)
@@ -226,7 +269,11 @@ class Trainer:
         self.reference = self._reference_model() if config.stage == "rl" and config.rl.kl_coef > 0 else None
         self.state = TrainerState()
         if resume:
-            self.state = load_checkpoint(self.engine, self.output_dir) or TrainerState()
+            self.state = load_checkpoint(self.engine, self.output_dir)
+            # the optimiser settings given now (lr, weight decay, betas, eps, schedule; grad_clip is read every step)
+            # apply to the restored optimiser and scheduler: config.yaml records what runs
+            self.engine.apply_settings(config.optim)
+        self.state.identity = run_identity(config)
         self.rollout = HFRollout(self.engine.module, self.tokenizer, config.rl.temperature, config.rl.max_new_tokens,
                                  progress=self.rank == 0, sync_ranks=self.zero3 and is_distributed(),
                                  settings=config.rollout, zero3=self.zero3)
@@ -449,10 +496,8 @@ class Trainer:
         if max_across(0.0 if torch.isfinite(loss) else 1.0, self.device):  # any rank's bad loss stops every rank
             found = checkpoint_dirs(self.output_dir)
             latest = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {self.state.step + 1}; stopped, {latest} "
-                f"(resume from it with --resume and a lower optim.lr, or check the data)"
-            )
+            raise TrainingDiverged(f"loss is {loss.item()} at step {self.state.step + 1}; stopped, {latest}: "
+                                   f"{self._settings_to_change('--resume' if found else 'run again')}, or check the data")
 
     def _step(self, last_norm: float) -> float:
         """One engine step; a non-finite gradient norm (update skipped by the engine) saves and stops."""
@@ -461,11 +506,14 @@ class Trainer:
             return last_norm
         if not math.isfinite(norm):
             where = save_checkpoint(self.engine, self.state, self.output_dir, self.cfg.keep_checkpoints)
-            raise TrainingDiverged(
-                f"gradient norm is {norm} at step {self.state.step + 1}; the update was skipped and the last good "
-                f"state saved in {where} (lower optim.lr, then --resume)"
-            )
+            raise TrainingDiverged(f"gradient norm is {norm} at step {self.state.step + 1}; the update was skipped and "
+                                   f"the last good state saved in {where}: {self._settings_to_change('--resume')}")
         return norm
+
+    def _settings_to_change(self, then: str) -> str:
+        optim = self.cfg.optim
+        clip = "lower optim.grad_clip" if optim.grad_clip else "set optim.grad_clip (e.g. 1.0)"
+        return f"lower optim.lr (now {optim.lr:g}) or {clip} (now {optim.grad_clip}), then {then}"
 
     def _run_name(self) -> str:
         if self.cfg.tracking.run_name:
@@ -480,47 +528,63 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg = self.cfg
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        history = self._read_history()
-        self.tracker.start(cfg.model_dump(mode="json"), self._run_name(), {"stage": cfg.stage}, run_id=self.state.mlflow_run_id,
-                           sweep=cfg.tracking.sweep)
-        self.state.mlflow_run_id = self.tracker.run_id
-        step_fn = self.rl_step if cfg.stage == "rl" else self.sft_step
-        bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
-                   **({"disable": True} if self.rank else {}))  # rank 0: TQDM_DISABLE=1 still switches it off
-        status = "FAILED"
-        try:
-            while self.state.step < cfg.steps:
-                metrics = step_fn()
-                self.state.step += 1
-                metrics["peak_memory_gb"] = peak_memory_gb(self.device)
-                metrics["step"] = self.state.step
-                history.append(metrics)
+        status, model_dir = "FAILED", None
+        with GracefulStop(cfg.stop_grace_s) as stop:
+            try:
+                history = self._read_history()  # a bad history stops the run before config.yaml is rewritten
                 if self.rank == 0:
-                    with self.history_path.open("a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                    self.tracker.log_metrics({train_metric_name(k): v for k, v in metrics.items() if k != "step" and math.isfinite(v)},
-                                            self.state.step)
-                bar.set_postfix(self._postfix(metrics))
-                bar.update(1)
-                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.steps:
-                    save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
-                if self._escaped_long_enough(history):
-                    break
-            save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
-            model_dir = self._save_final()
-            status = "FINISHED"
-        finally:
-            bar.close()
-            self._end_tracking(status)
-            self.lock.release()
+                    (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+                self.tracker.start(cfg.model_dump(mode="json"), self._run_name(), {"stage": cfg.stage},
+                                   run_id=self.state.mlflow_run_id, sweep=cfg.tracking.sweep)
+                self.state.mlflow_run_id = self.tracker.run_id
+                self._write_mlflow_record()  # tsallis track sync finds the run, even after a stop
+                logged_through = self.tracker.logged_through()  # steps redone after a kill are not sent twice
+                step_fn = self.rl_step if cfg.stage == "rl" else self.sft_step
+                bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
+                           **({"disable": True} if self.rank else {}))  # rank 0: TQDM_DISABLE=1 still switches it off
+                stopping = False
+                while self.state.step < cfg.steps and not stopping:
+                    metrics = step_fn()
+                    self.state.step += 1
+                    metrics["peak_memory_gb"] = peak_memory_gb(self.device)
+                    metrics["step"] = self.state.step
+                    history.append(metrics)
+                    if self.rank == 0:
+                        with self.history_path.open("a") as f:
+                            f.write(json.dumps(metrics) + "\n")
+                        if self.state.step > logged_through:
+                            self.tracker.log_metrics({train_metric_name(k): v for k, v in metrics.items()
+                                                      if k != "step" and math.isfinite(v)}, self.state.step)
+                    bar.set_postfix(self._postfix(metrics))
+                    bar.update(1)
+                    stopping = bool(max_across(float(stop.signum or 0), self.device))  # every rank stops at one step
+                    if (cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.steps
+                            and not stopping):
+                        save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
+                    if self._escaped_long_enough(history):
+                        break
+                bar.close()
+                where = save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
+                if stopping:
+                    status = "KILLED"
+                else:
+                    model_dir = self._save_final()
+                    status = "FINISHED"
+            finally:
+                self._end_tracking(status, max(0.0, stop.remaining() - 2) if stop.signum else None)  # 2 s: the spool
+                self.lock.release()
+        if status == "KILLED":  # stopped by a signal: everything is saved; the interpreter's own teardown (garbage
+            # collection of the model) can outlast the grace period, so the process ends here, 128 + the signal
+            if self.rank == 0:
+                print(f"tsallis: stopped after step {self.state.step} of {cfg.steps}: checkpoint {where}; continue "
+                      f"with tsallis train ... --resume", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + (stop.signum or signal.SIGTERM))
         final = history[-1] if history else {}
         if self.rank == 0:
             (self.output_dir / "metrics.json").write_text(json.dumps(final, indent=2))
-            if self.tracker.run_id:
-                (self.output_dir / "mlflow.json").write_text(json.dumps(
-                    {"tracking_uri": self.tracker.uri, "run_id": self.tracker.run_id, "model_uri": self.tracker.model_uri}, indent=2))
+            self._write_mlflow_record()
         return TrainResult(self.output_dir, model_dir, final, history)
 
     def _escaped_long_enough(self, history: list[dict]) -> bool:
@@ -531,10 +595,15 @@ class Trainer:
         escaped = steps_to_escape([row["success_rate"] for row in history], self.cfg.rl.escape_threshold)
         return escaped is not None and self.state.step >= escaped + after
 
-    def _end_tracking(self, status: str) -> None:
+    def _write_mlflow_record(self) -> None:
+        if self.rank == 0 and self.tracker.run_id:
+            (self.output_dir / "mlflow.json").write_text(json.dumps(
+                {"tracking_uri": self.tracker.uri, "run_id": self.tracker.run_id, "model_uri": self.tracker.model_uri}, indent=2))
+
+    def _end_tracking(self, status: str, timeout: float | None) -> None:
         """End the MLflow run; a failure here is a warning, so that it never hides the run's own error."""
         try:
-            self.tracker.end(status)
+            self.tracker.end(status, timeout)
         except Exception as error:  # noqa: BLE001 - the model and history.jsonl are saved whatever MLflow says
             log.warning("warning: ending the MLflow run failed (%s: %s); the metrics are in %s",
                         type(error).__name__, str(error).splitlines()[0] if str(error) else "", self.history_path)
@@ -546,10 +615,24 @@ class Trainer:
         return shown | ({"q": f"{metrics['q']:.2f}"} if "q" in metrics else {})
 
     def _read_history(self) -> list[dict]:
-        """Per-step metrics so far; on resume, the lines past the checkpoint are dropped (they will be redone)."""
+        """Per-step metrics so far; on resume, the lines past the checkpoint are dropped (they will be redone), and
+        so is a last line cut short by a kill mid-write (with a warning)."""
         if not self.history_path.is_file() or self.rank != 0:
             return []
-        rows = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.history_path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                if number < len(lines):
+                    raise ConfigError(f"{self.history_path}: line {number} is not a step's metrics; fix or delete "
+                                      f"that line, then --resume") from None
+                log.warning("warning: %s: dropped its last line (cut short, the run was killed mid-write)", self.history_path)
+                continue
+            rows.append(row)
         rows = [r for r in rows if r["step"] <= self.state.step]
         self.history_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
