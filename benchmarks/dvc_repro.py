@@ -29,10 +29,22 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "configs", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore",
-                  "tsallis_core")  # the library: training stages depend on its files
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
-                "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
+PIPELINE_FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    "configs",
+    ".dvc/config",
+    ".dvc/plots",
+    ".dvcignore",
+    ".gitignore",
+    "tsallis_core",
+)  # the library: training stages depend on its files
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "bench@example.com",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "bench@example.com",
+}
 
 
 def set_param(params: dict, assignment: str) -> None:
@@ -96,8 +108,15 @@ def run_measured(cmd: list[str], cwd: Path, env: dict) -> tuple[subprocess.Compl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a params.yaml value for this run (repeatable)")
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a params.yaml value for this run (repeatable)",
+    )
     parser.add_argument("--out", help="JSON results")
     parser.add_argument("--keep", help="run in this directory (must not exist) and keep it, instead of a temporary one")
     args = parser.parse_args()
@@ -106,8 +125,11 @@ def main() -> None:
     if dvc is None:
         sys.exit('dvc is not installed: pip install -e ".[dvc]"')
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # its own sqlite:///mlflow.db
-    env |= {**GIT_IDENTITY, "TQDM_DISABLE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env |= {
+        **GIT_IDENTITY,
+        "TQDM_DISABLE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     with tempfile.TemporaryDirectory(prefix="dvc-repro-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp) / "project"
         root.mkdir(parents=True)
@@ -119,14 +141,19 @@ def main() -> None:
         again = subprocess.run([dvc, "repro"], cwd=root, env=env, capture_output=True, text=True, check=False)
         stages = re.findall(r"Running stage '([^']+)'", result.stdout)
         report = {
-            "overrides": args.overrides, "wall_s": round(seconds, 1), "peak_rss_gib": round(peak / 2**30, 3),
-            "stages": len(stages), "cpus": os.cpu_count(),
+            "overrides": args.overrides,
+            "wall_s": round(seconds, 1),
+            "peak_rss_gib": round(peak / 2**30, 3),
+            "stages": len(stages),
+            "cpus": os.cpu_count(),
             "second_repro_up_to_date": "Data and pipelines are up to date" in again.stdout,
             "metrics": json.loads((root / "outputs" / "report" / "metrics.json").read_text()),
         }
-    print(f"dvc repro: {len(stages)} stages in {seconds / 60:.1f} min ({seconds:.0f} s) on {os.cpu_count()} CPUs; "
-          f"peak memory {peak / 2**30:.2f} GiB (dvc and its children, summed); "
-          f"second repro up to date: {report['second_repro_up_to_date']}")
+    print(
+        f"dvc repro: {len(stages)} stages in {seconds / 60:.1f} min ({seconds:.0f} s) on {os.cpu_count()} CPUs; "
+        f"peak memory {peak / 2**30:.2f} GiB (dvc and its children, summed); "
+        f"second repro up to date: {report['second_repro_up_to_date']}"
+    )
     champion = report["metrics"]["champion"]
     metric = next(k for k in report["metrics"] if k not in ("champion", "runs", "registered_version"))
     print(f"champion {champion}: {metric} = {report['metrics'][metric]}")

@@ -36,10 +36,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
-FULL = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-        "num_attention_heads": 14, "num_key_value_heads": 2}  # Qwen2-0.5B
-TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2}
+FULL = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+}  # Qwen2-0.5B
+TINY = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def build_model(path: Path, shape: dict, device):
@@ -50,8 +62,13 @@ def build_model(path: Path, shape: dict, device):
     from tsallis_core.assets.build_tiny import build_tokenizer
 
     tokenizer = build_tokenizer(shape["vocab_size"])
-    config = Qwen2Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        **shape,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with device:
@@ -81,6 +98,7 @@ class Timers:
             self.sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             return out
+
         return timed
 
 
@@ -110,9 +128,12 @@ def bench_rollouts(model, tokenizer, batches, new_tokens, device) -> dict:
         enc = tokenizer(sorted(set(prompts)), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         enc = {k: v.repeat_interleave(8, dim=0) for k, v in enc.items()}
         runs = {
-            "ours_static_graph": lambda: HFRollout(model, tokenizer, 1.0, new_tokens,
-                                                   settings=RolloutConfig(static_cache=True, cuda_graphs="auto")),
-            "ours_eager": lambda: HFRollout(model, tokenizer, 1.0, new_tokens, settings=RolloutConfig(static_cache=False)),
+            "ours_static_graph": lambda: HFRollout(
+                model, tokenizer, 1.0, new_tokens, settings=RolloutConfig(static_cache=True, cuda_graphs="auto")
+            ),
+            "ours_eager": lambda: HFRollout(
+                model, tokenizer, 1.0, new_tokens, settings=RolloutConfig(static_cache=False)
+            ),
         }
         figures = {}
         for name, make in runs.items():
@@ -122,12 +143,22 @@ def bench_rollouts(model, tokenizer, batches, new_tokens, device) -> dict:
             start = time.perf_counter()
             r = engine.generate(prompts, seeds)
             elapsed = time.perf_counter() - start
-            figures[name] = {"tokens_per_s": r.num_completion_tokens / elapsed, "s": elapsed,
-                             "ms_per_token_step": 1e3 * elapsed / r.completion_ids.shape[1]}
+            figures[name] = {
+                "tokens_per_s": r.num_completion_tokens / elapsed,
+                "s": elapsed,
+                "ms_per_token_step": 1e3 * elapsed / r.completion_ids.shape[1],
+            }
         for name, cache in (("hf_generate_dynamic", None), ("hf_generate_static", "static")):
-            kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "max_new_tokens": new_tokens,
-                      "pad_token_id": tokenizer.pad_token_id, "cache_implementation": cache,
-                      "disable_compile": True}  # HF compiles its static-cache step otherwise: minutes, unbounded
+            kwargs = {
+                "do_sample": True,
+                "top_k": 0,
+                "top_p": 1.0,
+                "temperature": 1.0,
+                "max_new_tokens": new_tokens,
+                "pad_token_id": tokenizer.pad_token_id,
+                "cache_implementation": cache,
+                "disable_compile": True,
+            }  # HF compiles its static-cache step otherwise: minutes, unbounded
             with torch.no_grad():
                 model.generate(**enc, **kwargs)  # warm-up
                 timer.sync()
@@ -136,12 +167,16 @@ def bench_rollouts(model, tokenizer, batches, new_tokens, device) -> dict:
                 timer.sync()
             elapsed = time.perf_counter() - start
             tokens = completion_tokens(ids, enc["input_ids"].shape[1], tokenizer.eos_token_id)
-            figures[name] = {"tokens_per_s": tokens / elapsed, "s": elapsed,
-                             "ms_per_token_step": 1e3 * elapsed / (ids.shape[1] - enc["input_ids"].shape[1])}
+            figures[name] = {
+                "tokens_per_s": tokens / elapsed,
+                "s": elapsed,
+                "ms_per_token_step": 1e3 * elapsed / (ids.shape[1] - enc["input_ids"].shape[1]),
+            }
         best_hf = figures["hf_generate_static"]["tokens_per_s"]
         figures["ratio_ours_static_graph_to_hf_static"] = figures["ours_static_graph"]["tokens_per_s"] / best_hf
-        figures["ratio_ours_static_graph_to_ours_eager"] = (figures["ours_static_graph"]["tokens_per_s"]
-                                                            / figures["ours_eager"]["tokens_per_s"])
+        figures["ratio_ours_static_graph_to_ours_eager"] = (
+            figures["ours_static_graph"]["tokens_per_s"] / figures["ours_eager"]["tokens_per_s"]
+        )
         out[f"B={rows}"] = figures
         print(f"rollouts B={rows}: " + json.dumps(figures), flush=True)
     return out
@@ -196,17 +231,35 @@ def bench_sft(work: Path, common: list[str], params: int, peak, rows: int, lengt
     write_long_rows(work / "long.jsonl", rows * steps, length)
     out = {}
     for backend in backends:
-        extra = ["engine.backend=deepspeed", f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero2.json'}"] \
-            if backend == "deepspeed_zero2" else ["engine.backend=torch"]
-        result = train(load_config(None, [
-            *common, *extra, "stage=sft", f"output_dir={work / ('sft-' + backend)}", f"data.train_path={work / 'long.jsonl'}",
-            f"steps={steps}", f"sft.batch_size={rows}", f"sft.max_length={length + 32}", "data.shuffle=false",
-        ]))
+        extra = (
+            ["engine.backend=deepspeed", f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero2.json'}"]
+            if backend == "deepspeed_zero2"
+            else ["engine.backend=torch"]
+        )
+        result = train(
+            load_config(
+                None,
+                [
+                    *common,
+                    *extra,
+                    "stage=sft",
+                    f"output_dir={work / ('sft-' + backend)}",
+                    f"data.train_path={work / 'long.jsonl'}",
+                    f"steps={steps}",
+                    f"sft.batch_size={rows}",
+                    f"sft.max_length={length + 32}",
+                    "data.shuffle=false",
+                ],
+            )
+        )
         timed = result.history[2:] or result.history  # the first steps include warm-up
         tokens_per_s = sum(h["tokens_per_s"] for h in timed) / len(timed)
-        out[backend] = {"tokens_per_step": rows * length, "train_tokens_per_s": tokens_per_s,
-                        "mfu": 6 * params * tokens_per_s / peak if peak else None,
-                        "peak_memory_gb": max(h["peak_memory_gb"] for h in result.history)}
+        out[backend] = {
+            "tokens_per_step": rows * length,
+            "train_tokens_per_s": tokens_per_s,
+            "mfu": 6 * params * tokens_per_s / peak if peak else None,
+            "peak_memory_gb": max(h["peak_memory_gb"] for h in result.history),
+        }
         print(f"SFT {backend}: " + json.dumps(out[backend]), flush=True)
     return out
 
@@ -237,21 +290,42 @@ def bench_rl_step(work: Path, common: list[str], device, rows: int, new_tokens: 
 
     trainer_module.Trainer.rl_step = split_step
     try:
-        rl = trainer_module.train(load_config(None, [
-            *common, "engine.backend=torch", "stage=rl", f"output_dir={work / 'rl'}",
-            f"data.train_path={work / 'data' / 'train.jsonl'}", f"steps={steps}", "rl.estimator=garl", "rl.q=0.75",
-            "rl.group_size=8", f"rl.batch_size={rows}", f"rl.max_new_tokens={new_tokens}", "rl.temperature=1.0",
-        ]))
+        rl = trainer_module.train(
+            load_config(
+                None,
+                [
+                    *common,
+                    "engine.backend=torch",
+                    "stage=rl",
+                    f"output_dir={work / 'rl'}",
+                    f"data.train_path={work / 'data' / 'train.jsonl'}",
+                    f"steps={steps}",
+                    "rl.estimator=garl",
+                    "rl.q=0.75",
+                    "rl.group_size=8",
+                    f"rl.batch_size={rows}",
+                    f"rl.max_new_tokens={new_tokens}",
+                    "rl.temperature=1.0",
+                ],
+            )
+        )
     finally:
-        HFRollout.generate, trainer_module.completion_logprobs, torch.Tensor.backward, torch.optim.AdamW.step = originals
+        HFRollout.generate, trainer_module.completion_logprobs, torch.Tensor.backward, torch.optim.AdamW.step = (
+            originals
+        )
         trainer_module.Trainer.rl_step = rl_step
     timed = slice(1, None) if steps > 1 else slice(None)  # the first step includes the graph capture
     history, per_step = rl.history[timed], per_step[timed]
     step_s = sum(h["step_s"] for h in history) / len(history)
     split = {name: sum(s.get(name, 0.0) for s in per_step) / len(per_step) for name in per_step[0]}
-    out = {"steps_timed": len(history), "step_s": step_s, "split_s": split, "other_s": step_s - sum(split.values()),
-           "completion_len": sum(h["completion_len"] for h in history) / len(history),
-           "peak_memory_gb": max(h["peak_memory_gb"] for h in rl.history)}
+    out = {
+        "steps_timed": len(history),
+        "step_s": step_s,
+        "split_s": split,
+        "other_s": step_s - sum(split.values()),
+        "completion_len": sum(h["completion_len"] for h in history) / len(history),
+        "peak_memory_gb": max(h["peak_memory_gb"] for h in rl.history),
+    }
     print("RL step: " + json.dumps(out), flush=True)
     return out
 
@@ -264,8 +338,14 @@ def graph_identity(model, tokenizer, rows: int, new_tokens: int) -> dict:
     from tsallis_core.rollout.eager import HFRollout, row_seed
 
     prompts, seeds = prompts_for(rows), [row_seed(1, i) for i in range(rows)]
-    outs = {graphs: HFRollout(model, tokenizer, 1.0, new_tokens, settings=RolloutConfig(static_cache=True, cuda_graphs=graphs))
-            .generate(prompts, seeds).completion_ids for graphs in (True, False)}
+    outs = {
+        graphs: HFRollout(
+            model, tokenizer, 1.0, new_tokens, settings=RolloutConfig(static_cache=True, cuda_graphs=graphs)
+        )
+        .generate(prompts, seeds)
+        .completion_ids
+        for graphs in (True, False)
+    }
     same = outs[True].shape == outs[False].shape and bool(torch.equal(outs[True], outs[False]))
     out = {"rows": rows, "tokens": new_tokens, "bit_identical": same}
     print("graphs vs no graphs: " + json.dumps(out), flush=True)
@@ -283,8 +363,12 @@ def lora_rollout(work: Path, device, new_tokens: int) -> dict:
     start = time.perf_counter()
     rollout = HFRollout(model, tokenizer, 1.0, new_tokens)
     r = rollout.generate(prompts_for(16), [row_seed(2, i) for i in range(16)])
-    out = {"ran": True, "s": time.perf_counter() - start, "completion_tokens": r.num_completion_tokens,
-           "decoder": "eager" if rollout._static is None else f"static, graphs: {rollout._static.cuda_graphs}"}
+    out = {
+        "ran": True,
+        "s": time.perf_counter() - start,
+        "completion_tokens": r.num_completion_tokens,
+        "decoder": "eager" if rollout._static is None else f"static, graphs: {rollout._static.cuda_graphs}",
+    }
     print("LoRA rollout: " + json.dumps(out), flush=True)
     return out
 
@@ -296,10 +380,22 @@ def compile_step(work: Path, common: list[str]) -> dict:
 
     write_long_rows(work / "short.jsonl", 8, 48)
     start = time.perf_counter()
-    result = train(load_config(None, [
-        *common, "engine.backend=torch", "engine.compile=true", "stage=sft", f"output_dir={work / 'compiled'}",
-        f"data.train_path={work / 'short.jsonl'}", "steps=2", "sft.batch_size=4", "sft.max_length=64",
-    ]))
+    result = train(
+        load_config(
+            None,
+            [
+                *common,
+                "engine.backend=torch",
+                "engine.compile=true",
+                "stage=sft",
+                f"output_dir={work / 'compiled'}",
+                f"data.train_path={work / 'short.jsonl'}",
+                "steps=2",
+                "sft.batch_size=4",
+                "sft.max_length=64",
+            ],
+        )
+    )
     out = {"ran": True, "s": time.perf_counter() - start, "loss": result.history[-1].get("loss")}
     print("engine.compile step: " + json.dumps(out), flush=True)
     return out
@@ -307,6 +403,7 @@ def compile_step(work: Path, common: list[str]) -> dict:
 
 def targets(report: dict) -> list[tuple[str, object, str, bool]]:
     """(figure name, figure, target, met) for each target of issue 22."""
+
     def get(*keys):
         node = report
         for key in keys:
@@ -316,12 +413,24 @@ def targets(report: dict) -> list[tuple[str, object, str, bool]]:
     rows = []
     for batch in report.get("rollout_batches", []):
         ratio = get("rollouts", f"B={batch}", "ratio_ours_static_graph_to_hf_static")
-        rows.append((f"rollouts B={batch}: ours (static, graphs) / HF static-cache generate (tokens/s)", ratio,
-                     ">= 1.5", isinstance(ratio, float) and ratio >= 1.5))
+        rows.append(
+            (
+                f"rollouts B={batch}: ours (static, graphs) / HF static-cache generate (tokens/s)",
+                ratio,
+                ">= 1.5",
+                isinstance(ratio, float) and ratio >= 1.5,
+            )
+        )
     shape = report.get("logprob_target_shape")
     peak = get("logprob_memory", shape, "ours_chunked", "peak_gib_above_weights")
-    rows.append((f"log-prob forward+backward peak at {shape} (GiB above weights)", peak, "<= 16",
-                 isinstance(peak, float) and peak <= 16))
+    rows.append(
+        (
+            f"log-prob forward+backward peak at {shape} (GiB above weights)",
+            peak,
+            "<= 16",
+            isinstance(peak, float) and peak <= 16,
+        )
+    )
     mfu = get("sft", "torch", "mfu")
     rows.append(("SFT MFU, plain PyTorch", mfu, ">= 0.40", isinstance(mfu, float) and mfu >= 0.40))
     same = get("graph_identity", "bit_identical")
@@ -352,13 +461,26 @@ def main() -> None:
     model, tokenizer = build_model(work / "model", TINY if smoke else FULL, device)
     params = sum(p.numel() for p in model.parameters())
     batches, shapes = ([8], [(8, 8)]) if smoke else ([64, 256], [(64, 128), (256, 128)])
-    report: dict = {"gpu": gpu, "torch": torch.__version__, "parameters": params, "smoke": smoke, "work": str(work),
-                    "hf_static_generate": "compile disabled", "rollout_batches": batches,
-                    "logprob_target_shape": "{}x{}".format(*shapes[-1])}
-    common = [f"model.name_or_path={work / 'model'}", "tracking.enabled=false", "checkpoint_every=0", "optim.lr=1e-6",
-              f"engine.device={device.type}"]
+    report: dict = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "parameters": params,
+        "smoke": smoke,
+        "work": str(work),
+        "hf_static_generate": "compile disabled",
+        "rollout_batches": batches,
+        "logprob_target_shape": "{}x{}".format(*shapes[-1]),
+    }
+    common = [
+        f"model.name_or_path={work / 'model'}",
+        "tracking.enabled=false",
+        "checkpoint_every=0",
+        "optim.lr=1e-6",
+        f"engine.device={device.type}",
+    ]
     try:
         import deepspeed  # noqa: F401
+
         backends = ["torch", "deepspeed_zero2"]
     except ImportError:
         backends = ["torch"]
@@ -379,13 +501,31 @@ def main() -> None:
         ("graph_identity", lambda: graph_identity(model, tokenizer, batches[0], new_tokens)),
         ("logprob_memory", lambda: bench_logprob_memory(model, shapes, 4 if smoke else 16, device)),
         ("free_model", free_model),
-        ("sft", lambda: bench_sft(work, common, params, peak, 4, 64, 2, ["torch"]) if smoke
-         else bench_sft(work, common, params, peak, 32, 512, 6, backends)),
-        ("rl_step", lambda: bench_rl_step(work, common, device, 8, 8, 1) if smoke
-         else bench_rl_step(work, common, device, 64, 128, 3)),
+        (
+            "sft",
+            lambda: (
+                bench_sft(work, common, params, peak, 4, 64, 2, ["torch"])
+                if smoke
+                else bench_sft(work, common, params, peak, 32, 512, 6, backends)
+            ),
+        ),
+        (
+            "rl_step",
+            lambda: (
+                bench_rl_step(work, common, device, 8, 8, 1)
+                if smoke
+                else bench_rl_step(work, common, device, 64, 128, 3)
+            ),
+        ),
         ("lora_rollout", lambda: lora_rollout(work, device, new_tokens)),
-        ("compile_step", lambda: {"ran": None, "skipped": "smoke: inductor on CPU is not what is checked"} if smoke
-         else compile_step(work, common)),
+        (
+            "compile_step",
+            lambda: (
+                {"ran": None, "skipped": "smoke: inductor on CPU is not what is checked"}
+                if smoke
+                else compile_step(work, common)
+            ),
+        ),
     ]
     for name, run in sections:
         if time.time() - t0 > args.budget_s:

@@ -34,8 +34,20 @@ CONTENDERS = ("ours-grpo", "ours-garl")
 
 def run_throughput(tree: Path, steps: int, out: Path) -> dict[str, dict]:
     """One run of throughput.py in ``tree`` (on that tree's library): per contender, step_s and step_s_each."""
-    cmd = [sys.executable, str(tree / "benchmarks/throughput.py"), "--contenders", *CONTENDERS, "--repeats", "1",
-           "--steps", str(steps), "--threads", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(tree / "benchmarks/throughput.py"),
+        "--contenders",
+        *CONTENDERS,
+        "--repeats",
+        "1",
+        "--steps",
+        str(steps),
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"throughput.py in {tree} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -45,6 +57,7 @@ def run_throughput(tree: Path, steps: int, out: Path) -> dict[str, dict]:
 
 def minima_ratio(rounds: list[dict], contender: str) -> float:
     """this/base of the summed per-step minima over ``rounds``."""
+
     def summed_minima(side: str) -> float:
         return float(np.min([r[side][contender]["step_s_each"] for r in rounds], axis=0).sum())
 
@@ -53,7 +66,9 @@ def minima_ratio(rounds: list[dict], contender: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="git revision to compare against (e.g. the commit before a change)")
+    parser.add_argument(
+        "--base", required=True, help="git revision to compare against (e.g. the commit before a change)"
+    )
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (each: one run of each side)")
     parser.add_argument("--steps", type=int, default=8, help="training steps per run (the first is warm-up)")
     parser.add_argument("--out", default="outputs/step_time_ab.json", help="JSON results")
@@ -62,8 +77,11 @@ def main() -> None:
         sys.exit("--rounds must be at least 2 (the interval needs two rounds)")
     with tempfile.TemporaryDirectory(prefix="step-time-ab-") as tmp:
         base_tree = Path(tmp) / "base"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), args.base], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), args.base],
+            check=True,
+            capture_output=True,
+        )
         shutil.copyfile(REPO / "benchmarks/throughput.py", base_tree / "benchmarks/throughput.py")  # one harness
         try:
             rounds = []
@@ -72,8 +90,11 @@ def main() -> None:
                 measured = {}
                 for side, tree in sides if i % 2 == 0 else reversed(sides):
                     measured[side] = run_throughput(tree, args.steps, Path(tmp) / f"{side}-{i}.json")
-                    print(f"round {i + 1}/{args.rounds} {side}: "
-                          + " ".join(f"{c} {measured[side][c]['step_s']:.3f} s/step" for c in CONTENDERS), flush=True)
+                    print(
+                        f"round {i + 1}/{args.rounds} {side}: "
+                        + " ".join(f"{c} {measured[side][c]['step_s']:.3f} s/step" for c in CONTENDERS),
+                        flush=True,
+                    )
                 rounds.append(measured)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)], check=False)
@@ -82,12 +103,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for contender in CONTENDERS:
         per_round = t_interval([r["this"][contender]["step_s"] / r["base"][contender]["step_s"] for r in rounds])
-        resampled = [minima_ratio([rounds[i] for i in rng.integers(len(rounds), size=len(rounds))], contender)
-                     for _ in range(2000)]
+        resampled = [
+            minima_ratio([rounds[i] for i in rng.integers(len(rounds), size=len(rounds))], contender)
+            for _ in range(2000)
+        ]
         minima = (minima_ratio(rounds, contender), *np.percentile(resampled, [2.5, 97.5]).tolist())
         report["ratios"][contender] = {"mean_of_round_ratios": per_round, "ratio_of_step_minima": minima}
-        print(f"{contender:10s} mean of round ratios {per_round[0]:.3f} [{per_round[1]:.3f}, {per_round[2]:.3f}]   "
-              f"ratio of per-step minima {minima[0]:.3f} [{minima[1]:.3f}, {minima[2]:.3f}]")
+        print(
+            f"{contender:10s} mean of round ratios {per_round[0]:.3f} [{per_round[1]:.3f}, {per_round[2]:.3f}]   "
+            f"ratio of per-step minima {minima[0]:.3f} [{minima[1]:.3f}, {minima[2]:.3f}]"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"results: {args.out}")

@@ -106,14 +106,32 @@ def run_ours(estimator: str, work: Path, steps: int, threads: int, timers: Timer
 
     trainer_module.Trainer.rl_step = timed_step
     output_dir = tempfile.mkdtemp(prefix=f"{estimator}-", dir=work)
-    trainer_module.train(load_config(None, [
-        "stage=rl", f"output_dir={output_dir}", f"model.name_or_path={work / 'model'}", "model.dtype=float32",
-        f"data.train_path={work / 'data' / 'train.jsonl'}", f"steps={steps}", f"seed={SEED}",
-        f"rl.estimator={estimator}", f"rl.group_size={GROUP}", f"rl.batch_size={BATCH}",
-        f"rl.max_new_tokens={MAX_TOKENS}", f"rl.temperature={TEMPERATURE}",
-        f"optim.lr={LR}", "optim.lr_schedule=constant", "optim.grad_clip=1.0",
-        "engine.device=cpu", f"engine.threads={threads}", "tracking.enabled=false", "checkpoint_every=0",
-    ]))
+    trainer_module.train(
+        load_config(
+            None,
+            [
+                "stage=rl",
+                f"output_dir={output_dir}",
+                f"model.name_or_path={work / 'model'}",
+                "model.dtype=float32",
+                f"data.train_path={work / 'data' / 'train.jsonl'}",
+                f"steps={steps}",
+                f"seed={SEED}",
+                f"rl.estimator={estimator}",
+                f"rl.group_size={GROUP}",
+                f"rl.batch_size={BATCH}",
+                f"rl.max_new_tokens={MAX_TOKENS}",
+                f"rl.temperature={TEMPERATURE}",
+                f"optim.lr={LR}",
+                "optim.lr_schedule=constant",
+                "optim.grad_clip=1.0",
+                "engine.device=cpu",
+                f"engine.threads={threads}",
+                "tracking.enabled=false",
+                "checkpoint_every=0",
+            ],
+        )
+    )
 
 
 def run_trl(work: Path, steps: int, threads: int, timers: Timers) -> None:
@@ -127,7 +145,8 @@ def run_trl(work: Path, steps: int, threads: int, timers: Timers) -> None:
     torch.set_num_threads(threads)
     GenerationMixin.generate = timers.wrap("generation", GenerationMixin.generate)
     GRPOTrainer._get_per_token_logps_and_entropies = timers.wrap(
-        "logprob_forward", GRPOTrainer._get_per_token_logps_and_entropies)
+        "logprob_forward", GRPOTrainer._get_per_token_logps_and_entropies
+    )
     verify = get_verifier("exact")
     tokens = []
 
@@ -147,17 +166,45 @@ def run_trl(work: Path, steps: int, threads: int, timers: Timers) -> None:
     rows = [json.loads(line) for line in (work / "data" / "train.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-", dir=work), max_steps=steps, seed=SEED, use_cpu=True, bf16=False, fp16=False,
-        per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, num_generations=GROUP,
-        max_completion_length=MAX_TOKENS, temperature=TEMPERATURE, top_k=0, top_p=1.0, use_vllm=False,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        beta=0.0, loss_type="dapo", scale_rewards="group", logging_strategy="no", save_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+        output_dir=tempfile.mkdtemp(prefix="trl-", dir=work),
+        max_steps=steps,
+        seed=SEED,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        num_generations=GROUP,
+        max_completion_length=MAX_TOKENS,
+        temperature=TEMPERATURE,
+        top_k=0,
+        top_p=1.0,
+        use_vllm=False,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        scale_rewards="group",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        log_completions=False,
     )
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
     trainer.train()
 
 
@@ -196,9 +243,12 @@ def summarise(records: list[dict]) -> dict:
     """One run: completion tokens/s, seconds per step and the parts, over the steps after the first."""
     timed = records[1:] or records
     seconds = sum(r["step_s"] for r in timed)
-    out = {"tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "step_s": seconds / len(timed),
-           "tokens_per_cpu_s": sum(r["tokens"] for r in timed) / sum(r["cpu_s"] for r in timed),
-           "completion_len": sum(r["tokens"] for r in timed) / len(timed) / BATCH}
+    out = {
+        "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
+        "step_s": seconds / len(timed),
+        "tokens_per_cpu_s": sum(r["tokens"] for r in timed) / sum(r["cpu_s"] for r in timed),
+        "completion_len": sum(r["tokens"] for r in timed) / len(timed) / BATCH,
+    }
     out.update({f"{p}_s": sum(r[p] for r in timed) / len(timed) for p in (*PARTS, "other")})
     return out
 
@@ -217,8 +267,12 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, Path(args.work), args.steps, args.threads, Path(args.result))
 
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": str(args.threads),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     runs: dict[str, list[dict]] = {name: [] for name in args.contenders}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         work = Path(tmp)
@@ -226,41 +280,82 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name in args.contenders:
                 result = work / f"{name}-{repeat}.json"
-                cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--steps", str(args.steps),
-                       "--threads", str(args.threads), "--result", str(result)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    name,
+                    "--work",
+                    str(work),
+                    "--steps",
+                    str(args.steps),
+                    "--threads",
+                    str(args.threads),
+                    "--result",
+                    str(result),
+                ]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
                 if done.returncode:
                     sys.exit(f"{name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
                 raw = json.loads(result.read_text())
-                run = {**summarise(raw["steps"]), "peak_rss_mb": raw["peak_rss_mb"], "import_rss_mb": raw["import_rss_mb"],
-                       "step_s_each": [r["step_s"] for r in raw["steps"]]}
+                run = {
+                    **summarise(raw["steps"]),
+                    "peak_rss_mb": raw["peak_rss_mb"],
+                    "import_rss_mb": raw["import_rss_mb"],
+                    "step_s_each": [r["step_s"] for r in raw["steps"]],
+                }
                 runs[name].append(run)
-                print(f"repeat {repeat + 1}/{args.repeats} {name:9s} {run['tokens_per_s']:8.0f} tok/s "
-                      f"{run['step_s']:6.3f} s/step {run['peak_rss_mb']:6.0f} MB | "
-                      + " ".join(f"{p} {run[p + '_s']:.3f}" for p in (*PARTS, "other")), flush=True)
+                print(
+                    f"repeat {repeat + 1}/{args.repeats} {name:9s} {run['tokens_per_s']:8.0f} tok/s "
+                    f"{run['step_s']:6.3f} s/step {run['peak_rss_mb']:6.0f} MB | "
+                    + " ".join(f"{p} {run[p + '_s']:.3f}" for p in (*PARTS, "other")),
+                    flush=True,
+                )
 
     keys = [k for k in runs[args.contenders[0]][0] if k != "step_s_each"]
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
     ratios = {}
     if "trl-grpo" in medians:
         trl = medians["trl-grpo"]
-        ratios = {name: {"tokens_per_s": m["tokens_per_s"] / trl["tokens_per_s"], "step_s": m["step_s"] / trl["step_s"],
-                         "peak_rss_mb": m["peak_rss_mb"] / trl["peak_rss_mb"]}
-                  for name, m in medians.items() if name != "trl-grpo"}
-    settings = {"group_size": GROUP, "completions_per_step": BATCH, "max_completion_tokens": MAX_TOKENS,
-                "temperature": TEMPERATURE, "top_k": 0, "top_p": 1.0, "lr": LR, "threads": args.threads,
-                "steps": args.steps, "repeats": args.repeats, "model": "embedded:tiny, random init (seed 0), float32"}
+        ratios = {
+            name: {
+                "tokens_per_s": m["tokens_per_s"] / trl["tokens_per_s"],
+                "step_s": m["step_s"] / trl["step_s"],
+                "peak_rss_mb": m["peak_rss_mb"] / trl["peak_rss_mb"],
+            }
+            for name, m in medians.items()
+            if name != "trl-grpo"
+        }
+    settings = {
+        "group_size": GROUP,
+        "completions_per_step": BATCH,
+        "max_completion_tokens": MAX_TOKENS,
+        "temperature": TEMPERATURE,
+        "top_k": 0,
+        "top_p": 1.0,
+        "lr": LR,
+        "threads": args.threads,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "model": "embedded:tiny, random init (seed 0), float32",
+    }
     report = {"settings": settings, "medians": medians, "ratios_vs_trl": ratios, "runs": runs}
 
     print(f"\nmedians over {args.repeats} repeats ({args.steps} steps each, first step not counted):")
-    print(f"{'contender':10s} {'tok/s':>8s} {'s/step':>7s} {'peak MB':>8s} | "
-          + " ".join(f"{p[:9]:>9s}" for p in (*PARTS, "other")))
+    print(
+        f"{'contender':10s} {'tok/s':>8s} {'s/step':>7s} {'peak MB':>8s} | "
+        + " ".join(f"{p[:9]:>9s}" for p in (*PARTS, "other"))
+    )
     for name, m in medians.items():
-        print(f"{name:10s} {m['tokens_per_s']:8.0f} {m['step_s']:7.3f} {m['peak_rss_mb']:8.0f} | "
-              + " ".join(f"{m[p + '_s']:9.3f}" for p in (*PARTS, "other")))
+        print(
+            f"{name:10s} {m['tokens_per_s']:8.0f} {m['step_s']:7.3f} {m['peak_rss_mb']:8.0f} | "
+            + " ".join(f"{m[p + '_s']:9.3f}" for p in (*PARTS, "other"))
+        )
     for name, r in ratios.items():
-        print(f"{name} / trl-grpo: tokens/s x{r['tokens_per_s']:.2f}, s/step x{r['step_s']:.2f}, "
-              f"peak RSS x{r['peak_rss_mb']:.2f}")
+        print(
+            f"{name} / trl-grpo: tokens/s x{r['tokens_per_s']:.2f}, s/step x{r['step_s']:.2f}, "
+            f"peak RSS x{r['peak_rss_mb']:.2f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -21,11 +21,18 @@ def run_tsallis(*args: str, cwd: Path | None = None, env: dict | None = None, ch
     """Run the real ``tsallis`` command line in a subprocess."""
     full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     result = subprocess.run(
-        [sys.executable, "-m", "tsallis_core.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-        timeout=timeout, check=False,
+        [sys.executable, "-m", "tsallis_core.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"tsallis {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"tsallis {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -33,8 +40,23 @@ def torchrun(*args: str, env: dict | None = None, timeout: int = 900, nproc: int
     """``tsallis`` on ``nproc`` (2) CPU processes with torch.distributed.run (gloo)."""
     full_env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-         "-m", "tsallis_core.cli", *args], env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "tsallis_core.cli",
+            *args,
+        ],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -42,7 +64,9 @@ def torchrun(*args: str, env: dict | None = None, timeout: int = 900, nproc: int
 def task_dir(tmp_path_factory) -> Path:
     """The synthetic task with always-right answers in its corpus (a base model that succeeds often)."""
     out = tmp_path_factory.mktemp("synthetic")
-    write_splits(SyntheticTaskConfig(seed=0, p0=0.9, min_terms=2, max_terms=3, num_pretrain=4000, num_train=64, num_test=32), out)
+    write_splits(
+        SyntheticTaskConfig(seed=0, p0=0.9, min_terms=2, max_terms=3, num_pretrain=4000, num_train=64, num_test=32), out
+    )
     return out
 
 
@@ -51,18 +75,37 @@ def base_model(task_dir, tmp_path_factory) -> Path:
     """A base model: 150 SFT steps of the embedded tiny model, so RL sees mixed rewards."""
     out = tmp_path_factory.mktemp("base")
     run_tsallis(
-        "train", "stage=sft", f"output_dir={out}", "steps=150", "checkpoint_every=0", "seed=0",
-        f"data.train_path={task_dir / 'pretrain.jsonl'}", "optim.lr=3e-3", "optim.lr_schedule=cosine",
-        "sft.batch_size=32", "tracking.enabled=false", "engine.threads=2",
+        "train",
+        "stage=sft",
+        f"output_dir={out}",
+        "steps=150",
+        "checkpoint_every=0",
+        "seed=0",
+        f"data.train_path={task_dir / 'pretrain.jsonl'}",
+        "optim.lr=3e-3",
+        "optim.lr_schedule=cosine",
+        "sft.batch_size=32",
+        "tracking.enabled=false",
+        "engine.threads=2",
     )
     return out / "model"
 
 
 def rl_args(base_model: Path, task_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "stage=rl", f"output_dir={out}", f"model.name_or_path={base_model}",
-        f"data.train_path={task_dir / 'train.jsonl'}", "rl.group_size=4", "rl.batch_size=16", "rl.max_new_tokens=24",
-        "optim.lr=1e-3", "seed=3", "engine.threads=1", "tracking.enabled=false", *extra,
+        "train",
+        "stage=rl",
+        f"output_dir={out}",
+        f"model.name_or_path={base_model}",
+        f"data.train_path={task_dir / 'train.jsonl'}",
+        "rl.group_size=4",
+        "rl.batch_size=16",
+        "rl.max_new_tokens=24",
+        "optim.lr=1e-3",
+        "seed=3",
+        "engine.threads=1",
+        "tracking.enabled=false",
+        *extra,
     ]
 
 
@@ -72,10 +115,24 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -108,4 +165,3 @@ for _module in [m for name, m in list(sys.modules.items()) if name.startswith("t
     if getattr(_module, "save_checkpoint", None) is _save:
         _module.save_checkpoint = _save_then_die
 """
-

@@ -47,17 +47,24 @@ def test_cli_rejects_bad_config_before_loading_anything(tmp_path):
 def test_missing_model_path(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "Q: 1+1\n", "answer": "02"}) + "\n")
-    result = run_tsallis("train", f"data.train_path={data}", "model.name_or_path=./no/such/model", "tracking.enabled=false",
-                         check=False)
+    result = run_tsallis(
+        "train", f"data.train_path={data}", "model.name_or_path=./no/such/model", "tracking.enabled=false", check=False
+    )
     assert result.returncode == 2 and "model.name_or_path './no/such/model': no such directory" in result.stderr
 
 
 def test_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "Q: 1+1\n", "answer": "02"}) + "\n")
-    result = run_tsallis("train", f"data.train_path={data}", "model.name_or_path=tsallis-test/not-a-model",
-                         "tracking.enabled=false", f"output_dir={tmp_path / 'out'}", env={"HF_HUB_OFFLINE": "1"},
-                         check=False)
+    result = run_tsallis(
+        "train",
+        f"data.train_path={data}",
+        "model.name_or_path=tsallis-test/not-a-model",
+        "tracking.enabled=false",
+        f"output_dir={tmp_path / 'out'}",
+        env={"HF_HUB_OFFLINE": "1"},
+        check=False,
+    )
     assert result.returncode == 2
     assert "model.name_or_path 'tsallis-test/not-a-model' could not be loaded" in result.stderr
 
@@ -71,10 +78,13 @@ def test_missing_empty_and_malformed_datasets(tmp_path):
         load_records(empty)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
-        json.dumps({"prompt": "Q: 1+1\n", "answer": "02"}) + "\n"
+        json.dumps({"prompt": "Q: 1+1\n", "answer": "02"})
+        + "\n"
         + "{not json\n"
-        + json.dumps({"prompt": "Q: 2+2\n"}) + "\n"
-        + json.dumps({"prompt": "Q: 2+3\n", "answer": 5}) + "\n"
+        + json.dumps({"prompt": "Q: 2+2\n"})
+        + "\n"
+        + json.dumps({"prompt": "Q: 2+3\n", "answer": 5})
+        + "\n"
     )
     with pytest.raises(DatasetError) as error:
         load_records(bad)

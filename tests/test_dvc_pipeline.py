@@ -29,19 +29,34 @@ RUNS = ["garl-q0.0-s0", "garl-q1.0-s0", "paft-q0.0-s0", "paft-q1.0-s0", "grpo-s0
 
 def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # MLflow's default: sqlite:///mlflow.db
-    env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", "TQDM_DISABLE": "1",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@example.com"}
-    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env, capture_output=True,
-                            text=True, timeout=1800, check=False)  # a loaded machine
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        "TQDM_DISABLE": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )  # a loaded machine
     if check and result.returncode:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
 def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True, capture_output=True
+    )
 
 
 def digest(path: Path) -> str:
@@ -53,8 +68,10 @@ def repo(tmp_path_factory) -> Path:
     """A git repository with the project's pipeline files and small parameters, after one ``dvc repro``."""
     root = tmp_path_factory.mktemp("dvc") / "project"
     root.mkdir()
-    make_repo(root, [f"{section}.{key}={json.dumps(value)}" for section, values in SMALL.items()
-                     for key, value in values.items()])
+    make_repo(
+        root,
+        [f"{section}.{key}={json.dumps(value)}" for section, values in SMALL.items() for key, value in values.items()],
+    )
     result = dvc(root, "repro")
     (root / "repro.log").write_text(result.stdout)
     return root
@@ -62,8 +79,18 @@ def repo(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage_and_then_nothing(repo):
     log = (repo / "repro.log").read_text()
-    for stage in ("prepare", "warmup", "train@garl-0.0-0", "train@paft-1.0-0", "baseline@0", "experiment",
-                  "evaluate@garl-0.0-0", "evaluate_baseline@0", "evaluate_experiment", "report"):
+    for stage in (
+        "prepare",
+        "warmup",
+        "train@garl-0.0-0",
+        "train@paft-1.0-0",
+        "baseline@0",
+        "experiment",
+        "evaluate@garl-0.0-0",
+        "evaluate_baseline@0",
+        "evaluate_experiment",
+        "report",
+    ):
         assert f"Running stage '{stage}'" in log, stage
     for run in RUNS:
         run_dir = repo / ("outputs/experiment" if run == "experiment" else f"outputs/sweep/{run}")
@@ -99,7 +126,9 @@ def test_mlflow_parent_run_nests_every_run_and_the_champion_loads(repo):
     parent = parents[0]
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == len(RUNS)
-    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    revision = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
     for child in children:
         assert child.data.tags["dvc.stage"].split("@")[0] in ("train", "baseline", "experiment")
         assert child.data.tags["git.revision"].startswith(revision)
@@ -112,8 +141,13 @@ def test_mlflow_parent_run_nests_every_run_and_the_champion_loads(repo):
 
 
 def test_push_then_a_fresh_clone_pulls_everything_up_to_date(repo):
-    files = ["data/task/train.jsonl", "outputs/sweep/garl-q1.0-s0/model/model.safetensors", "outputs/eval/grpo-s0.json",
-             "outputs/report/metrics.json", "outputs/report/report.md"]
+    files = [
+        "data/task/train.jsonl",
+        "outputs/sweep/garl-q1.0-s0/model/model.safetensors",
+        "outputs/eval/grpo-s0.json",
+        "outputs/report/metrics.json",
+        "outputs/report/report.md",
+    ]
     before = [digest(repo / f) for f in files]
     assert "pushed" in dvc(repo, "push").stdout
     assert (repo.parent / "tsallis-dvc-remote" / "files").is_dir()  # .dvc/config's local remote, beside the clone

@@ -8,16 +8,34 @@ import sys
 
 from conftest import REPO
 
-TINY = ["data.p0=0.9", "data.num_train=64", "data.num_test=8", "warmup.steps=10", "warmup.batch_size=16",
-        "train.steps=2", "train.batch_size=8", "train.group_size=4", "train.max_new_tokens=16",
-        "sweep.estimators=[garl]", "sweep.q=[1.0]", "sweep.seeds=[0]", "evaluate.n=2", "evaluate.max_new_tokens=16",
-        "report.metric=maj@2"]
+TINY = [
+    "data.p0=0.9",
+    "data.num_train=64",
+    "data.num_test=8",
+    "warmup.steps=10",
+    "warmup.batch_size=16",
+    "train.steps=2",
+    "train.batch_size=8",
+    "train.group_size=4",
+    "train.max_new_tokens=16",
+    "sweep.estimators=[garl]",
+    "sweep.q=[1.0]",
+    "sweep.seeds=[0]",
+    "evaluate.n=2",
+    "evaluate.max_new_tokens=16",
+    "report.metric=maj@2",
+]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "dvc_repro.py"), *args],
-                          env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True, text=True, timeout=900,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "dvc_repro.py"), *args],
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
 
 
 def test_dvc_repro_benchmark_measures_the_whole_pipeline(tmp_path):

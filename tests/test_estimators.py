@@ -30,8 +30,9 @@ def mean_baseline(batch: PolicyBatch, args: MeanBaselineArgs) -> LossOutput:
 
 @pytest.fixture
 def registered():
-    register_estimator("mean_baseline", MeanBaselineArgs, uses_q=False,
-                       description="REINFORCE with a group-mean baseline (a test)")(mean_baseline)
+    register_estimator(
+        "mean_baseline", MeanBaselineArgs, uses_q=False, description="REINFORCE with a group-mean baseline (a test)"
+    )(mean_baseline)
     CALLS.clear()
     yield "mean_baseline"
     del ESTIMATORS["mean_baseline"]
@@ -60,11 +61,26 @@ def test_a_registered_estimator_is_validated_swept_and_trained(registered, task_
     assert [r["run_name"] for r in grid.items()] == ["garl-q0.5-s0", f"{registered}-s0", "grpo-s0"]
 
     out = tmp_path / "run"
-    result = train(load_config(None, [
-        "stage=rl", f"rl.estimator={registered}", f"output_dir={out}", "model.name_or_path=embedded:tiny",
-        f"data.train_path={task_dir / 'train.jsonl'}", "rl.group_size=4", "rl.batch_size=8", "rl.max_new_tokens=8",
-        "steps=2", "checkpoint_every=0", "seed=3", "engine.threads=1", "tracking.enabled=false",
-    ]))
+    result = train(
+        load_config(
+            None,
+            [
+                "stage=rl",
+                f"rl.estimator={registered}",
+                f"output_dir={out}",
+                "model.name_or_path=embedded:tiny",
+                f"data.train_path={task_dir / 'train.jsonl'}",
+                "rl.group_size=4",
+                "rl.batch_size=8",
+                "rl.max_new_tokens=8",
+                "steps=2",
+                "checkpoint_every=0",
+                "seed=3",
+                "engine.threads=1",
+                "tracking.enabled=false",
+            ],
+        )
+    )
     assert len(CALLS) == 2 and all(b.logprobs.shape[0] == 8 and b.group_size == 4 for b in CALLS)
     assert all(b.logprobs.requires_grad and b.old_logprobs is None and b.resample_counts is None for b in CALLS)
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]

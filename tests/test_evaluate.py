@@ -33,8 +33,10 @@ def test_majority_vote_normalises_and_breaks_ties_by_first_seen():
 
 
 def test_summarize():
-    results = [PromptResult("a", ["1", "1", "2", None], [1.0, 1.0, 0.0, 0.0], [1, 1, 0, 0], [1, 1, 0, 0]),
-               PromptResult("b", ["3", "4", "4", "4"], [1.0, 0.0, 0.0, 0.0], [1, 0, 0, 0], [1, 0, 0, 0])]
+    results = [
+        PromptResult("a", ["1", "1", "2", None], [1.0, 1.0, 0.0, 0.0], [1, 1, 0, 0], [1, 1, 0, 0]),
+        PromptResult("b", ["3", "4", "4", "4"], [1.0, 0.0, 0.0, 0.0], [1, 0, 0, 0], [1, 0, 0, 0]),
+    ]
     m = summarize(results, [1, 4])
     assert m["accuracy"] == pytest.approx((0.5 + 0.25) / 2)
     assert m["pass@4"] == 1.0 and m["maj@4"] == pytest.approx(0.5)  # "1" wins for a, "4" (wrong) for b
@@ -44,8 +46,13 @@ def test_summarize():
 
 @pytest.mark.parametrize(
     ("p0", "verifier", "estimator", "q", "group_size"),
-    [(0.6, "exact", "garl", 0.0, 2), (0.1, "finqa", "garl", 0.5, 10), (0.02, "em", "paft", 0.75, 50),
-     (0.01, "exact", "garl", 0.0, 64), (0.001, "f1", "paft", 0.0, 64)],
+    [
+        (0.6, "exact", "garl", 0.0, 2),
+        (0.1, "finqa", "garl", 0.5, 10),
+        (0.02, "em", "paft", 0.75, 50),
+        (0.01, "exact", "garl", 0.0, 64),
+        (0.001, "f1", "paft", 0.0, 64),
+    ],
 )
 def test_recommendation_rule(p0, verifier, estimator, q, group_size):
     d = recommend(p0, 0.5, 8, verifier)
@@ -68,8 +75,24 @@ def test_no_success_at_all_is_called_out():
 
 def test_evaluate_and_diagnose_on_the_embedded_default(task_dir, base_model, tmp_path):
     out = tmp_path / "metrics.json"
-    run_tsallis("evaluate", "--model", str(base_model), "--data", str(task_dir / "test.jsonl"), "--n", "4", "--k", "1", "4",
-                "--limit", "8", "--max-new-tokens", "24", "--out", str(out))
+    run_tsallis(
+        "evaluate",
+        "--model",
+        str(base_model),
+        "--data",
+        str(task_dir / "test.jsonl"),
+        "--n",
+        "4",
+        "--k",
+        "1",
+        "4",
+        "--limit",
+        "8",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        str(out),
+    )
     metrics = json.loads(out.read_text())["metrics"]
     assert {"accuracy", "em", "f1", "pass@1", "pass@4", "maj@1", "maj@4"} <= metrics.keys()
     assert metrics["pass@4"] >= metrics["pass@1"] - 1e-12
@@ -79,8 +102,21 @@ def test_evaluate_and_diagnose_on_the_embedded_default(task_dir, base_model, tmp
     record = evaluate_model(str(base_model), task_dir / "test.jsonl", 4, limit=8, max_new_tokens=24)
     assert record["metrics"] == metrics and record["model"] == str(base_model) and record["verifier"] == "exact"
     diag = tmp_path / "diag.json"
-    result = run_tsallis("diagnose", "--model", "embedded:tiny", "--data", str(task_dir / "test.jsonl"), "--m", "2",
-                         "--limit", "4", "--max-new-tokens", "8", "--out", str(diag))
+    result = run_tsallis(
+        "diagnose",
+        "--model",
+        "embedded:tiny",
+        "--data",
+        str(task_dir / "test.jsonl"),
+        "--m",
+        "2",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(diag),
+    )
     assert json.loads(diag.read_text())["p0"] == 0.0  # random weights never answer
     assert "recommendation: estimator=garl q=0" in result.stdout  # no success: q cannot act
 
@@ -89,9 +125,25 @@ def test_evaluate_logs_to_mlflow(task_dir, base_model, tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_tsallis("evaluate", "--model", str(base_model), "--data", str(task_dir / "test.jsonl"), "--n", "2", "--k", "1",
-                "--limit", "4", "--max-new-tokens", "24", "--out", str(tmp_path / "m.json"), "--track",
-                env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "eval-test"})
+    run_tsallis(
+        "evaluate",
+        "--model",
+        str(base_model),
+        "--data",
+        str(task_dir / "test.jsonl"),
+        "--n",
+        "2",
+        "--k",
+        "1",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        str(tmp_path / "m.json"),
+        "--track",
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "eval-test"},
+    )
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["eval-test"], output_format="list")
     assert len(runs) == 1 and runs[0].data.tags["stage"] == "evaluate"
@@ -101,7 +153,21 @@ def test_evaluate_logs_to_mlflow(task_dir, base_model, tmp_path):
 
 def test_evaluate_without_out_keeps_out_of_the_reports_input_folder(task_dir, tmp_path):
     """outputs/eval holds one evaluation per sweep run for `tsallis report`; a manual evaluation must not add one."""
-    result = run_tsallis("evaluate", "--model", "embedded:tiny", "--data", str(task_dir / "test.jsonl"), "--n", "1",
-                         "--k", "1", "--limit", "1", "--max-new-tokens", "4", cwd=tmp_path)
+    result = run_tsallis(
+        "evaluate",
+        "--model",
+        "embedded:tiny",
+        "--data",
+        str(task_dir / "test.jsonl"),
+        "--n",
+        "1",
+        "--k",
+        "1",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "4",
+        cwd=tmp_path,
+    )
     assert (tmp_path / "outputs/evaluate/metrics.json").is_file() and not (tmp_path / "outputs/eval").exists()
     assert "metrics: outputs/evaluate/metrics.json" in result.stdout

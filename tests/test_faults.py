@@ -29,8 +29,18 @@ class CreatesFile:
 
 
 def sft_args(task_dir, out, *extra):
-    return ["train", "stage=sft", f"output_dir={out}", f"data.train_path={task_dir / 'pretrain.jsonl'}",
-            "sft.batch_size=8", "optim.lr=3e-3", "tracking.enabled=false", "engine.threads=1", "seed=1", *extra]
+    return [
+        "train",
+        "stage=sft",
+        f"output_dir={out}",
+        f"data.train_path={task_dir / 'pretrain.jsonl'}",
+        "sft.batch_size=8",
+        "optim.lr=3e-3",
+        "tracking.enabled=false",
+        "engine.threads=1",
+        "seed=1",
+        *extra,
+    ]
 
 
 def error_lines(result) -> list[str]:
@@ -63,7 +73,9 @@ def test_the_crafted_pickle_runs_code_when_loaded_unsafely(tmp_path):
     torch.load(tmp_path / "rng.pt", weights_only=False)
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(CheckpointError, match=r"rng.pt was refused: it holds objects other than tensors \(the global io"):
+    with pytest.raises(
+        CheckpointError, match=r"rng.pt was refused: it holds objects other than tensors \(the global io"
+    ):
         safe_load(tmp_path / "rng.pt")
     assert not marker.exists()
 
@@ -95,7 +107,9 @@ def test_deepspeed_checkpoint_files_are_loaded_weights_only_before_deepspeed_rea
     result = torchrun(*sft_args(task_dir, run, "steps=2", "checkpoint_every=1", *deepspeed), env=env, nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
     tampered = copy_run(run, tmp_path / "tampered")
-    result = torchrun(*sft_args(task_dir, run, "steps=3", "checkpoint_every=1", *deepspeed), "--resume", env=env, nproc=1)
+    result = torchrun(
+        *sft_args(task_dir, run, "steps=3", "checkpoint_every=1", *deepspeed), "--resume", env=env, nproc=1
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
     target = tampered / "checkpoints" / "step-000002" / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -103,8 +117,9 @@ def test_deepspeed_checkpoint_files_are_loaded_weights_only_before_deepspeed_rea
     state = torch.load(target, weights_only=False)  # the genuine file, written by the run above
     state["extra"] = CreatesFile(marker)
     torch.save(state, target)
-    result = torchrun(*sft_args(task_dir, tampered, "steps=3", "checkpoint_every=1", *deepspeed), "--resume", env=env,
-                      nproc=1)
+    result = torchrun(
+        *sft_args(task_dir, tampered, "steps=3", "checkpoint_every=1", *deepspeed), "--resume", env=env, nproc=1
+    )
     refused = [line for line in result.stderr.splitlines() if line.startswith("tsallis: error:")]
     assert result.returncode != 0 and len(refused) == 1, result.stderr[-3000:]
     assert f"checkpoint file {target} was refused" in refused[0] and "(the global io.open)" in refused[0]
@@ -138,8 +153,13 @@ def test_every_checkpoint_unreadable_is_one_clean_error(finished_run, task_dir, 
 
 def start_train(args) -> subprocess.Popen:
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tsallis_core.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tsallis_core.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_second_run_on_a_used_output_dir_is_refused_and_a_killed_runs_lock_is_taken_over(task_dir, tmp_path):
@@ -172,8 +192,12 @@ def mount_tmpfs(path, options: str) -> bool:
     """Mount a real tmpfs at ``path`` (root only); False where that is not permitted."""
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=False,
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=False, capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.fixture
@@ -203,12 +227,17 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(path)], check=False)
 
 
-def test_output_dir_that_cannot_be_written_fails_in_one_line_before_the_model_loads(task_dir, tmp_path, readonly_dir,
-                                                                                   tiny_disk):
+def test_output_dir_that_cannot_be_written_fails_in_one_line_before_the_model_loads(
+    task_dir, tmp_path, readonly_dir, tiny_disk
+):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    cases = {a_file: "is a file", a_file / "run": f"lies under the file {a_file}",
-             readonly_dir / "run": "cannot be written", tiny_disk / "run": "MiB free, a checkpoint needs about"}
+    cases = {
+        a_file: "is a file",
+        a_file / "run": f"lies under the file {a_file}",
+        readonly_dir / "run": "cannot be written",
+        tiny_disk / "run": "MiB free, a checkpoint needs about",
+    }
     for out, message in cases.items():
         result = run_tsallis(*sft_args(task_dir, out, "steps=1"), check=False)
         lines = error_lines(result)
@@ -227,9 +256,17 @@ def test_an_rl_prompt_longer_than_the_models_context_fails_before_training(tmp_p
     data = tmp_path / "train.jsonl"
     # the embedded model has 256 positions and a character tokenizer: 250 characters + 24 new tokens do not fit
     data.write_text('{"prompt": "1+2=", "answer": "3"}\n' + '{"prompt": "' + "1+" * 125 + '", "answer": "3"}\n')
-    result = run_tsallis("train", "stage=rl", f"output_dir={tmp_path / 'run'}", f"data.train_path={data}",
-                         "rl.group_size=2", "rl.batch_size=2", "rl.max_new_tokens=24", "tracking.enabled=false",
-                         check=False)
+    result = run_tsallis(
+        "train",
+        "stage=rl",
+        f"output_dir={tmp_path / 'run'}",
+        f"data.train_path={data}",
+        "rl.group_size=2",
+        "rl.batch_size=2",
+        "rl.max_new_tokens=24",
+        "tracking.enabled=false",
+        check=False,
+    )
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"{data}: 1 prompt(s) do not fit the model's context of 256 tokens" in lines[0] and "row 1 (" in lines[0]
@@ -239,8 +276,14 @@ def test_an_rl_prompt_longer_than_the_models_context_fails_before_training(tmp_p
 def test_a_non_utf8_row_is_named_by_file_and_row(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "b"}\n')
-    result = run_tsallis("train", "stage=rl", f"output_dir={tmp_path / 'run'}", f"data.train_path={data}",
-                         "tracking.enabled=false", check=False)
+    result = run_tsallis(
+        "train",
+        "stage=rl",
+        f"output_dir={tmp_path / 'run'}",
+        f"data.train_path={data}",
+        "tracking.enabled=false",
+        check=False,
+    )
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"{data}: 1 bad row(s): row 1: not UTF-8 (byte 0xe9" in lines[0]
@@ -296,14 +339,23 @@ def history_of(run) -> list[dict]:
 
 
 def test_optimiser_settings_given_with_resume_apply_to_the_restored_state_and_config_yaml_records_them(
-        finished_run, task_dir, tmp_path):
+    finished_run, task_dir, tmp_path
+):
     """The finished run trained at lr 3e-3: resumed with optim.lr=1e-3 the steps after the checkpoint run at 1e-3,
     and config.yaml says so; resumed with its own lr it is bitwise the run that did not stop (the fallback test)."""
     changed = copy_run(finished_run, tmp_path / "changed")
-    run_tsallis(*sft_args(task_dir, changed, "steps=6", "checkpoint_every=1", "optim.lr=1e-3",
-                          "optim.weight_decay=0.1"), "--resume")
-    assert [(r["step"], r["lr"]) for r in history_of(changed)] == [(1, 3e-3), (2, 3e-3), (3, 3e-3), (4, 3e-3),
-                                                                  (5, 1e-3), (6, 1e-3)]
+    run_tsallis(
+        *sft_args(task_dir, changed, "steps=6", "checkpoint_every=1", "optim.lr=1e-3", "optim.weight_decay=0.1"),
+        "--resume",
+    )
+    assert [(r["step"], r["lr"]) for r in history_of(changed)] == [
+        (1, 3e-3),
+        (2, 3e-3),
+        (3, 3e-3),
+        (4, 3e-3),
+        (5, 1e-3),
+        (6, 1e-3),
+    ]
     assert "lr: 0.001" in (changed / "config.yaml").read_text()
     state = torch.load(changed / "checkpoints" / "step-000006" / "engine.pt", weights_only=True)
     assert [(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]] == [(1e-3, 0.1)]
@@ -316,23 +368,53 @@ def test_optimiser_settings_given_with_resume_apply_to_the_restored_state_and_co
 def rl_run(task_dir, tmp_path_factory):
     """One GARL q=0.75 step of the embedded model, checkpointed."""
     out = tmp_path_factory.mktemp("rl") / "run"
-    run_tsallis("train", "stage=rl", f"output_dir={out}", f"data.train_path={task_dir / 'train.jsonl'}", "steps=1",
-                "rl.group_size=2", "rl.batch_size=4", "rl.max_new_tokens=4", "rl.estimator=garl", "rl.q=0.75",
-                "tracking.enabled=false", "engine.threads=1")
+    run_tsallis(
+        "train",
+        "stage=rl",
+        f"output_dir={out}",
+        f"data.train_path={task_dir / 'train.jsonl'}",
+        "steps=1",
+        "rl.group_size=2",
+        "rl.batch_size=4",
+        "rl.max_new_tokens=4",
+        "rl.estimator=garl",
+        "rl.q=0.75",
+        "tracking.enabled=false",
+        "engine.threads=1",
+    )
     return out
 
 
-@pytest.mark.parametrize("change, named", [
-    (["rl.estimator=paft", "rl.q=1"], "rl.estimator is 'garl' in the checkpoint, 'paft' now"),
-    (["rl.q=0.5"], "rl.q is 0.75 in the checkpoint, 0.5 now"),
-    (["model.name_or_path=embedded:other"], "model.name_or_path is 'embedded:tiny' in the checkpoint, 'embedded:other' now"),
-    (["optim.optimizer=sgd"], "optim.optimizer is 'adamw' in the checkpoint, 'sgd' now"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["rl.estimator=paft", "rl.q=1"], "rl.estimator is 'garl' in the checkpoint, 'paft' now"),
+        (["rl.q=0.5"], "rl.q is 0.75 in the checkpoint, 0.5 now"),
+        (
+            ["model.name_or_path=embedded:other"],
+            "model.name_or_path is 'embedded:tiny' in the checkpoint, 'embedded:other' now",
+        ),
+        (["optim.optimizer=sgd"], "optim.optimizer is 'adamw' in the checkpoint, 'sgd' now"),
+    ],
+)
 def test_resume_that_would_change_the_run_is_refused_in_one_line_naming_both_values(rl_run, task_dir, change, named):
     before = (rl_run / "config.yaml").read_text()
-    result = run_tsallis("train", "stage=rl", f"output_dir={rl_run}", f"data.train_path={task_dir / 'train.jsonl'}",
-                         "steps=2", "rl.group_size=2", "rl.batch_size=4", "rl.max_new_tokens=4", "rl.estimator=garl",
-                         "rl.q=0.75", "tracking.enabled=false", *change, "--resume", check=False)
+    result = run_tsallis(
+        "train",
+        "stage=rl",
+        f"output_dir={rl_run}",
+        f"data.train_path={task_dir / 'train.jsonl'}",
+        "steps=2",
+        "rl.group_size=2",
+        "rl.batch_size=4",
+        "rl.max_new_tokens=4",
+        "rl.estimator=garl",
+        "rl.q=0.75",
+        "tracking.enabled=false",
+        *change,
+        "--resume",
+        check=False,
+    )
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     if named:
@@ -352,8 +434,7 @@ def test_resume_without_a_checkpoint_is_one_line(task_dir, tmp_path, where):
     assert not (out / "history.jsonl").exists()
 
 
-def test_a_history_line_cut_short_is_dropped_on_resume_and_a_bad_line_inside_is_named(finished_run, task_dir,
-                                                                                       tmp_path):
+def test_a_history_line_cut_short_is_dropped_on_resume_and_a_bad_line_inside_is_named(finished_run, task_dir, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     with (run / "history.jsonl").open("a") as f:
         f.write('{"loss": 2.5, "gra')  # killed mid-write
@@ -373,12 +454,15 @@ def test_a_history_line_cut_short_is_dropped_on_resume_and_a_bad_line_inside_is_
     assert not (broken / ".lock").exists()  # the error left no lock
 
 
-@pytest.mark.parametrize("override, field", [
-    ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
-    ("optim.eps=.nan", "optim.eps: Input should be a finite number"),
-    ("tracking.sweep=it's", "tracking.sweep: String should match pattern"),
-    ("tracking.run_name=../up", "tracking.run_name: String should match pattern"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+        ("optim.eps=.nan", "optim.eps: Input should be a finite number"),
+        ("tracking.sweep=it's", "tracking.sweep: String should match pattern"),
+        ("tracking.run_name=../up", "tracking.run_name: String should match pattern"),
+    ],
+)
 def test_non_finite_numbers_and_unsafe_names_are_refused_by_validation(task_dir, tmp_path, override, field):
     result = run_tsallis(*sft_args(task_dir, tmp_path / "run", "steps=2"), override, check=False)
     lines = error_lines(result)
@@ -419,4 +503,6 @@ def test_the_kubeflow_checkpoint_path_stays_under_its_root(tmp_path, names):
 
     with pytest.raises(ConfigError, match="would put checkpoints outside"):
         checkpoint_path(str(tmp_path), *names)
-    assert checkpoint_path(str(tmp_path), "s", "run", "garl-q0.5-seed0") == str(tmp_path / "s" / "run" / "garl-q0.5-seed0")
+    assert checkpoint_path(str(tmp_path), "s", "run", "garl-q0.5-seed0") == str(
+        tmp_path / "s" / "run" / "garl-q0.5-seed0"
+    )

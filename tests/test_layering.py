@@ -31,8 +31,13 @@ def module_imports(package: str) -> dict[str, set[str]]:
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         where = ".".join(parts[:-1])  # the package that holds the module
         tree = ast.parse(path.read_text())
-        type_only = {id(node) for test in ast.walk(tree) if isinstance(test, ast.If) and "TYPE_CHECKING" in
-                     ast.unparse(test.test) for stmt in test.body for node in ast.walk(stmt)}
+        type_only = {
+            id(node)
+            for test in ast.walk(tree)
+            if isinstance(test, ast.If) and "TYPE_CHECKING" in ast.unparse(test.test)
+            for stmt in test.body
+            for node in ast.walk(stmt)
+        }
         found = set()
         for node in ast.walk(tree):
             if id(node) in type_only:
@@ -82,13 +87,15 @@ def test_no_module_edits_sys_path():
 
 def test_the_library_has_no_import_cycle():
     modules = module_imports("tsallis_core")
-    graph = {m: {i for i in imported if i in modules and i != m and i != "tsallis_core"} for m, imported in modules.items()}
+    graph = {
+        m: {i for i in imported if i in modules and i != m and i != "tsallis_core"} for m, imported in modules.items()
+    }
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(module: str, path: list[str]) -> None:
         state[module] = 1
         for target in sorted(graph[module]):
-            assert state.get(target) != 1, "import cycle: " + " -> ".join([*path[path.index(target):], target])
+            assert state.get(target) != 1, "import cycle: " + " -> ".join([*path[path.index(target) :], target])
             if target not in state:
                 visit(target, [*path, target])
         state[module] = 2
@@ -123,6 +130,10 @@ def test_the_dvc_training_stages_depend_on_every_module_that_tsallis_train_impor
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage, roots in (("warmup", train), ("train", train | {"tsallis_core.kubeflow"})):  # train: --params
         deps = [d for d in stages[stage]["deps"] if d.startswith("tsallis_core")]
-        missing = sorted(m for m in closure_of(roots) if m != "tsallis_core" and not any(
-            path_of(m) == d or path_of(m).startswith(d.rstrip("/") + "/") for d in deps))
+        missing = sorted(
+            m
+            for m in closure_of(roots)
+            if m != "tsallis_core"
+            and not any(path_of(m) == d or path_of(m).startswith(d.rstrip("/") + "/") for d in deps)
+        )
         assert not missing, f"dvc.yaml stage {stage} does not depend on {', '.join(missing)}"

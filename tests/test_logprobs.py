@@ -18,19 +18,24 @@ def reference_logprobs(model, prompt_ids, prompt_mask, completion_ids, completio
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([prompt_mask, completion_mask], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1
+        ).logits
         logits = logits[:, :-1]
     else:
         shared_ids, shared_mask = distinct[:, :p], distinct[:, p:]
         cache = DynamicCache()
         kwargs = {cache_kwarg(model): cache, "use_cache": True}
         positions = (shared_mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions, logits_to_keep=1,
-                       **kwargs).logits[index]
+        logits = model(
+            input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions, logits_to_keep=1, **kwargs
+        ).logits[index]
         cache.batch_select_indices(index)
         attention = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)[:, p:]
-        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions, **kwargs).logits
+        rest = model(
+            input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions, **kwargs
+        ).logits
         logits = torch.cat([logits, rest], dim=1)
     logits = logits.float()
     if temperature not in (0, 1):
@@ -46,7 +51,9 @@ def policy():
 
 def _batch(policy, prompts):
     model, tok = policy
-    r = HFRollout(model, tok, temperature=1.0, max_new_tokens=10).generate(prompts, [row_seed(5, i) for i in range(len(prompts))])
+    r = HFRollout(model, tok, temperature=1.0, max_new_tokens=10).generate(
+        prompts, [row_seed(5, i) for i in range(len(prompts))]
+    )
     r.completion_mask[0, 4:] = 0  # a row that ended early: right padding in the completions
     return [r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask]
 
@@ -109,9 +116,20 @@ def test_token_budget_gives_the_gradient_of_the_whole_micro_batch(tmp_path, esti
     from tsallis_core.training.trainer import Trainer
 
     write_splits(SyntheticTaskConfig(num_pretrain=8, num_train=16, num_test=4), tmp_path / "data")
-    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", f"data.train_path={tmp_path / 'data' / 'train.jsonl'}",
-                             "tracking.enabled=false", "rl.group_size=4", "rl.batch_size=8", "rl.max_new_tokens=12",
-                             f"rl.estimator={estimator}", "rl.temperature=0.8", "engine.device=cpu"])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'out'}",
+            f"data.train_path={tmp_path / 'data' / 'train.jsonl'}",
+            "tracking.enabled=false",
+            "rl.group_size=4",
+            "rl.batch_size=8",
+            "rl.max_new_tokens=12",
+            f"rl.estimator={estimator}",
+            "rl.temperature=0.8",
+            "engine.device=cpu",
+        ],
+    )
     trainer = Trainer(cfg)
     prompts = [row["prompt"] for row in trainer.rows[:2] for _ in range(4)]
     r = trainer.rollout.generate(prompts, [row_seed(9, i) for i in range(8)])
@@ -120,8 +138,9 @@ def test_token_budget_gives_the_gradient_of_the_whole_micro_batch(tmp_path, esti
     losses, grads = [], []
     for budget in (None, 2 * (micro[0].shape[1] + micro[2].shape[1])):  # None, then 4 chunks of 2 rows
         trainer.cfg.rl.logprob_token_budget = budget
-        out = trainer._loss_and_backward(micro, lambda lp: trainer._rl_loss(lp, micro[3].float(), rewards, 0.75,
-                                                                             None, None, None))
+        out = trainer._loss_and_backward(
+            micro, lambda lp: trainer._rl_loss(lp, micro[3].float(), rewards, 0.75, None, None, None)
+        )
         losses.append(out.loss.item())
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
         trainer.model.zero_grad(set_to_none=True)

@@ -33,7 +33,9 @@ def test_autograd_of_ln_q_p_is_amplified_grad_p(q):
     params = make_params()
     p = success_probability(params, REWARDS)
     (grad_p,) = torch.autograd.grad(p, params, retain_graph=True)
-    torch.testing.assert_close(exact_grad_jq(params, q), (p.detach() ** -q * grad_p).reshape(-1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        exact_grad_jq(params, q), (p.detach() ** -q * grad_p).reshape(-1), rtol=1e-12, atol=1e-14
+    )
 
 
 def test_all_q_share_one_direction_per_example():
@@ -69,7 +71,9 @@ def test_garl_q0_without_baseline_is_reinforce():
 def test_garl_q0_is_unbiased_for_grad_p(baseline):
     params = make_params()
     loss_fn = functools.partial(garl_loss, q=0.0, baseline=baseline)
-    torch.testing.assert_close(expected_estimate(loss_fn, params, REWARDS, 3), exact_grad_jq(params, 0.0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        expected_estimate(loss_fn, params, REWARDS, 3), exact_grad_jq(params, 0.0), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_group_mean_baseline_scales_expectation_by_m_minus_1_over_m():
@@ -113,9 +117,7 @@ def test_no_baseline_expectation_closed_form(name, q, m):
     """
     params = make_params()
     p = success_probability(params, REWARDS).item()
-    factor = sum(
-        math.comb(m, k) * p**k * (1 - p) ** (m - k) * (k / m) ** (1 - q) for k in range(1, m + 1)
-    )
+    factor = sum(math.comb(m, k) * p**k * (1 - p) ** (m - k) * (k / m) ** (1 - q) for k in range(1, m + 1))
     estimate = expected_estimate(functools.partial(ESTIMATORS[name], q=q), params, REWARDS, m)
     torch.testing.assert_close(estimate, factor * exact_grad_jq(params, 1.0), rtol=1e-9, atol=1e-12)
 
@@ -128,7 +130,10 @@ def test_paft_expected_counts_equal_mean_of_resampled_counts():
     exact = paft_loss(logprobs, mask, rewards, 4, q=0.5).loss
     generator = torch.Generator().manual_seed(1)
     draws = torch.stack(
-        [paft_loss(logprobs, mask, rewards, 4, 0.5, paft_resample_counts(rewards, 4, 4, generator)).loss for _ in range(4000)]
+        [
+            paft_loss(logprobs, mask, rewards, 4, 0.5, paft_resample_counts(rewards, 4, 4, generator)).loss
+            for _ in range(4000)
+        ]
     )
     # the loss is linear in the counts, so the resampled losses average to the exact one
     assert abs(draws.mean() - exact) < 4 * draws.std() / 4000**0.5

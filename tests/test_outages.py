@@ -25,10 +25,26 @@ class MlflowServer:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
-             str(self.root / "artifacts"), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 300
         while True:
             try:
@@ -80,16 +96,31 @@ def same_weights(a_path, b_path) -> tuple[bool, str]:
 
 
 def sft_args(task_dir, out, steps: int):
-    return ["train", "stage=sft", f"output_dir={out}", f"data.train_path={task_dir / 'pretrain.jsonl'}",
-            "sft.batch_size=4", f"steps={steps}", "checkpoint_every=0", "tracking.log_model=false",
-            "tracking.samples_every=0", "engine.threads=1", "seed=2"]
+    return [
+        "train",
+        "stage=sft",
+        f"output_dir={out}",
+        f"data.train_path={task_dir / 'pretrain.jsonl'}",
+        "sft.batch_size=4",
+        f"steps={steps}",
+        "checkpoint_every=0",
+        "tracking.log_model=false",
+        "tracking.samples_every=0",
+        "engine.threads=1",
+        "seed=2",
+    ]
 
 
 def test_a_server_killed_and_restarted_mid_run_loses_nothing_and_stalls_nothing(server, task_dir, tmp_path):
     out, steps = tmp_path / "run", 40
     env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": server.uri}
-    proc = subprocess.Popen([sys.executable, "-m", "tsallis_core.cli", *sft_args(task_dir, out, steps)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tsallis_core.cli", *sft_args(task_dir, out, steps)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: history_steps(out) >= 5, proc, "step 5")
     server.kill()
     killed_at = history_steps(out)
@@ -109,8 +140,13 @@ def test_a_server_killed_and_restarted_mid_run_loses_nothing_and_stalls_nothing(
 def test_a_server_that_stays_away_spools_the_metrics_and_resume_sends_them(server, task_dir, tmp_path):
     out, steps = tmp_path / "run", 12
     env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": server.uri, "TSALLIS_TRACKING_FLUSH_S": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "tsallis_core.cli", *sft_args(task_dir, out, steps)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tsallis_core.cli", *sft_args(task_dir, out, steps)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: history_steps(out) >= 3, proc, "step 3")
     server.kill()
     _, stderr = proc.communicate(timeout=600)
@@ -130,19 +166,31 @@ def test_a_server_that_stays_away_spools_the_metrics_and_resume_sends_them(serve
 def test_a_kubeflow_training_step_killed_mid_run_resumes_to_the_same_model(server, task_dir, tmp_path):
     """The sft_warmup component's function, SIGKILLed right after its step-4 checkpoint on the 'cache PVC' and called
     again (what a kfp retry does): it resumes there, and its model equals an uninterrupted call's bitwise."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": server.uri, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    call = ("import sys; from types import SimpleNamespace as NS; from components.stages import sft_warmup\n"
-            "model = NS(path=sys.argv[1], metadata={}); metrics = NS(log_metric=lambda k, v: None)\n"
-            "sft_warmup(NS(path=sys.argv[2]), model, metrics, base_model='embedded:tiny', steps=10, lr=3e-3,"
-            " batch_size=4, experiment='kfp-retry', gpus=0, deepspeed_config='', sweep='s1', checkpoint_root=sys.argv[3],"
-            " checkpoint_every=2, pipeline_run=sys.argv[4])")
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "MLFLOW_TRACKING_URI": server.uri,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    call = (
+        "import sys; from types import SimpleNamespace as NS; from components.stages import sft_warmup\n"
+        "model = NS(path=sys.argv[1], metadata={}); metrics = NS(log_metric=lambda k, v: None)\n"
+        "sft_warmup(NS(path=sys.argv[2]), model, metrics, base_model='embedded:tiny', steps=10, lr=3e-3,"
+        " batch_size=4, experiment='kfp-retry', gpus=0, deepspeed_config='', sweep='s1', checkpoint_root=sys.argv[3],"
+        " checkpoint_every=2, pipeline_run=sys.argv[4])"
+    )
 
     def component(out, run, die_after_step: int = 0):
         code = (DIE_AFTER_CHECKPOINT if die_after_step else "") + call
-        return subprocess.Popen([sys.executable, "-c", code, str(out), str(task_dir), str(tmp_path / "pvc"), run],
-                                env={**env, "TSALLIS_TEST_DIE_AFTER_STEP": str(die_after_step)}, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(out), str(task_dir), str(tmp_path / "pvc"), run],
+            env={**env, "TSALLIS_TEST_DIE_AFTER_STEP": str(die_after_step)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     straight = component(tmp_path / "straight", "job-a")
     assert straight.wait(timeout=900) == 0, straight.stderr.read()[-3000:]
@@ -155,8 +203,9 @@ def test_a_kubeflow_training_step_killed_mid_run_resumes_to_the_same_model(serve
     stdout, stderr = retried.communicate(timeout=900)
     assert retried.returncode == 0, stderr[-3000:]
     assert "resuming from" in stdout and "step-000004" in stdout, stdout[-2000:]
-    same, detail = same_weights(tmp_path / "straight" / "model" / "model.safetensors",
-                                tmp_path / "killed-2" / "model" / "model.safetensors")
+    same, detail = same_weights(
+        tmp_path / "straight" / "model" / "model.safetensors", tmp_path / "killed-2" / "model" / "model.safetensors"
+    )
     assert same, detail
     assert not (tmp_path / "killed-2" / "checkpoints").exists() and not (ckpt / "checkpoints").exists()
     history = [json.loads(line)["step"] for line in (tmp_path / "killed-2" / "history.jsonl").read_text().splitlines()]
@@ -173,14 +222,23 @@ class PreemptibleTrainer:
 
     def train(self, runtime, trainer, options):
         command = next(o.command for o in options if hasattr(o, "command"))
-        argv = [a for a in command[command.index("tsallis_core.cli"):] if not a.startswith("engine.")]
+        argv = [a for a in command[command.index("tsallis_core.cli") :] if not a.startswith("engine.")]
         self.output_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")))
-        env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
-               "TSALLIS_TEST_DIE_AFTER_STEP": "4" if self.preempt else "0"}
+        env = {
+            **os.environ,
+            "TQDM_DISABLE": "1",
+            "OMP_NUM_THREADS": "1",
+            "TSALLIS_TEST_DIE_AFTER_STEP": "4" if self.preempt else "0",
+        }
         main = "import sys; from tsallis_core.cli import main; sys.exit(main(sys.argv[1:]))"
         code = (DIE_AFTER_CHECKPOINT if self.preempt else "") + main
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *argv[1:], "tracking.enabled=false"], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, *argv[1:], "tracking.enabled=false"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         return "tsallis-job"
 
     def wait_for_job_status(self, name, status, timeout, polling_interval):
@@ -204,16 +262,32 @@ def test_a_preempted_trainjob_is_retried_from_its_staged_checkpoints_to_the_same
     data, base = tmp_path / "data", tmp_path / "base"
     data.mkdir()
     (data / "train.jsonl").write_text((task_dir / "pretrain.jsonl").read_text())
-    run_tsallis("train", "stage=sft", "steps=0", f"output_dir={base}", f"data.train_path={data / 'train.jsonl'}",
-                "tracking.enabled=false")  # the embedded model, saved as a base model directory
-    cluster = load_settings(None, [f"cluster.cache_path={tmp_path / 'cache'}", "cluster.gpus_per_node=0",
-                                   "cluster.image=tsallis:local"]).cluster
+    run_tsallis(
+        "train",
+        "stage=sft",
+        "steps=0",
+        f"output_dir={base}",
+        f"data.train_path={data / 'train.jsonl'}",
+        "tracking.enabled=false",
+    )  # the embedded model, saved as a base model directory
+    cluster = load_settings(
+        None, [f"cluster.cache_path={tmp_path / 'cache'}", "cluster.gpus_per_node=0", "cluster.image=tsallis:local"]
+    ).cluster
     overrides = ["steps=10", "checkpoint_every=2", "sft.batch_size=4", "engine.threads=1", "seed=2"]
 
     def launch(out, job, client):
         work = tmp_path / "cache" / "trainjobs" / "s1" / job / "run"
-        return run_trainjob("configs/base.yaml", overrides, str(data), str(base / "model"), str(out), "run", cluster,
-                            client=client, work_dir=str(work))
+        return run_trainjob(
+            "configs/base.yaml",
+            overrides,
+            str(data),
+            str(base / "model"),
+            str(out),
+            "run",
+            cluster,
+            client=client,
+            work_dir=str(work),
+        )
 
     launch(tmp_path / "straight", "job-a", PreemptibleTrainer(preempt=False))
     with pytest.raises(TrainJobFailed, match="Preempted"):
@@ -221,8 +295,10 @@ def test_a_preempted_trainjob_is_retried_from_its_staged_checkpoints_to_the_same
     staged = tmp_path / "cache" / "trainjobs" / "s1" / "job-b" / "run" / "run" / "run"
     assert (staged / "checkpoints" / "step-000004").is_dir()  # kept on the PVC for the retry
     launch(tmp_path / "retry", "job-b", PreemptibleTrainer(preempt=False))  # the retried launcher step
-    same, detail = same_weights(tmp_path / "straight" / "run" / "model" / "model.safetensors",
-                                tmp_path / "retry" / "run" / "model" / "model.safetensors")
+    same, detail = same_weights(
+        tmp_path / "straight" / "run" / "model" / "model.safetensors",
+        tmp_path / "retry" / "run" / "model" / "model.safetensors",
+    )
     assert same, detail
     assert not (tmp_path / "cache" / "trainjobs" / "s1" / "job-b" / "run").exists()  # removed once the run is back
 
@@ -236,8 +312,13 @@ def test_an_outage_before_the_model_is_logged_exits_0_and_track_sync_sends_the_r
     out, steps = tmp_path / "run", 8
     args = [a for a in sft_args(task_dir, out, steps) if not a.startswith("tracking.log_model")]
     env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": server.uri, "TSALLIS_TRACKING_FLUSH_S": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "tsallis_core.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tsallis_core.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: history_steps(out) >= 3, proc, "step 3")
     server.kill()
     _, stderr = proc.communicate(timeout=600)

@@ -25,15 +25,30 @@ def server(tmp_path):
 
 
 def sft_args(task_dir, out, steps: int, *extra):
-    return ["train", "stage=sft", f"output_dir={out}", f"data.train_path={task_dir / 'pretrain.jsonl'}",
-            "sft.batch_size=4", f"steps={steps}", "checkpoint_every=0", "tracking.log_model=false",
-            "tracking.samples_every=0", "engine.threads=1", "seed=2", *extra]
+    return [
+        "train",
+        "stage=sft",
+        f"output_dir={out}",
+        f"data.train_path={task_dir / 'pretrain.jsonl'}",
+        "sft.batch_size=4",
+        f"steps={steps}",
+        "checkpoint_every=0",
+        "tracking.log_model=false",
+        "tracking.samples_every=0",
+        "engine.threads=1",
+        "seed=2",
+        *extra,
+    ]
 
 
 def start(args, uri: str, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tsallis_core.cli", *args],
-                            env={**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": uri, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tsallis_core.cli", *args],
+        env={**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": uri, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def history(out) -> list[int]:
@@ -41,8 +56,9 @@ def history(out) -> list[int]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_equals_an_uninterrupted_run(server, task_dir,
-                                                                                                tmp_path, signum):
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_equals_an_uninterrupted_run(
+    server, task_dir, tmp_path, signum
+):
     steps = 30
     straight = tmp_path / "straight"
     run_tsallis(*sft_args(task_dir, straight, steps), env={"MLFLOW_TRACKING_URI": server.uri})
@@ -90,7 +106,8 @@ def test_resume_after_a_sigkill_sends_no_duplicate_points_for_the_redone_steps(s
 
 
 def test_a_stop_while_mlflow_is_away_spools_within_the_grace_period_and_a_second_signal_exits_at_once(
-        server, task_dir, tmp_path):
+    server, task_dir, tmp_path
+):
     out = tmp_path / "run"
     proc = start(sft_args(task_dir, out, 10000, "stop_grace_s=6"), server.uri)
     wait_for(lambda: history_steps(out) >= 3, proc, "step 3")
@@ -122,17 +139,30 @@ def test_a_stop_while_mlflow_is_away_spools_within_the_grace_period_and_a_second
 def test_a_kubeflow_training_step_stopped_by_sigterm_is_retried_from_its_pvc_checkpoint(server, task_dir, tmp_path):
     """The sft_warmup component's function gets SIGTERM (Kubernetes preempts the pod): it checkpoints on the 'cache
     PVC' and exits 143; called again (kfp's retry), it resumes there to the model of an uninterrupted call."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": server.uri, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    call = ("import sys; from types import SimpleNamespace as NS; from components.stages import sft_warmup\n"
-            "model = NS(path=sys.argv[1], metadata={}); metrics = NS(log_metric=lambda k, v: None)\n"
-            "sft_warmup(NS(path=sys.argv[2]), model, metrics, base_model='embedded:tiny', steps=20, lr=3e-3,"
-            " batch_size=4, experiment='kfp-retry', gpus=0, deepspeed_config='', sweep='s1', checkpoint_root=sys.argv[3],"
-            " checkpoint_every=0, pipeline_run=sys.argv[4])")
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "MLFLOW_TRACKING_URI": server.uri,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    call = (
+        "import sys; from types import SimpleNamespace as NS; from components.stages import sft_warmup\n"
+        "model = NS(path=sys.argv[1], metadata={}); metrics = NS(log_metric=lambda k, v: None)\n"
+        "sft_warmup(NS(path=sys.argv[2]), model, metrics, base_model='embedded:tiny', steps=20, lr=3e-3,"
+        " batch_size=4, experiment='kfp-retry', gpus=0, deepspeed_config='', sweep='s1', checkpoint_root=sys.argv[3],"
+        " checkpoint_every=0, pipeline_run=sys.argv[4])"
+    )
 
     def component(out, run):
-        return subprocess.Popen([sys.executable, "-c", call, str(out), str(task_dir), str(tmp_path / "pvc"), run],
-                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", call, str(out), str(task_dir), str(tmp_path / "pvc"), run],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     straight = component(tmp_path / "straight", "job-a")
     assert straight.wait(timeout=900) == 0, straight.stderr.read()[-3000:]
@@ -148,7 +178,8 @@ def test_a_kubeflow_training_step_stopped_by_sigterm_is_retried_from_its_pvc_che
     stdout, stderr = retried.communicate(timeout=900)
     assert retried.returncode == 0, stderr[-3000:]
     assert f"step-{stopped_at:06d}" in stdout
-    same, detail = same_weights(tmp_path / "straight" / "model" / "model.safetensors",
-                                tmp_path / "try-2" / "model" / "model.safetensors")
+    same, detail = same_weights(
+        tmp_path / "straight" / "model" / "model.safetensors", tmp_path / "try-2" / "model" / "model.safetensors"
+    )
     assert same, detail
     assert history(tmp_path / "try-2") == list(range(1, 21))

@@ -30,8 +30,11 @@ def test_module_table_names_every_module_of_the_package():
     missing_files = sorted(p for p in listed if not (REPO / p.rstrip("/")).exists())
     assert not missing_files, f"the README's module table lists paths that do not exist: {missing_files}"
     folders = [p for p in listed if p.endswith("/")]
-    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "tsallis_core").rglob("*.py")
-                     if p.name != "__init__.py" and "assets" not in p.parts)
+    modules = sorted(
+        str(p.relative_to(REPO))
+        for p in (REPO / "tsallis_core").rglob("*.py")
+        if p.name != "__init__.py" and "assets" not in p.parts
+    )
     unlisted = [m for m in modules if m not in listed and not any(m.startswith(f) for f in folders)]
     assert not unlisted, f"modules missing from the README's module table: {unlisted}"
 

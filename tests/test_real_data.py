@@ -20,7 +20,7 @@ from tsallis_core.prepare import TaskSettings
 
 HOTPOT = REPO / "tests" / "fixtures" / "hotpotqa"
 TEMPLATE = "{context}\nQ: {question}\n"  # short: the embedded tiny model reads 256 characters
-REWARDS = '''
+REWARDS = """
 def length_reward(completion, answer):
     return min(len(completion), 10) / 10
 
@@ -31,7 +31,7 @@ def broken(completion, answer):
     raise KeyError("gold")
 
 NOT_A_FUNCTION = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -53,14 +53,20 @@ def test_the_registry_is_the_one_list_of_datasets_and_verifiers():
     assert "package.module:function" in run_tsallis("train", "--help").stdout  # data.verifier's help
 
 
-@pytest.mark.parametrize(("verifier", "message"), [
-    ("bleu", "data.verifier: verifier must be one of exact, finqa, em, f1, or package.module:function"),
-    ("no_such_module:f", "cannot import no_such_module"),
-    ("my_rewards:missing", "my_rewards has no function 'missing'"),
-    ("my_rewards:NOT_A_FUNCTION", "(NOT_A_FUNCTION is a int)"),
-    ("my_rewards:says_hello", "must return a number in [0, 1]; on (completion, answer) = (${SAMPLE}) it returned 'hello'"),
-    ("my_rewards:broken", "failed on the sample (completion, answer) = (${SAMPLE}): KeyError"),
-])
+@pytest.mark.parametrize(
+    ("verifier", "message"),
+    [
+        ("bleu", "data.verifier: verifier must be one of exact, finqa, em, f1, or package.module:function"),
+        ("no_such_module:f", "cannot import no_such_module"),
+        ("my_rewards:missing", "my_rewards has no function 'missing'"),
+        ("my_rewards:NOT_A_FUNCTION", "(NOT_A_FUNCTION is a int)"),
+        (
+            "my_rewards:says_hello",
+            "must return a number in [0, 1]; on (completion, answer) = (${SAMPLE}) it returned 'hello'",
+        ),
+        ("my_rewards:broken", "failed on the sample (completion, answer) = (${SAMPLE}): KeyError"),
+    ],
+)
 def test_a_bad_custom_reward_is_refused_up_front_in_one_line(rewards_module, verifier, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, [f"data.verifier={verifier}"])
@@ -71,9 +77,20 @@ def test_a_bad_custom_reward_is_refused_up_front_in_one_line(rewards_module, ver
 def test_a_custom_reward_function_trains(rewards_module, task_dir, tmp_path):
     assert get_verifier("my_rewards:length_reward")("Answer: 1", "gold", ["alias"]) == 0.9
     out = tmp_path / "run"
-    run_tsallis("train", "stage=rl", f"output_dir={out}", f"data.train_path={task_dir / 'train.jsonl'}",
-                "data.verifier=my_rewards:length_reward", "steps=2", "rl.group_size=4", "rl.batch_size=8",
-                "rl.max_new_tokens=12", "checkpoint_every=0", "tracking.enabled=false", "engine.threads=1")
+    run_tsallis(
+        "train",
+        "stage=rl",
+        f"output_dir={out}",
+        f"data.train_path={task_dir / 'train.jsonl'}",
+        "data.verifier=my_rewards:length_reward",
+        "steps=2",
+        "rl.group_size=4",
+        "rl.batch_size=8",
+        "rl.max_new_tokens=12",
+        "checkpoint_every=0",
+        "tracking.enabled=false",
+        "engine.threads=1",
+    )
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len(history) == 2 and all(0 < step["success_rate"] <= 1 for step in history)  # exact would give 0 here
 
@@ -90,8 +107,10 @@ def test_task_settings_name_the_field_and_the_fix():
 @pytest.mark.parametrize("command", ["data prepare", "pipeline submit"])
 def test_offline_the_hub_or_the_kubeflow_host_is_one_error_line_at_once(command, tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: as offline as it gets, on every machine
-    args = {"data prepare": ["data", "prepare", "--dataset", "hotpotqa", "--out", str(tmp_path / "rows.jsonl")],
-            "pipeline submit": ["pipeline", "submit", "--host", closed, "--image", "registry.example/tsallis:t"]}[command]
+    args = {
+        "data prepare": ["data", "prepare", "--dataset", "hotpotqa", "--out", str(tmp_path / "rows.jsonl")],
+        "pipeline submit": ["pipeline", "submit", "--host", closed, "--image", "registry.example/tsallis:t"],
+    }[command]
     started = time.time()
     result = run_tsallis(*args, env={"HF_ENDPOINT": closed, "HF_HUB_OFFLINE": "0"}, check=False)
     lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
@@ -100,9 +119,15 @@ def test_offline_the_hub_or_the_kubeflow_host_is_one_error_line_at_once(command,
     assert time.time() - started < 30  # no minute of retries (a loaded 2-core machine needs ~10 s to import)
 
 
-HOTPOT_DATA = {"source": "hotpotqa", "train_file": str(HOTPOT / "train.jsonl"),
-               "test_file": str(HOTPOT / "validation.jsonl"), "verifier": "em", "template": TEMPLATE,
-               "max_context_tokens": 120, "num_test": 8}
+HOTPOT_DATA = {
+    "source": "hotpotqa",
+    "train_file": str(HOTPOT / "train.jsonl"),
+    "test_file": str(HOTPOT / "validation.jsonl"),
+    "verifier": "em",
+    "template": TEMPLATE,
+    "max_context_tokens": 120,
+    "num_test": 8,
+}
 
 
 def _check_prepared(data_dir: Path) -> None:
@@ -117,12 +142,18 @@ def test_dvc_repro_on_the_hotpotqa_fixture(tmp_path):
 
     root = tmp_path / "project"
     root.mkdir()
-    small = {"data": HOTPOT_DATA, "warmup": {"steps": 0},  # cold start: RL from the base model
-             "train": {"steps": 2, "batch_size": 8, "group_size": 4, "max_new_tokens": 16},
-             "sweep": {"estimators": ["garl"], "q": [1.0], "seeds": [0]}, "evaluate": {"n": 2, "max_new_tokens": 16},
-             "report": {"metric": "maj@2", "registered_model": "tsallis-hotpotqa", "sweep": "hotpotqa-cold-start"}}
-    make_repo(root, [f"{section}.{key}={json.dumps(value)}" for section, values in small.items()
-                     for key, value in values.items()])
+    small = {
+        "data": HOTPOT_DATA,
+        "warmup": {"steps": 0},  # cold start: RL from the base model
+        "train": {"steps": 2, "batch_size": 8, "group_size": 4, "max_new_tokens": 16},
+        "sweep": {"estimators": ["garl"], "q": [1.0], "seeds": [0]},
+        "evaluate": {"n": 2, "max_new_tokens": 16},
+        "report": {"metric": "maj@2", "registered_model": "tsallis-hotpotqa", "sweep": "hotpotqa-cold-start"},
+    }
+    make_repo(
+        root,
+        [f"{section}.{key}={json.dumps(value)}" for section, values in small.items() for key, value in values.items()],
+    )
     log = dvc(root, "repro").stdout
     for stage in ("prepare", "warmup", "train@garl-1.0-0", "baseline@0", "experiment", "evaluate@garl-1.0-0", "report"):
         assert f"Running stage '{stage}'" in log, stage
@@ -150,8 +181,17 @@ def test_kfp_local_pipeline_on_the_hotpotqa_fixture(mlflow_server, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     settings = local_settings(REPO / "params.yaml", ["sweep.q=[1.0]", "train.steps=2"])
     params = {f"data_{key}": value for key, value in HOTPOT_DATA.items()}  # the data section as run-time parameters
-    report = run_local(settings, tmp_path, {**params, "warmup_steps": 0, "report_metric": "maj@4",
-                                            "report_registered_model": "kfp-hotpotqa", "report_sweep": "kfp-hotpotqa"})
+    report = run_local(
+        settings,
+        tmp_path,
+        {
+            **params,
+            "warmup_steps": 0,
+            "report_metric": "maj@4",
+            "report_registered_model": "kfp-hotpotqa",
+            "report_sweep": "kfp-hotpotqa",
+        },
+    )
     assert "garl-q1.0-s0" in report.read_text()
     _check_prepared(next(tmp_path.glob("outputs/**/prepare-data/data")))
     evaluation = json.loads(next(tmp_path.glob("outputs/**/evaluation/garl-q1.0-s0.json")).read_text())

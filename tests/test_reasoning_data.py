@@ -13,8 +13,11 @@ from tsallis_core.data.registry import get_dataset
 from tsallis_core.training.models import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FILES = {"finqa": FIXTURES / "finqa" / "test.json", "hotpotqa": FIXTURES / "hotpotqa" / "validation.jsonl",
-         "musique": FIXTURES / "musique" / "dev.jsonl"}
+FILES = {
+    "finqa": FIXTURES / "finqa" / "test.json",
+    "hotpotqa": FIXTURES / "hotpotqa" / "validation.jsonl",
+    "musique": FIXTURES / "musique" / "dev.jsonl",
+}
 
 
 @pytest.mark.parametrize("dataset", list(FILES))
@@ -34,11 +37,17 @@ def test_dataset_specific_fields():
     finqa, _ = to_records(get_dataset("finqa"), *load_native(get_dataset("finqa"), path=str(FILES["finqa"])))
     assert finqa[0]["answer"] == "20%" and finqa[0]["aliases"] == ["0.2"]  # exe_ans kept as an alias
     assert "revenue | $ 120 | $ 100" in finqa[0]["context"]  # the table as text
-    musique, report = to_records(get_dataset("musique"), *load_native(get_dataset("musique"), path=str(FILES["musique"])))
+    musique, report = to_records(
+        get_dataset("musique"), *load_native(get_dataset("musique"), path=str(FILES["musique"]))
+    )
     assert musique[0]["aliases"] == ["FRD", "Freedonia dollar"]
     assert any("not answerable" in s for s in report.skipped) and any("int, not a string" in s for s in report.skipped)
-    hotpot, report = to_records(get_dataset("hotpotqa"), *load_native(get_dataset("hotpotqa"), path=str(FILES["hotpotqa"])))
-    assert hotpot[0]["context"].startswith("Freedonia: ") and any("no answer" in s or "empty context" in s for s in report.skipped)
+    hotpot, report = to_records(
+        get_dataset("hotpotqa"), *load_native(get_dataset("hotpotqa"), path=str(FILES["hotpotqa"]))
+    )
+    assert hotpot[0]["context"].startswith("Freedonia: ") and any(
+        "no answer" in s or "empty context" in s for s in report.skipped
+    )
 
 
 def test_hub_path_through_datasets_on_a_local_repository(tmp_path):
@@ -62,10 +71,23 @@ def test_truncation_by_tokens_is_counted():
 
 def test_prepare_command_writes_records_for_the_trainer(tmp_path):
     out = tmp_path / "hotpot.jsonl"
-    result = run_tsallis("data", "prepare", "--dataset", "hotpotqa", "--path", str(FILES["hotpotqa"]), "--out", str(out))
+    result = run_tsallis(
+        "data", "prepare", "--dataset", "hotpotqa", "--path", str(FILES["hotpotqa"]), "--out", str(out)
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and "2 of 3 rows" in result.stdout and "skipped row 2" in result.stdout
     assert "data.verifier=em" in result.stdout
-    failed = run_tsallis("data", "prepare", "--dataset", "musique", "--path", str(FILES["musique"]), "--out", str(out),
-                         "--bad-rows", "fail", check=False)
+    failed = run_tsallis(
+        "data",
+        "prepare",
+        "--dataset",
+        "musique",
+        "--path",
+        str(FILES["musique"]),
+        "--out",
+        str(out),
+        "--bad-rows",
+        "fail",
+        check=False,
+    )
     assert failed.returncode == 2 and "row 1 of musique:dev.jsonl: not answerable" in failed.stderr

@@ -14,6 +14,7 @@ def test_hashed_noise_is_uniform_and_seed_dependent():
 
 def _python_uniform(seed: int, position: int, token: int) -> float:
     """The noise's specification in exact integer arithmetic: three rounds of a 32-bit hash, the top 23 bits."""
+
     def mix(x):
         x ^= x >> 16
         x = (x * 0x7FEB352D) & 0xFFFFFFFF
@@ -30,7 +31,9 @@ def test_hashed_noise_is_the_specified_integer_hash_in_float32():
     seeds = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, row_seed(3, 1, 4)])
     u = hashed_uniform(seeds, 7, 300)
     assert u.dtype == torch.float32
-    expected = torch.tensor([[_python_uniform(s, 7, t) for t in range(300)] for s in seeds.tolist()], dtype=torch.float64)
+    expected = torch.tensor(
+        [[_python_uniform(s, 7, t) for t in range(300)] for s in seeds.tolist()], dtype=torch.float64
+    )
     assert torch.equal(u.double(), expected)
 
 
@@ -47,7 +50,7 @@ def test_hashed_noise_is_uniform_and_independent_of_the_batch():
         a, b = centred.narrow(dim, 0, u.shape[dim] - 1), centred.narrow(dim, 1, u.shape[dim] - 1)
         assert abs((a * b).mean().item() * 12) < 0.01  # correlation of neighbours (seed, position, token)
     for i in (0, 17, 499):  # a row's noise is the same alone as in any batch
-        assert torch.equal(hashed_uniform(seeds[i:i + 1], 3, 320)[0], u[3, i])
+        assert torch.equal(hashed_uniform(seeds[i : i + 1], 3, 320)[0], u[3, i])
         assert torch.equal(hashed_uniform(seeds.flip(0), 3, 320)[499 - i], u[3, i])
 
 
@@ -73,11 +76,13 @@ def test_rollout_stops_at_eos_and_is_independent_of_batch():
         assert (ids[:n] == eos).sum() <= 1 and (n == len(ids) or ids[n - 1] == eos)
     # teacher-forced log-probs are those of the sampling distribution: greedy tokens have the top log-prob
     greedy = HFRollout(model, tok, temperature=0.0, max_new_tokens=6).generate(prompts[:2], seeds[:2])
-    logprobs = completion_logprobs(model, greedy.prompt_ids, greedy.prompt_mask, greedy.completion_ids, greedy.completion_mask)
+    logprobs = completion_logprobs(
+        model, greedy.prompt_ids, greedy.prompt_mask, greedy.completion_ids, greedy.completion_mask
+    )
     input_ids = torch.cat([greedy.prompt_ids, greedy.completion_ids], 1)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
-    top = torch.log_softmax(logits[:, greedy.prompt_ids.shape[1] - 1:-1], -1).max(-1).values
+    top = torch.log_softmax(logits[:, greedy.prompt_ids.shape[1] - 1 : -1], -1).max(-1).values
     torch.testing.assert_close(logprobs, top, atol=1e-4, rtol=0)
 
 
@@ -92,8 +97,12 @@ def test_shared_prompt_logprobs_and_gradients_equal_one_plain_forward():
     shared_grads = torch.autograd.grad((shared * r.completion_mask).sum(), list(model.parameters()))
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
     attention = torch.cat([r.prompt_mask, r.completion_mask], 1)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0)).logits
-    plain = torch.log_softmax(logits[:, r.prompt_ids.shape[1] - 1:-1], -1).gather(-1, r.completion_ids[..., None])[..., 0]
+    logits = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0)
+    ).logits
+    plain = torch.log_softmax(logits[:, r.prompt_ids.shape[1] - 1 : -1], -1).gather(-1, r.completion_ids[..., None])[
+        ..., 0
+    ]
     plain_grads = torch.autograd.grad((plain * r.completion_mask).sum(), list(model.parameters()))
     mask = r.completion_mask.bool()
     torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=0)
@@ -110,15 +119,25 @@ def _ranks_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model, tok = load_model(ModelConfig(), torch.device("cpu"), 0), load_tokenizer(ModelConfig())
     prompts = ["Q: 1+2\n"] * 3 if rank == 0 else ["Q: 1+2\n", "Q: 3+4\n", "Q: 5+6\n"]
-    r = HFRollout(model, tok, temperature=1.0, max_new_tokens=6).generate(prompts, [row_seed(rank, i) for i in range(3)])
+    r = HFRollout(model, tok, temperature=1.0, max_new_tokens=6).generate(
+        prompts, [row_seed(rank, i) for i in range(3)]
+    )
     forwards = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     logprobs = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
     dist.destroy_process_group()
     with open(f"{out}/{rank}.json", "w") as f:
-        json.dump({"forwards": len(forwards), "logprobs": logprobs.tolist(), "rows": r.completion_ids.tolist(),
-                   "prompt_ids": r.prompt_ids.tolist(), "prompt_mask": r.prompt_mask.tolist(),
-                   "mask": r.completion_mask.tolist()}, f)
+        json.dump(
+            {
+                "forwards": len(forwards),
+                "logprobs": logprobs.tolist(),
+                "rows": r.completion_ids.tolist(),
+                "prompt_ids": r.prompt_ids.tolist(),
+                "prompt_mask": r.prompt_mask.tolist(),
+                "mask": r.completion_mask.tolist(),
+            },
+            f,
+        )
 
 
 def test_ranks_agree_on_the_number_of_forwards(tmp_path):
@@ -132,6 +151,9 @@ def test_ranks_agree_on_the_number_of_forwards(tmp_path):
     assert results[0]["forwards"] == results[1]["forwards"] == 1  # rank 0 alone would share its prompt: 2
     model = load_model(ModelConfig(), torch.device("cpu"), 0)
     for res in results:  # the single forward gives what one process gives
-        alone = completion_logprobs(model, *(torch.tensor(res[k]) for k in ("prompt_ids", "prompt_mask", "rows", "mask")))
-        assert torch.allclose(torch.tensor(res["logprobs"]) * torch.tensor(res["mask"]), alone * torch.tensor(res["mask"]),
-                              atol=1e-5)
+        alone = completion_logprobs(
+            model, *(torch.tensor(res[k]) for k in ("prompt_ids", "prompt_mask", "rows", "mask"))
+        )
+        assert torch.allclose(
+            torch.tensor(res["logprobs"]) * torch.tensor(res["mask"]), alone * torch.tensor(res["mask"]), atol=1e-5
+        )

@@ -16,7 +16,9 @@ def test_step_is_sft_then_rlvr():
 def test_linear_and_cosine_endpoints_and_midpoint():
     lin, cos = LinearQ(q_start=1.0, q_end=0.0, total_steps=10), CosineQ(q_start=1.0, q_end=0.0, total_steps=10)
     assert [lin.q_at(t) for t in (0, 5, 10, 20)] == [1.0, 0.5, 0.0, 0.0]
-    assert cos.q_at(0) == pytest.approx(1.0) and cos.q_at(5) == pytest.approx(0.5) and cos.q_at(10) == pytest.approx(0.0)
+    assert (
+        cos.q_at(0) == pytest.approx(1.0) and cos.q_at(5) == pytest.approx(0.5) and cos.q_at(10) == pytest.approx(0.0)
+    )
     assert cos.q_at(2) > lin.q_at(2)  # cosine stays high longer at the start
 
 

@@ -35,8 +35,17 @@ LR_PER_PROMPT = 0.2  # flow time per step; the loss averages over prompts, so th
 def measured_escape_steps() -> dict[float, list[float]]:
     """Tabular policy, SGD, M = 1000 samples per prompt (M p0 >= 10): mean steps to P = 0.5 of 2 seeds, per q."""
     prompts = 4
-    cfg = load_simulate(None, policy="tabular", prompts=prompts, strata=[1.0], thresholds=[0.5],
-                        num_answers=NUM_ANSWERS, cap_min=4000, cap_max=4000, p0s=[0.1])
+    cfg = load_simulate(
+        None,
+        policy="tabular",
+        prompts=prompts,
+        strata=[1.0],
+        thresholds=[0.5],
+        num_answers=NUM_ANSWERS,
+        cap_min=4000,
+        cap_max=4000,
+        p0s=[0.1],
+    )
     steps: dict[float, list[float]] = {q: [] for q in SLOPE_QS}
     for p0 in SLOPE_P0S:
         runs = [Run(f"garl:{q}", prompts * LR_PER_PROMPT, seed) for q in SLOPE_QS for seed in range(2)]
@@ -53,7 +62,10 @@ def flow_steps(q: float) -> list[float]:
 def test_escape_slope_follows_the_flow():
     steps = measured_escape_steps()
     for q in SLOPE_QS:
-        slope, flow_slope = theory.fit_loglog_slope(SLOPE_P0S, steps[q]), theory.fit_loglog_slope(SLOPE_P0S, flow_steps(q))
+        slope, flow_slope = (
+            theory.fit_loglog_slope(SLOPE_P0S, steps[q]),
+            theory.fit_loglog_slope(SLOPE_P0S, flow_steps(q)),
+        )
         assert abs(slope - flow_slope) < 0.1, (q, slope, flow_slope)
         assert abs(flow_slope - (1 - q)) < 0.15  # the finite-p0 slope is near 1 - q already
         np.testing.assert_allclose(steps[q], flow_steps(q), rtol=0.15)  # and the times themselves match
@@ -76,15 +88,34 @@ def test_strata_mix_hard_and_easy_prompts_around_p0():
 def test_bootstrap_median_ratio():
     ratio, low, high = bootstrap_median_ratio([100, 110, 120, 130, 140], [10, 11, 12, 13, 14], 500, seed=1)
     assert ratio == pytest.approx(10.0) and low < ratio < high and low > 7
-    assert bootstrap_median_ratio([1, 2, 3], [1, 2, 3], 200, seed=3) == bootstrap_median_ratio([1, 2, 3], [1, 2, 3], 200, seed=3)
+    assert bootstrap_median_ratio([1, 2, 3], [1, 2, 3], 200, seed=3) == bootstrap_median_ratio(
+        [1, 2, 3], [1, 2, 3], 200, seed=3
+    )
 
 
 FAST = ["cap_min=60", "cap_max=60", "grid_points=3", "widen_limit=0", "hidden=16", "bootstrap=200"]
 
 
 def test_cell_json_is_keyed_by_estimator_as_written():
-    result = run_tsallis("simulate", "cell", "--optimizer", "sgd", "--p0", "0.03", "--group-size", "4", "--prompts",
-                         "8", "--seeds", "2", "--estimators", "grpo", "garl:0.75", "--json", *FAST)
+    result = run_tsallis(
+        "simulate",
+        "cell",
+        "--optimizer",
+        "sgd",
+        "--p0",
+        "0.03",
+        "--group-size",
+        "4",
+        "--prompts",
+        "8",
+        "--seeds",
+        "2",
+        "--estimators",
+        "grpo",
+        "garl:0.75",
+        "--json",
+        *FAST,
+    )
     record = json.loads(result.stdout)
     assert list(record) == ["grpo", "garl:0.75"]
     for entry in record.values():
@@ -93,14 +124,17 @@ def test_cell_json_is_keyed_by_estimator_as_written():
         assert all(s is None or (isinstance(s, int) and 0 < s <= 60) for s in entry["steps_to_escape"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["cell", "--estimators", "garl"], "'garl' needs a q"),
-    (["cell", "--estimators", "grpo:0.5"], "grpo takes no q"),
-    (["cell", "seeds=0"], "seeds: Input should be greater than or equal to 1"),
-    (["cell", "--optimizer", "lion"], "--optimizer must be one of sgd, adamw, adamw_large_eps"),
-    (["--params", "configs/simulate_small.yaml", "group_sizes=[1]"], "group_sizes: every group size must be >= 2"),
-    (["--params", "nowhere.yaml"], "simulate params file nowhere.yaml does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["cell", "--estimators", "garl"], "'garl' needs a q"),
+        (["cell", "--estimators", "grpo:0.5"], "grpo takes no q"),
+        (["cell", "seeds=0"], "seeds: Input should be greater than or equal to 1"),
+        (["cell", "--optimizer", "lion"], "--optimizer must be one of sgd, adamw, adamw_large_eps"),
+        (["--params", "configs/simulate_small.yaml", "group_sizes=[1]"], "group_sizes: every group size must be >= 2"),
+        (["--params", "nowhere.yaml"], "simulate params file nowhere.yaml does not exist"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(args, message):
     result = run_tsallis("simulate", *args, check=False)
     assert result.returncode == 2
@@ -117,8 +151,18 @@ def test_config_errors_name_the_field():
 
 
 def test_map_is_written_and_cached(tmp_path):
-    cfg = load_simulate(None, [*FAST, "p0s=[0.03]", "group_sizes=[4,8]", "prompts=8", "seeds=2", "estimators=[garl:1]",
-                               "optimizers={sgd: {kind: sgd}}"])
+    cfg = load_simulate(
+        None,
+        [
+            *FAST,
+            "p0s=[0.03]",
+            "group_sizes=[4,8]",
+            "prompts=8",
+            "seeds=2",
+            "estimators=[garl:1]",
+            "optimizers={sgd: {kind: sgd}}",
+        ],
+    )
     path = run_map(cfg, tmp_path)
     results = json.loads(path.read_text())
     assert len(results["cells"]) == 2 and (tmp_path / "ratio_map_0.5.png").stat().st_size > 0
@@ -133,10 +177,15 @@ def _cell(optimizer, p0, m, low, median, high):
     return {"optimizer": optimizer, "p0": p0, "group_size": m, "ratios": {"garl:0.75": {"0.5": entry}}}
 
 
-MAP = {"settings": {"target": 0.5}, "cells": [
-    _cell("adamw", 0.01, 8, 1.2, 1.6, 2.2), _cell("adamw", 0.01, 128, 0.8, 1.0, 1.2),
-    _cell("sgd", 0.01, 8, 1.5, 3.0, 5.0), _cell("sgd", 0.01, 128, 2.0, 4.0, 6.0),
-]}
+MAP = {
+    "settings": {"target": 0.5},
+    "cells": [
+        _cell("adamw", 0.01, 8, 1.2, 1.6, 2.2),
+        _cell("adamw", 0.01, 128, 0.8, 1.0, 1.2),
+        _cell("sgd", 0.01, 8, 1.5, 3.0, 5.0),
+        _cell("sgd", 0.01, 128, 2.0, 4.0, 6.0),
+    ],
+}
 
 
 def test_map_advice_replaces_the_m_rule_where_the_map_contradicts_it():
@@ -167,9 +216,25 @@ def test_diagnose_command_reports_the_map(task_dir, tmp_path):
     map_path = tmp_path / "map.json"
     map_path.write_text(json.dumps(MAP))
     out = tmp_path / "diag.json"
-    result = run_tsallis("diagnose", "--model", "embedded:tiny", "--data", str(task_dir / "test.jsonl"), "--m", "2",
-                         "--limit", "4", "--max-new-tokens", "8", "--out", str(out), "--optimizer", "adamw",
-                         "--map", str(map_path))
+    result = run_tsallis(
+        "diagnose",
+        "--model",
+        "embedded:tiny",
+        "--data",
+        str(task_dir / "test.jsonl"),
+        "--m",
+        "2",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+        "--optimizer",
+        "adamw",
+        "--map",
+        str(map_path),
+    )
     record = json.loads(out.read_text())
     assert record["p0"] == 0.0 and record["map"]["optimizer"] == "adamw" and not record["map"]["in_range"]
     assert "map: map cell adamw" in result.stdout and "not applied" in result.stdout
@@ -184,8 +249,12 @@ def test_the_map_verdict_counts_every_estimator_cell_once_and_the_sentence_names
     for optimizer, counts in verdict.items():
         cells = [c for c in results["cells"] if c["optimizer"] == optimizer]
         assert sum(counts.values()) == len(cells) * len(results["estimators"])
-    faster = [(c["optimizer"], n) for c in results["cells"] for n, r in c["ratios"].items()
-              if r["0.5"]["low"] > 1 and not r["0.5"]["both_capped"]]
+    faster = [
+        (c["optimizer"], n)
+        for c in results["cells"]
+        for n, r in c["ratios"].items()
+        if r["0.5"]["low"] > 1 and not r["0.5"]["both_capped"]
+    ]
     assert sum(c["faster"] for c in verdict.values()) == len(faster)
     sentence = map_claim_sentence(results)
     assert all(f"{optimizer}: faster than GRPO in {verdict[optimizer]['faster']}," in sentence for optimizer in verdict)

@@ -37,7 +37,9 @@ def static_decoder(rollout: HFRollout, cls=StaticDecoder, **kwargs) -> StaticDec
     """``cls`` installed as ``rollout``'s decoder (as its settings would choose it), built from its parts."""
     tok = rollout.tokenizer
     kwargs.setdefault("max_buckets", RolloutConfig().max_buckets)
-    rollout._static = cls(rollout.model, tok.eos_token_id, tok.pad_token_id, rollout.temperature, rollout.loop, **kwargs)
+    rollout._static = cls(
+        rollout.model, tok.eos_token_id, tok.pad_token_id, rollout.temperature, rollout.loop, **kwargs
+    )
     rollout._chosen = True
     return rollout._static
 
@@ -52,7 +54,9 @@ def test_static_decode_samples_the_tokens_of_the_eager_loop(policy, temperature,
     assert_same(eager, static.generate(GROUPS, seeds))
     assert isinstance(static._static, StaticDecoder)  # the static decoder ran, not the eager loop
     if temperature:
-        assert 0 < int((eager.completion_mask.sum(1) < 40).sum()) < len(GROUPS)  # some rows stopped at EOS, some did not
+        assert (
+            0 < int((eager.completion_mask.sum(1) < 40).sum()) < len(GROUPS)
+        )  # some rows stopped at EOS, some did not
 
 
 def test_static_buffers_are_reused_across_prompt_lengths_and_batches(policy):
@@ -129,7 +133,11 @@ def test_models_with_local_attention_decode_eagerly_with_one_info_line(policy, c
     model, tok = policy
     assert unsupported_reason(model) is None
     seeds = [row_seed(0, i) for i in range(4)]
-    for name, value in (("sliding_window", 16), ("attention_chunk_size", 8), ("layer_types", ["sliding_attention"] * 3)):
+    for name, value in (
+        ("sliding_window", 16),
+        ("attention_chunk_size", 8),
+        ("layer_types", ["sliding_attention"] * 3),
+    ):
         with monkeypatch.context() as patch:
             patch.setattr(model.config, name, value, raising=False)
             rollout = HFRollout(model, tok, 1.0, 6, settings=STATIC)
@@ -144,8 +152,17 @@ def test_models_with_local_attention_decode_eagerly_with_one_info_line(policy, c
 
 def test_qwen2_without_its_sliding_window_switched_on_is_supported():
     def qwen2(**kwargs):
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, **kwargs))
+        return Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=32,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                **kwargs,
+            )
+        )
 
     assert unsupported_reason(qwen2(use_sliding_window=False)) is None
     assert "sliding_attention" in unsupported_reason(qwen2(use_sliding_window=True, max_window_layers=0))
@@ -162,9 +179,18 @@ def test_zero3_never_graphs_at_any_world_size(policy):
 def test_cuda_graphs_true_under_zero3_is_refused_before_the_model_loads(tmp_path):
     (tmp_path / "zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "Q: 1+2\n", "answer": "3"}) + "\n")
-    config = load_config(None, [f"data.train_path={tmp_path / 'train.jsonl'}", f"output_dir={tmp_path / 'run'}",
-                                "engine.backend=deepspeed", f"engine.deepspeed_config={tmp_path / 'zero3.json'}",
-                                "rollout.cuda_graphs=true", "tracking.enabled=false", "rl.batch_size=8"])
+    config = load_config(
+        None,
+        [
+            f"data.train_path={tmp_path / 'train.jsonl'}",
+            f"output_dir={tmp_path / 'run'}",
+            "engine.backend=deepspeed",
+            f"engine.deepspeed_config={tmp_path / 'zero3.json'}",
+            "rollout.cuda_graphs=true",
+            "tracking.enabled=false",
+            "rl.batch_size=8",
+        ],
+    )
     with pytest.raises(ConfigError, match="rollout.cuda_graphs=true cannot run under DeepSpeed ZeRO-3"):
         Trainer(config)
 
@@ -183,7 +209,11 @@ def test_evaluation_takes_the_rollout_settings(tmp_path, capsys):
 
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\n", "answer": str(i + 1)}) + "\n" for i in range(2)))
-    assert main(["evaluate", "--model", "embedded:tiny", "--data", str(data), "--rollout", "static_cache=sometimes"]) == 2
+    assert (
+        main(["evaluate", "--model", "embedded:tiny", "--data", str(data), "--rollout", "static_cache=sometimes"]) == 2
+    )
     assert "invalid --rollout: static_cache: must be auto, true or false; got 'sometimes'" in capsys.readouterr().err
-    records = [evaluate_model("embedded:tiny", data, 4, max_new_tokens=12, settings=settings) for settings in (EAGER, STATIC)]
+    records = [
+        evaluate_model("embedded:tiny", data, 4, max_new_tokens=12, settings=settings) for settings in (EAGER, STATIC)
+    ]
     assert records[0]["metrics"] == records[1]["metrics"]

@@ -61,10 +61,16 @@ def test_success_by_stratum_and_label_noise_rates():
     rows = [{"difficulty": 3}, {"difficulty": 4}, {"difficulty": 3, "noisy": True}, {"difficulty": 5, "noisy": True}]
     per_prompt = torch.tensor([0.5, 0.0, 0.25, 1.0])
     assert success_by_stratum(rows, per_prompt) == {
-        "success_rate/difficulty_3": 0.375, "success_rate/difficulty_4": 0.0, "success_rate/difficulty_5": 1.0}
+        "success_rate/difficulty_3": 0.375,
+        "success_rate/difficulty_4": 0.0,
+        "success_rate/difficulty_5": 1.0,
+    }
     assert success_by_stratum([{}, {}], torch.tensor([1.0, 0.0])) == {}
     assert label_noise_rates(rows, per_prompt, torch.tensor([0.0, 0.0, 0.5, 0.0])) == {
-        "noise/clean_success_rate": 0.25, "noise/wrong_label_rate": 0.625, "noise/true_answer_rate": 0.25}
+        "noise/clean_success_rate": 0.25,
+        "noise/wrong_label_rate": 0.625,
+        "noise/true_answer_rate": 0.25,
+    }
 
 
 def test_optim_eps_reaches_adamw():
@@ -134,7 +140,13 @@ def test_a_tiny_study_runs_every_part_caches_its_runs_and_reports(tmp_path):
     ledger = json.loads((tmp_path / "study" / "study.json").read_text())
     assert ledger["wall_seconds"] > 0 and len(ledger["sessions"]) == 1
     report = (tmp_path / "report" / "report.md").read_text()
-    for heading in ("## Core grid", "## Mechanism", "## Label noise", "## One factor at a time", "## Learning-rate search"):
+    for heading in (
+        "## Core grid",
+        "## Mechanism",
+        "## Label noise",
+        "## One factor at a time",
+        "## Learning-rate search",
+    ):
         assert heading in report
     assert (tmp_path / "report" / "core_curves.png").stat().st_size > 0
     # everything is cached: a second invocation trains nothing
@@ -159,8 +171,16 @@ def test_study_report_refuses_to_overwrite_a_report_with_an_empty_one(tmp_path):
     report = tmp_path / "escape"
     report.mkdir()
     (report / "report.md").write_text("the committed report\n")
-    result = run_tsallis("study", "report", "--params", str(REPO / "configs/study/escape.yaml"), "--out", str(report),
-                         f"out={tmp_path / 'no-runs'}", check=False)
+    result = run_tsallis(
+        "study",
+        "report",
+        "--params",
+        str(REPO / "configs/study/escape.yaml"),
+        "--out",
+        str(report),
+        f"out={tmp_path / 'no-runs'}",
+        check=False,
+    )
     assert result.returncode == 2 and (report / "report.md").read_text() == "the committed report\n"
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tsallis: error: no runs of the study under")

@@ -17,12 +17,16 @@ from tsallis_core.studies.sweep import (
 )
 
 
-def fake_run(root: Path, name: str, estimator: str, q: float | None, seed: int, rates: list[float], metrics: dict) -> Path:
+def fake_run(
+    root: Path, name: str, estimator: str, q: float | None, seed: int, rates: list[float], metrics: dict
+) -> Path:
     run = root / "runs" / name
     run.mkdir(parents=True)
     rl = {"estimator": estimator, "q": q, "q_schedule": {"kind": "constant", "q": 0.75}}
     (run / "config.yaml").write_text(json.dumps({"stage": "rl", "seed": seed, "rl": rl}))
-    (run / "history.jsonl").write_text("".join(json.dumps({"step": i + 1, "success_rate": r}) + "\n" for i, r in enumerate(rates)))
+    (run / "history.jsonl").write_text(
+        "".join(json.dumps({"step": i + 1, "success_rate": r}) + "\n" for i, r in enumerate(rates))
+    )
     (root / "evals").mkdir(exist_ok=True)
     (root / "evals" / f"{name}.json").write_text(json.dumps({"metrics": metrics}))
     return run
@@ -52,8 +56,9 @@ def test_grid_selection_keeps_grid_runs_grpo_and_named_runs_and_skips_stale_ones
     dirs = find_run_dirs([sweep_dir / "runs"])
     runs = select_runs(dirs, sweep_dir / "evals", ["garl", "paft"], [0.0, 1.0], [0])
     assert sorted(r.name for r in runs) == ["garl-q0.0-s0", "garl-q1.0-s0", "grpo-s0", "paft-q0.0-s0", "paft-q1.0-s0"]
-    named = select_runs(find_run_dirs([sweep_dir / "runs", sweep_dir / "runs/garl-q0.5-s0"]), sweep_dir / "evals",
-                        ["garl"], [0.0], [0])
+    named = select_runs(
+        find_run_dirs([sweep_dir / "runs", sweep_dir / "runs/garl-q0.5-s0"]), sweep_dir / "evals", ["garl"], [0.0], [0]
+    )
     assert sorted(r.name for r in named) == ["garl-q0.0-s0", "garl-q0.5-s0", "grpo-s0"]
     with pytest.raises(SweepError, match="no trained run for estimator=paft q=0.5 seed=0"):
         select_runs(dirs, sweep_dir / "evals", ["paft"], [0.5], [0])

@@ -80,8 +80,23 @@ def test_bad_theory_arguments():
 
 def test_cli_json_and_table(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "tsallis_core.cli", "theory", "escape", "--q", "0", "1", "--p0", "1e-3", "1e-4", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "tsallis_core.cli",
+            "theory",
+            "escape",
+            "--q",
+            "0",
+            "1",
+            "--p0",
+            "1e-3",
+            "1e-4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     records = json.loads(out.stdout)
     assert [(r["q"], r["p0"]) for r in records] == [(0.0, 1e-3), (0.0, 1e-4), (1.0, 1e-3), (1.0, 1e-4)]
@@ -89,18 +104,39 @@ def test_cli_json_and_table(tmp_path):
     plot = tmp_path / "escape.png"
     table = subprocess.run(
         [sys.executable, "-m", "tsallis_core.cli", "theory", "escape", "--plot", str(plot)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "slope" in table.stdout and plot.read_bytes()[:4] == b"\x89PNG"
     noise = subprocess.run(
-        [sys.executable, "-m", "tsallis_core.cli", "theory", "noise", "--q", "0", "1", "--noise", "0.2", "--json",
-         "--horizon", "100"], capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "tsallis_core.cli",
+            "theory",
+            "noise",
+            "--q",
+            "0",
+            "1",
+            "--noise",
+            "0.2",
+            "--json",
+            "--horizon",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert len(json.loads(noise.stdout)) == 2
 
 
 def test_cli_reports_bad_input_without_traceback():
     out = subprocess.run(
-        [sys.executable, "-m", "tsallis_core.cli", "theory", "escape", "--p0", "2"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "tsallis_core.cli", "theory", "escape", "--p0", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 2 and "p0 must be" in out.stderr and "Traceback" not in out.stderr

@@ -15,9 +15,23 @@ def test_throughput_benchmark_reports_every_contender(tmp_path):
     pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[test]'")
     out = tmp_path / "throughput.json"
     subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--repeats", "1", "--steps", "2", "--threads", "1",
-         "--out", str(out)],
-        env={**os.environ, "TQDM_DISABLE": "1"}, check=True, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "throughput.py"),
+            "--repeats",
+            "1",
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = json.loads(out.read_text())
     assert set(report["medians"]) == {"ours-grpo", "ours-garl", "trl-grpo"}

@@ -10,7 +10,11 @@ def test_run_logs_config_metrics_samples_and_a_loadable_model(mlflow_server, bas
     import mlflow
 
     out = tmp_path / "tracked"
-    args = [a for a in rl_args(base_model, task_dir, out, "steps=2", "tracking.samples_every=1") if a != "tracking.enabled=false"]
+    args = [
+        a
+        for a in rl_args(base_model, task_dir, out, "steps=2", "tracking.samples_every=1")
+        if a != "tracking.enabled=false"
+    ]
     run_tsallis(*args, env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "test-tracking"})
     info = json.loads((out / "mlflow.json").read_text())
     mlflow.set_tracking_uri(mlflow_server)
@@ -19,8 +23,17 @@ def test_run_logs_config_metrics_samples_and_a_loadable_model(mlflow_server, bas
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "test-tracking"
     assert run.data.params["rl.estimator"] == "garl" and run.data.params["rl.group_size"] == "4"
-    for key in ("rollout/success_rate", "rollout/frac_zero_success", "rollout/amp_mean", "rollout/amp_max", "train/loss",
-                "train/grad_norm", "train/lr", "train/q", "rollout/completion_tokens_per_s"):
+    for key in (
+        "rollout/success_rate",
+        "rollout/frac_zero_success",
+        "rollout/amp_mean",
+        "rollout/amp_max",
+        "train/loss",
+        "train/grad_norm",
+        "train/lr",
+        "train/q",
+        "rollout/completion_tokens_per_s",
+    ):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/step_000001.json", "samples/step_000002.json"} <= artifacts
@@ -45,9 +58,21 @@ def test_grpo_runs_are_named_without_q_and_the_sweep_parent_has_no_stage(task_di
     from tsallis_core.tracking import sweep_run_id
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_tsallis("train", "stage=rl", f"output_dir={tmp_path / 'grpo'}", f"data.train_path={task_dir / 'train.jsonl'}",
-                "rl.estimator=grpo", "steps=1", "rl.group_size=4", "rl.batch_size=8", "rl.max_new_tokens=8",
-                "checkpoint_every=0", "tracking.log_model=false", "engine.threads=1", env={"MLFLOW_TRACKING_URI": uri})
+    run_tsallis(
+        "train",
+        "stage=rl",
+        f"output_dir={tmp_path / 'grpo'}",
+        f"data.train_path={task_dir / 'train.jsonl'}",
+        "rl.estimator=grpo",
+        "steps=1",
+        "rl.group_size=4",
+        "rl.batch_size=8",
+        "rl.max_new_tokens=8",
+        "checkpoint_every=0",
+        "tracking.log_model=false",
+        "engine.threads=1",
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     run = client.get_run(json.loads((tmp_path / "grpo" / "mlflow.json").read_text())["run_id"])

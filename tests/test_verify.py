@@ -27,8 +27,12 @@ def test_extraction_prefers_the_last_answer_line_then_boxed():
 # SQuAD v1.1 evaluation (used by HotPotQA and MuSiQue): normalise, then EM and token F1
 @pytest.mark.parametrize(
     ("text", "normal"),
-    [("The Eiffel Tower!", "eiffel tower"), ("  an  apple, a pear ", "apple pear"), ("U.S.A.", "usa"),
-     ("Theory of the case", "theory of case")],
+    [
+        ("The Eiffel Tower!", "eiffel tower"),
+        ("  an  apple, a pear ", "apple pear"),
+        ("U.S.A.", "usa"),
+        ("Theory of the case", "theory of case"),
+    ],
 )
 def test_squad_normalisation(text, normal):
     assert normalize_answer(text) == normal
@@ -90,11 +94,17 @@ def test_unknown_verifier():
 # normalized_prediction != normalized_ground_truth: return ZERO_METRIC", and the same for the ground truth
 @pytest.mark.parametrize(
     ("prediction", "gold", "f1"),
-    [("yes", "no", 0.0), ("no", "yes", 0.0), ("yes", "yes", 1.0), ("Yes.", "yes", 1.0),  # normalised first
-     ("yes it is", "yes", 0.0),  # the gold is yes: SQuAD F1 would give 2/3 here, the official rule 0
-     ("yes", "yes sir", 0.0),  # the prediction is yes: SQuAD F1 would give 2/3
-     ("noanswer", "no answer", 0.0), ("no answer", "noanswer", 0.0),
-     ("the red barn", "red barn house", 0.8)],  # no yes/no on either side: plain SQuAD F1
+    [
+        ("yes", "no", 0.0),
+        ("no", "yes", 0.0),
+        ("yes", "yes", 1.0),
+        ("Yes.", "yes", 1.0),  # normalised first
+        ("yes it is", "yes", 0.0),  # the gold is yes: SQuAD F1 would give 2/3 here, the official rule 0
+        ("yes", "yes sir", 0.0),  # the prediction is yes: SQuAD F1 would give 2/3
+        ("noanswer", "no answer", 0.0),
+        ("no answer", "noanswer", 0.0),
+        ("the red barn", "red barn house", 0.8),
+    ],  # no yes/no on either side: plain SQuAD F1
 )
 def test_hotpotqa_official_yes_no_rule(prediction, gold, f1):
     assert f1_score(prediction, gold) == pytest.approx(f1)
@@ -104,9 +114,18 @@ def test_hotpotqa_official_yes_no_rule(prediction, gold, f1):
 # FinQA: after the currency, unit and percent rules, a number is whatever Python's float() reads
 @pytest.mark.parametrize(
     ("prediction", "gold", "right"),
-    [("1.5e3", "1500", True), ("1.5E+3", "1,500", True), ("$2.5e6", "2500000", True), ("1e-2", "0.01", True),
-     ("1.41e1%", "0.141", True), ("-4.2e-1", "(0.42)", True), (".5", "0.5", True), ("1_000", "1000", True),
-     ("1.5e3", "1600", False), ("about 1.2e3 dollars", "1200", True)],
+    [
+        ("1.5e3", "1500", True),
+        ("1.5E+3", "1,500", True),
+        ("$2.5e6", "2500000", True),
+        ("1e-2", "0.01", True),
+        ("1.41e1%", "0.141", True),
+        ("-4.2e-1", "(0.42)", True),
+        (".5", "0.5", True),
+        ("1_000", "1000", True),
+        ("1.5e3", "1600", False),
+        ("about 1.2e3 dollars", "1200", True),
+    ],
 )
 def test_finqa_numbers_parse_as_python_float(prediction, gold, right):
     assert finqa_match(prediction, gold) is right

@@ -37,7 +37,9 @@ def success_probability(params: torch.Tensor, rewards: torch.Tensor) -> torch.Te
 def sequence_jacobian(params: torch.Tensor) -> torch.Tensor:
     """[8, P]: grad_theta log pi(z) for every completion z."""
     seq_logp = token_logprobs(params).sum(dim=1)
-    return torch.stack([torch.autograd.grad(seq_logp[i], params, retain_graph=True)[0].reshape(-1) for i in range(len(SEQUENCES))])
+    return torch.stack(
+        [torch.autograd.grad(seq_logp[i], params, retain_graph=True)[0].reshape(-1) for i in range(len(SEQUENCES))]
+    )
 
 
 def all_groups(group_size: int, probs: torch.Tensor):

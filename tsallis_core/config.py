@@ -50,9 +50,14 @@ class LoraSettings(Section):
 class ModelConfig(Section):
     """The policy: any Hugging Face causal LM by local path or hub id, or the embedded tiny model."""
 
-    name_or_path: str = Field(EMBEDDED_MODEL, description=f"local directory, hub id, or {EMBEDDED_MODEL!r} (built from a config that ships, random weights)")
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description=f"local directory, hub id, or {EMBEDDED_MODEL!r} (built from a config that ships, random weights)",
+    )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name_or_path is a hub id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
     lora: LoraSettings | None = Field(None, description="LoRA adapters (needs peft); None trains all weights")
 
 
@@ -73,17 +78,28 @@ class DataConfig(Section):
 class OptimConfig(Section):
     """Optimiser and learning-rate schedule."""
 
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (what users run) or sgd (what the gradient-flow theory assumes)")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw (what users run) or sgd (what the gradient-flow theory assumes)"
+    )
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (adamw) or L2 (sgd)")
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
-        (0.9, 0.999), description="AdamW betas, each in [0, 1)")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon; above the per-parameter gradient RMS Adam acts like SGD "
-                       "with lr/eps on small gradients, as in billion-parameter models (docs/escape.md)")
+        (0.9, 0.999), description="AdamW betas, each in [0, 1)"
+    )
+    eps: float = Field(
+        1e-8,
+        gt=0,
+        description="AdamW epsilon; above the per-parameter gradient RMS Adam acts like SGD "
+        "with lr/eps on small gradients, as in billion-parameter models (docs/escape.md)",
+    )
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warm-up")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
-    grad_clip: float | None = Field(1.0, ge=0.0, description="clip the global gradient norm to this; None or 0 disables")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step (the step's groups are split evenly)")
+    grad_clip: float | None = Field(
+        1.0, ge=0.0, description="clip the global gradient norm to this; None or 0 disables"
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimiser step (the step's groups are split evenly)"
+    )
 
 
 class RLConfig(Section):
@@ -91,36 +107,55 @@ class RLConfig(Section):
 
     estimator: str = Field("garl", description="; ".join(f"{e.name}: {e.description}" for e in ESTIMATORS.values()))
     q: float | None = Field(None, ge=0.0, le=1.0, description="shortcut for a constant q (overrides q_schedule)")
-    q_schedule: QSchedule = Field(default_factory=lambda: ConstantQ(q=0.75), description="q over steps: constant, step, linear, cosine, adaptive")
+    q_schedule: QSchedule = Field(
+        default_factory=lambda: ConstantQ(q=0.75), description="q over steps: constant, step, linear, cosine, adaptive"
+    )
     group_size: int = Field(8, ge=2, description="M: completions sampled per prompt")
-    batch_size: int = Field(64, ge=2, description="completions per optimiser step (prompts per step = batch_size / group_size)")
+    batch_size: int = Field(
+        64, ge=2, description="completions per optimiser step (prompts per step = batch_size / group_size)"
+    )
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0: greedy)")
     max_new_tokens: int = Field(48, ge=1, description="longest completion sampled")
     baseline: str = Field("loo", description=f"GARL baseline: {', '.join(BASELINES)}")
     aggregation: str = Field("seq_sum", description=f"token aggregation for GARL and PAFT: {', '.join(AGGREGATIONS)}")
-    updates_per_batch: int = Field(1, ge=1, description="optimiser steps per rollout batch (> 1 uses the clipped ratio)")
+    updates_per_batch: int = Field(
+        1, ge=1, description="optimiser steps per rollout batch (> 1 uses the clipped ratio)"
+    )
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip when updates_per_batch > 1 (GARL) and for GRPO")
     kl_coef: float = Field(0.0, ge=0, description="weight of KL(pi || reference) per token; 0 loads no reference")
-    paft_resample: Literal["multinomial", "expected"] = Field("multinomial", description="PAFT: draw the posterior resample, or use its expectation")
+    paft_resample: Literal["multinomial", "expected"] = Field(
+        "multinomial", description="PAFT: draw the posterior resample, or use its expectation"
+    )
     grpo_loss_type: str = Field("dapo", description=f"GRPO aggregation as in TRL: {', '.join(GRPO_LOSS_TYPES)}")
     grpo_scale_rewards: str = Field("group", description=f"GRPO reward scaling as in TRL: {', '.join(SCALE_REWARDS)}")
     stop_after_escape: int | None = Field(
-        None, ge=0, description="stop this many steps after the 5-step mean training success first reaches "
-        "rl.escape_threshold (long-horizon escape runs); None: run every step")
-    escape_threshold: float = Field(ESCAPE_THRESHOLD, gt=0, lt=1, description="5-step mean training success that counts as escaped")
+        None,
+        ge=0,
+        description="stop this many steps after the 5-step mean training success first reaches "
+        "rl.escape_threshold (long-horizon escape runs); None: run every step",
+    )
+    escape_threshold: float = Field(
+        ESCAPE_THRESHOLD, gt=0, lt=1, description="5-step mean training success that counts as escaped"
+    )
     logprob_token_budget: int | None = Field(
-        None, ge=1, description="most prompt + completion tokens (padding included) per log-prob forward and backward; "
+        None,
+        ge=1,
+        description="most prompt + completion tokens (padding included) per log-prob forward and backward; "
         "a micro-batch above it runs in row chunks: one forward without grad gives the loss's gradient w.r.t. the "
         "log-probs, then each chunk runs forward and backward (the same gradient, one more forward; tested with "
-        "engine.backend=torch). None: the whole micro-batch at once")
+        "engine.backend=torch). None: the whole micro-batch at once",
+    )
 
     @field_validator("estimator")
     @classmethod
     def _registered(cls, name: str) -> str:
         if name not in ESTIMATORS:  # worded as pydantic words a Literal
             *first, last = [repr(n) for n in ESTIMATORS]
-            raise PydanticCustomError("literal_error", "Input should be {expected}",
-                                      {"expected": f"{', '.join(first)} or {last}" if first else last})
+            raise PydanticCustomError(
+                "literal_error",
+                "Input should be {expected}",
+                {"expected": f"{', '.join(first)} or {last}" if first else last},
+            )
         return name
 
     @model_validator(mode="after")
@@ -162,15 +197,23 @@ class RolloutConfig(Section):
     """How rollouts decode, in training and in evaluation: the eager loop, or a static KV cache with CUDA graphs."""
 
     static_cache: bool | Literal["auto"] = Field(
-        "auto", description="decode over a static KV cache (tsallis_core/rollout/static.py); auto: on CUDA. A model "
+        "auto",
+        description="decode over a static KV cache (tsallis_core/rollout/static.py); auto: on CUDA. A model "
         "whose attention it cannot run exactly (sliding-window or chunked attention, a kernel other than eager or "
-        "sdpa) decodes with the eager loop, with one log line saying why")
+        "sdpa) decodes with the eager loop, with one log line saying why",
+    )
     cuda_graphs: bool | Literal["auto"] = Field(
-        "auto", description="replay each static-cache decode step as a CUDA graph; auto: on CUDA without DeepSpeed "
+        "auto",
+        description="replay each static-cache decode step as a CUDA graph; auto: on CUDA without DeepSpeed "
         "ZeRO-3 (never graphed: it gathers weights in every forward). A capture or replay error logs one warning, "
-        "then rollouts decode with the eager loop for the rest of the run")
-    max_buckets: int = Field(4, ge=1, description="(rows, capacity) buckets whose static buffers and CUDA graphs are "
-                             "kept; beyond this the least recently used is released")
+        "then rollouts decode with the eager loop for the rest of the run",
+    )
+    max_buckets: int = Field(
+        4,
+        ge=1,
+        description="(rows, capacity) buckets whose static buffers and CUDA graphs are "
+        "kept; beyond this the least recently used is released",
+    )
 
     @field_validator("static_cache", "cuda_graphs", mode="before")
     @classmethod
@@ -182,26 +225,35 @@ class RolloutConfig(Section):
     @model_validator(mode="after")
     def _graphs_need_static(self) -> RolloutConfig:
         if self.cuda_graphs is True and self.static_cache is False:
-            raise ValueError("cuda_graphs=true graphs the static-cache decode step: set static_cache=true or auto, "
-                             "or cuda_graphs=false")
+            raise ValueError(
+                "cuda_graphs=true graphs the static-cache decode step: set static_cache=true or auto, "
+                "or cuda_graphs=false"
+            )
         return self
 
 
 class EngineConfig(Section):
     """Where the optimiser runs."""
 
-    backend: Literal["torch", "deepspeed"] = Field("torch", description="plain PyTorch, or DeepSpeed (ZeRO, on GPU or CPU)")
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch", description="plain PyTorch, or DeepSpeed (ZeRO, on GPU or CPU)"
+    )
     deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON (ZeRO stage and options)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
-    compile: bool = Field(False, description="torch.compile the training forward (backend torch; pays on GPU after a "
-                          "compile of a minute or so, not on CPU); rollouts keep their own decode path")
+    compile: bool = Field(
+        False,
+        description="torch.compile the training forward (backend torch; pays on GPU after a "
+        "compile of a minute or so, not on CPU); rollouts keep their own decode path",
+    )
 
     @model_validator(mode="after")
     def _compile_backend(self) -> EngineConfig:
         if self.compile and self.backend == "deepspeed":
-            raise ValueError("compile applies to backend torch (one GPU, plain PyTorch); DeepSpeed compiles with its own "
-                             "config: set compile=false")
+            raise ValueError(
+                "compile applies to backend torch (one GPU, plain PyTorch); DeepSpeed compiles with its own "
+                "config: set compile=false"
+            )
         return self
 
 
@@ -210,12 +262,19 @@ class TrackingConfig(Section):
 
     enabled: bool = Field(True, description="log to MLflow")
     experiment: str | None = Field(None, description="experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'tsallis')")
-    run_name: str | None = Field(None, description="run name (default: from stage, estimator and q); letters, digits "
-                                 "and . _ -", pattern=NAME_PATTERN)
+    run_name: str | None = Field(
+        None,
+        description="run name (default: from stage, estimator and q); letters, digits and . _ -",
+        pattern=NAME_PATTERN,
+    )
     samples_every: int = Field(25, ge=0, description="log a table of sample completions every K steps (0: never)")
     log_model: bool = Field(True, description="log the final model so that mlflow can load it")
-    sweep: str | None = Field(None, description="sweep name: nest the run under that sweep's parent run (created when "
-                              "missing); letters, digits and . _ -", pattern=NAME_PATTERN)
+    sweep: str | None = Field(
+        None,
+        description="sweep name: nest the run under that sweep's parent run (created when "
+        "missing); letters, digits and . _ -",
+        pattern=NAME_PATTERN,
+    )
 
 
 class TrainConfig(Section):
@@ -224,11 +283,19 @@ class TrainConfig(Section):
     stage: Literal["sft", "rl"] = Field("rl", description="sft (warm-up on completions) or rl (GARL, PAFT, GRPO)")
     output_dir: str = Field("outputs/run", description="checkpoints, final model and metrics go here")
     seed: int = Field(0, description="seed of initialisation, data order and sampling")
-    steps: int = Field(100, ge=0, description="optimiser steps (rollout batches for rl); 0 (sft only): no training, the starting model is saved as it is")
+    steps: int = Field(
+        100,
+        ge=0,
+        description="optimiser steps (rollout batches for rl); 0 (sft only): no training, the starting model is saved as it is",
+    )
     checkpoint_every: int = Field(50, ge=0, description="save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
-    stop_grace_s: float = Field(25.0, gt=0, description="on SIGTERM or SIGINT: finish the step, checkpoint, flush MLflow "
-                                "and exit 143 within this many seconds (Kubernetes kills 30 s after its SIGTERM)")
+    stop_grace_s: float = Field(
+        25.0,
+        gt=0,
+        description="on SIGTERM or SIGINT: finish the step, checkpoint, flush MLflow "
+        "and exit 143 within this many seconds (Kubernetes kills 30 s after its SIGTERM)",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -248,7 +315,9 @@ class TrainConfig(Section):
                 f"(rl.batch_size / rl.group_size = {self.rl.prompts_per_step})"
             )
         if self.stage == "sft" and self.sft.batch_size % self.optim.grad_accum:
-            raise ValueError(f"optim.grad_accum ({self.optim.grad_accum}) must divide sft.batch_size ({self.sft.batch_size})")
+            raise ValueError(
+                f"optim.grad_accum ({self.optim.grad_accum}) must divide sft.batch_size ({self.sft.batch_size})"
+            )
         return self
 
     def check_processes(self, processes: int) -> None:
@@ -257,16 +326,19 @@ class TrainConfig(Section):
         per_step = self.sft.batch_size if self.stage == "sft" else self.rl.prompts_per_step
         if per_step % (processes * self.optim.grad_accum):
             name = "sft.batch_size" if self.stage == "sft" else "prompts per step (rl.batch_size / rl.group_size)"
-            raise ConfigError(f"{name} = {per_step} must be divisible by processes x optim.grad_accum = "
-                              f"{processes} x {self.optim.grad_accum}")
+            raise ConfigError(
+                f"{name} = {per_step} must be divisible by processes x optim.grad_accum = "
+                f"{processes} x {self.optim.grad_accum}"
+            )
 
 
 def parse_assignment(item: str, label: str = "override", example: str = "rl.q=0.5") -> tuple[str, Any]:
     """``"key=value"`` -> (key, value parsed as a YAML scalar; an empty value is None)."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"{label} {item!r} must look like {'key' if label == 'override' else 'name'}=value, "
-                          f"e.g. {example}")
+        raise ConfigError(
+            f"{label} {item!r} must look like {'key' if label == 'override' else 'name'}=value, e.g. {example}"
+        )
     return key, yaml.safe_load(raw) if raw != "" else None
 
 
@@ -302,8 +374,9 @@ def format_validation_error(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def validate_settings(model: type[SettingsT], data: dict[str, Any], overrides: list[str] | None, what: str,
-                      **fields: Any) -> SettingsT:
+def validate_settings(
+    model: type[SettingsT], data: dict[str, Any], overrides: list[str] | None, what: str, **fields: Any
+) -> SettingsT:
     """``model`` from ``data`` with ``key=value`` overrides and keyword fields merged over it; a bad value is a
     one-line ConfigError that starts with ``what`` and names every bad field."""
     data = merge_dicts(merge_dicts(data, parse_overrides(overrides or [])), fields)
@@ -313,7 +386,9 @@ def validate_settings(model: type[SettingsT], data: dict[str, Any], overrides: l
         raise ConfigError(f"{what}: {format_validation_error(error)}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, **fields: Any) -> TrainConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, **fields: Any
+) -> TrainConfig:
     """Build a TrainConfig from a YAML file (optional), ``key=value`` overrides, and keyword fields."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -332,7 +407,14 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> l
     lines = []
     for name, info in model.model_fields.items():
         annotation = info.annotation
-        nested = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        nested = next(
+            (
+                a
+                for a in (annotation, *getattr(annotation, "__args__", ()))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            None,
+        )
         key = f"{prefix}{name}"
         if nested is not None and name not in ("q_schedule",):
             lines.append(f"{key}: {info.description or (nested.__doc__ or '').strip().splitlines()[0]}")

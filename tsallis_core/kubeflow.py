@@ -47,7 +47,9 @@ def checkpoint_path(root: str, sweep: str, pipeline_run: str, run_name: str) -> 
     that is absolute or holds '..' would leave ``root``: ConfigError."""
     for what, name in (("sweep", sweep), ("pipeline run", pipeline_run), ("run name", run_name)):
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ConfigError(f"{what} {name!r} would put checkpoints outside {root}: give a relative name without '..'")
+            raise ConfigError(
+                f"{what} {name!r} would put checkpoints outside {root}: give a relative name without '..'"
+            )
     return str(Path(root) / sweep / pipeline_run / run_name) if root else ""
 
 
@@ -100,8 +102,13 @@ class SweepGrid(Section):
 
     def items(self) -> list[dict[str, Any]]:
         """One dict per training run, named as dvc.yaml names its output directories (garl-q0.5-s0, grpo-s0)."""
-        runs = [{"run_name": f"{e}-q{q}-s{s}", "estimator": e, "q": float(q), "seed": s}
-                for e in self.estimators if get_estimator(e).uses_q for q in self.q for s in self.seeds]
+        runs = [
+            {"run_name": f"{e}-q{q}-s{s}", "estimator": e, "q": float(q), "seed": s}
+            for e in self.estimators
+            if get_estimator(e).uses_q
+            for q in self.q
+            for s in self.seeds
+        ]
         without_q = [e for e in self.estimators if not get_estimator(e).uses_q]
         if self.baseline and baseline_estimator() not in without_q:
             without_q.append(baseline_estimator())
@@ -115,19 +122,27 @@ class ClusterSettings(Section):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)  # cluster.cpu=64
 
     image: str = Field(default_factory=default_image, description="image of every step (--image or $TSALLIS_IMAGE)")
-    gpus_per_node: int = Field(1, ge=0, description="GPUs of a training pod; > 1: torchrun + DeepSpeed across them; 0: CPU")
+    gpus_per_node: int = Field(
+        1, ge=0, description="GPUs of a training pod; > 1: torchrun + DeepSpeed across them; 0: CPU"
+    )
     num_nodes: int = Field(1, ge=1, description="> 1: each run is a Kubeflow Trainer TrainJob on this many nodes")
     accelerator_type: str = Field("nvidia.com/gpu", description="the accelerator resource of training pods")
     deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="ZeRO config when training on > 1 GPU")
     cpu: str = Field("8", description="CPU request and limit of a training pod")
     memory: str = Field("64Gi", description="memory request and limit of a training pod")
     node_selector: dict[str, str] = Field({"nvidia.com/gpu.present": "true"}, description="labels of GPU nodes")
-    tolerations: list[dict[str, str]] = Field([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                                              description="tolerations of the GPU nodes' taints")
-    cache_pvc: str = Field("tsallis-cache", description="PVC of the model and dataset cache (HF_HOME); ReadWriteMany for TrainJobs")
+    tolerations: list[dict[str, str]] = Field(
+        [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="tolerations of the GPU nodes' taints",
+    )
+    cache_pvc: str = Field(
+        "tsallis-cache", description="PVC of the model and dataset cache (HF_HOME); ReadWriteMany for TrainJobs"
+    )
     cache_path: str = Field("/cache", description="where the cache PVC is mounted")
     shm_size: str = Field("16Gi", description="size of the in-memory /dev/shm")
-    mlflow_secret: str = Field("mlflow-credentials", description="Secret with MLFLOW_TRACKING_URI (and _USERNAME, _PASSWORD)")
+    mlflow_secret: str = Field(
+        "mlflow-credentials", description="Secret with MLFLOW_TRACKING_URI (and _USERNAME, _PASSWORD)"
+    )
     trainer_runtime: str = Field("torch-distributed", description="Kubeflow Trainer runtime of the TrainJobs")
     trainjob_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long the launcher waits for a TrainJob")
     checkpoint_every: int = Field(25, ge=1, description="training steps checkpoint to the cache PVC every N steps")
@@ -137,8 +152,12 @@ class ClusterSettings(Section):
 
 class WarmupParams(Section):
     model: str = Field("embedded:tiny", description="the base model: embedded:tiny, a local directory or a hub id")
-    steps: int = Field(600, ge=0, description="SFT steps on data's pretrain.jsonl (warm start); 0: cold start, RL from "
-                       "the base model (it passes through unchanged)")
+    steps: int = Field(
+        600,
+        ge=0,
+        description="SFT steps on data's pretrain.jsonl (warm start); 0: cold start, RL from "
+        "the base model (it passes through unchanged)",
+    )
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, ge=1)
 
@@ -172,7 +191,9 @@ class ReportParams(Section):
 class PipelineSettings(Section):
     """Everything ``tsallis pipeline compile`` needs: params.yaml's sections plus the fields below."""
 
-    platform: Literal["kubernetes", "local"] = Field("kubernetes", description="local: no GPU or Kubernetes settings (kfp.local)")
+    platform: Literal["kubernetes", "local"] = Field(
+        "kubernetes", description="local: no GPU or Kubernetes settings (kfp.local)"
+    )
     parallelism: int = Field(4, ge=0, description="training runs at once (0: no limit)")
     sweep: SweepGrid = Field(default_factory=SweepGrid)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
@@ -189,13 +210,16 @@ class PipelineSettings(Section):
     def runtime_parameters(self) -> dict[str, tuple[type, Any]]:
         """The pipeline's run-time parameters, ``section_field`` -> (the field's type, its value here): the
         pipeline function's signature is made from these (tsallis_kubeflow/cold_start_sweep.py)."""
-        return {f"{section}_{name}": (field.annotation, getattr(getattr(self, section), name))
-                for section in ("data", "warmup", "train", "evaluate", "report")
-                for name, field in type(getattr(self, section)).model_fields.items()}
+        return {
+            f"{section}_{name}": (field.annotation, getattr(getattr(self, section), name))
+            for section in ("data", "warmup", "train", "evaluate", "report")
+            for name, field in type(getattr(self, section)).model_fields.items()
+        }
 
 
-def load_settings(params: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None,
-                  **fields: Any) -> PipelineSettings:
+def load_settings(
+    params: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None, **fields: Any
+) -> PipelineSettings:
     """PipelineSettings from params.yaml (skipped when None or missing), ``key=value`` overrides
     (``sweep.q=[0.5,1.0]``, ``cluster.gpus_per_node=8``, ``platform=local``) and keyword fields.
 
@@ -209,9 +233,14 @@ def load_settings(params: str | os.PathLike | None = "params.yaml", overrides: l
 
 def train_overrides(train: TrainParams) -> list[str]:
     """The ``tsallis train`` overrides that params.yaml's ``train`` section sets on every RL run of a sweep."""
-    return [f"steps={train.steps}", f"optim.lr={train.lr}", f"rl.group_size={train.group_size}",
-            f"rl.batch_size={train.batch_size}", f"rl.max_new_tokens={train.max_new_tokens}",
-            f"rl.temperature={train.temperature}"]
+    return [
+        f"steps={train.steps}",
+        f"optim.lr={train.lr}",
+        f"rl.group_size={train.group_size}",
+        f"rl.batch_size={train.batch_size}",
+        f"rl.max_new_tokens={train.max_new_tokens}",
+        f"rl.temperature={train.temperature}",
+    ]
 
 
 def params_train_overrides(params: str | os.PathLike) -> list[str]:
@@ -220,21 +249,50 @@ def params_train_overrides(params: str | os.PathLike) -> list[str]:
     if not Path(params).is_file():
         raise ConfigError(f"--params {params}: no such file; give the params.yaml that holds the train section")
     settings = load_settings(params)
-    return [*train_overrides(settings.train), f"data.verifier={settings.data.verifier}",
-            f"tracking.sweep={settings.report.sweep}"]
+    return [
+        *train_overrides(settings.train),
+        f"data.verifier={settings.data.verifier}",
+        f"tracking.sweep={settings.report.sweep}",
+    ]
 
 
-def sweep_run_overrides(run_name: str, estimator: str, q: str, seed: str, steps: int, lr: float, group_size: int,
-                        batch_size: int, max_new_tokens: int, temperature: float, sweep: str, experiment: str,
-                        checkpoint_every: int, verifier: str = "exact") -> list[str]:
+def sweep_run_overrides(
+    run_name: str,
+    estimator: str,
+    q: str,
+    seed: str,
+    steps: int,
+    lr: float,
+    group_size: int,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    sweep: str,
+    experiment: str,
+    checkpoint_every: int,
+    verifier: str = "exact",
+) -> list[str]:
     """The ``tsallis train`` overrides of one RL run of the sweep (as dvc.yaml's train stage sets them), shared by
     the components train_rl (one node) and train_rl_trainjob (a TrainJob)."""
-    train = TrainParams(steps=steps, lr=lr, group_size=group_size, batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, temperature=temperature)
+    train = TrainParams(
+        steps=steps,
+        lr=lr,
+        group_size=group_size,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+    )
     return [
-        f"rl.estimator={estimator}", f"rl.q={q}", f"seed={seed}", *train_overrides(train), f"data.verifier={verifier}",
-        f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2",
-        f"tracking.sweep={sweep}", f"tracking.experiment={experiment}", f"tracking.run_name={run_name}",
+        f"rl.estimator={estimator}",
+        f"rl.q={q}",
+        f"seed={seed}",
+        *train_overrides(train),
+        f"data.verifier={verifier}",
+        f"checkpoint_every={checkpoint_every}",
+        "keep_checkpoints=2",
+        f"tracking.sweep={sweep}",
+        f"tracking.experiment={experiment}",
+        f"tracking.run_name={run_name}",
     ]
 
 
@@ -258,17 +316,32 @@ def check_params(settings: PipelineSettings, params: dict[str, Any]) -> dict[str
         try:
             typed[name] = TypeAdapter(type(default)).validate_python(value)
         except ValidationError:
-            raise ValueError(f"pipeline parameter {name}={value!r}: expected {type(default).__name__}, "
-                             f"like its default {default!r}") from None
+            raise ValueError(
+                f"pipeline parameter {name}={value!r}: expected {type(default).__name__}, like its default {default!r}"
+            ) from None
     return typed
 
 
 # Small settings for `tsallis pipeline run-local`: the embedded tiny model, two q values, a few steps (minutes on CPU)
 LOCAL_OVERRIDES = [
-    "platform=local", "parallelism=1", "sweep.estimators=[garl]", "sweep.q=[0.5,1.0]", "sweep.seeds=[0]", "sweep.baseline=false",
-    "data.num_pretrain=2000", "data.num_train=64", "data.num_test=16", "warmup.steps=20", "warmup.batch_size=16",
-    "train.steps=3", "train.group_size=4", "train.batch_size=8", "train.max_new_tokens=16",
-    "evaluate.n=4", "evaluate.max_new_tokens=16", "report.metric=maj@4",
+    "platform=local",
+    "parallelism=1",
+    "sweep.estimators=[garl]",
+    "sweep.q=[0.5,1.0]",
+    "sweep.seeds=[0]",
+    "sweep.baseline=false",
+    "data.num_pretrain=2000",
+    "data.num_train=64",
+    "data.num_test=16",
+    "warmup.steps=20",
+    "warmup.batch_size=16",
+    "train.steps=3",
+    "train.group_size=4",
+    "train.batch_size=8",
+    "train.max_new_tokens=16",
+    "evaluate.n=4",
+    "evaluate.max_new_tokens=16",
+    "report.metric=maj@4",
 ]
 
 

@@ -20,8 +20,13 @@ from tsallis_core.kubeflow import resolve_path
 SECRET_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
-def train_argv(config: str, overrides: list[str], nproc: int = 1, deepspeed_config: str | None = None,
-               distributed_args: tuple[str, ...] = ("--standalone",)) -> list[str]:
+def train_argv(
+    config: str,
+    overrides: list[str],
+    nproc: int = 1,
+    deepspeed_config: str | None = None,
+    distributed_args: tuple[str, ...] = ("--standalone",),
+) -> list[str]:
     """The command that runs ``tsallis train`` on ``nproc`` processes of one node (torchrun) with DeepSpeed
     when ``deepspeed_config`` is given. ``distributed_args``: torchrun's rendezvous (``--standalone`` on one
     node; nothing on a TrainJob node, where the runtime sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR...)."""
@@ -30,8 +35,13 @@ def train_argv(config: str, overrides: list[str], nproc: int = 1, deepspeed_conf
     return ["python", *launcher, "-m", "tsallis_core.cli", "train", "--config", config, *overrides, *engine]
 
 
-def run_training(config: str, overrides: list[str], gpus: int = 0,
-                 deepspeed_config: str = "configs/deepspeed/zero2.json", checkpoint_dir: str = "") -> dict[str, float]:
+def run_training(
+    config: str,
+    overrides: list[str],
+    gpus: int = 0,
+    deepspeed_config: str = "configs/deepspeed/zero2.json",
+    checkpoint_dir: str = "",
+) -> dict[str, float]:
     """Train one stage on this node; returns the last step's metrics.
 
     One GPU or none: ``train(load_config(config, overrides))`` in this process. More GPUs: torchrun starts one
@@ -84,11 +94,24 @@ class TrainJobRequest:
     options: list
 
 
-def trainjob_request(name: str, image: str, command: list[str], num_nodes: int, gpus_per_node: int, cpu: str,
-                     memory: str, accelerator_type: str = "nvidia.com/gpu", runtime: str = "torch-distributed",
-                     cache_pvc: str = "tsallis-cache", cache_path: str = "/cache", shm_size: str = "16Gi",
-                     mlflow_secret: str = "mlflow-credentials", node_selector: dict[str, str] | None = None,
-                     tolerations: list[dict] | None = None, env: dict[str, str] | None = None) -> TrainJobRequest:
+def trainjob_request(
+    name: str,
+    image: str,
+    command: list[str],
+    num_nodes: int,
+    gpus_per_node: int,
+    cpu: str,
+    memory: str,
+    accelerator_type: str = "nvidia.com/gpu",
+    runtime: str = "torch-distributed",
+    cache_pvc: str = "tsallis-cache",
+    cache_path: str = "/cache",
+    shm_size: str = "16Gi",
+    mlflow_secret: str = "mlflow-credentials",
+    node_selector: dict[str, str] | None = None,
+    tolerations: list[dict] | None = None,
+    env: dict[str, str] | None = None,
+) -> TrainJobRequest:
     """A TrainJob running ``command`` on ``num_nodes`` nodes of ``gpus_per_node`` GPUs each (pure: no cluster).
 
     Every node pod gets the cache PVC at ``cache_path`` (HF_HOME under it), /dev/shm in memory, the MLflow
@@ -98,20 +121,50 @@ def trainjob_request(name: str, image: str, command: list[str], num_nodes: int, 
     from kubeflow.trainer import options as opt
 
     resources = {"cpu": cpu, "memory": memory, **({accelerator_type: str(gpus_per_node)} if gpus_per_node else {})}
-    secret_env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow_secret, "key": key, "optional": key != SECRET_ENV[0]}}}
-                  for key in SECRET_ENV]
-    container = opt.ContainerPatch(name="node", env=secret_env, volume_mounts=[
-        {"name": "cache", "mountPath": cache_path}, {"name": "dshm", "mountPath": "/dev/shm"}])
+    secret_env = [
+        {
+            "name": key,
+            "valueFrom": {"secretKeyRef": {"name": mlflow_secret, "key": key, "optional": key != SECRET_ENV[0]}},
+        }
+        for key in SECRET_ENV
+    ]
+    container = opt.ContainerPatch(
+        name="node",
+        env=secret_env,
+        volume_mounts=[{"name": "cache", "mountPath": cache_path}, {"name": "dshm", "mountPath": "/dev/shm"}],
+    )
     pod = opt.PodSpecPatch(
-        volumes=[{"name": "cache", "persistentVolumeClaim": {"claimName": cache_pvc}},
-                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}],
-        containers=[container], node_selector=node_selector or None, tolerations=tolerations or None,
-        security_context={"fsGroup": 1000})  # the image's user (uid 1000) can write to the cache PVC
-    patch = opt.RuntimePatch(training_runtime_spec=opt.TrainingRuntimeSpecPatch(template=opt.JobSetTemplatePatch(
-        spec=opt.JobSetSpecPatch(replicated_jobs=[opt.ReplicatedJobPatch(name="node", template=opt.JobTemplatePatch(
-            spec=opt.JobSpecPatch(template=opt.PodTemplatePatch(spec=pod))))]))))
-    trainer = CustomTrainerContainer(image=image, num_nodes=num_nodes, resources_per_node=resources,
-                                     env={"HF_HOME": f"{cache_path}/huggingface", "TQDM_DISABLE": "1", **(env or {})})
+        volumes=[
+            {"name": "cache", "persistentVolumeClaim": {"claimName": cache_pvc}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
+        ],
+        containers=[container],
+        node_selector=node_selector or None,
+        tolerations=tolerations or None,
+        security_context={"fsGroup": 1000},
+    )  # the image's user (uid 1000) can write to the cache PVC
+    patch = opt.RuntimePatch(
+        training_runtime_spec=opt.TrainingRuntimeSpecPatch(
+            template=opt.JobSetTemplatePatch(
+                spec=opt.JobSetSpecPatch(
+                    replicated_jobs=[
+                        opt.ReplicatedJobPatch(
+                            name="node",
+                            template=opt.JobTemplatePatch(
+                                spec=opt.JobSpecPatch(template=opt.PodTemplatePatch(spec=pod))
+                            ),
+                        )
+                    ]
+                )
+            )
+        )
+    )
+    trainer = CustomTrainerContainer(
+        image=image,
+        num_nodes=num_nodes,
+        resources_per_node=resources,
+        env={"HF_HOME": f"{cache_path}/huggingface", "TQDM_DISABLE": "1", **(env or {})},
+    )
     options = [opt.Name(name=name), opt.TrainerCommand(command=command), patch]
     return TrainJobRequest(name=name, runtime=runtime, trainer=trainer, options=options)
 
@@ -127,13 +180,22 @@ def trainjob_manifest(request: TrainJobRequest) -> dict:
     job: dict = {}
     for option in request.options:
         option(job, request.trainer, backend)
-    runtime = types.Runtime(name=request.runtime, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
-                            trainer=types.RuntimeTrainer(types.TrainerType.CUSTOM_TRAINER, "torch", request.trainer.image))
-    spec = backend._get_trainjob_spec(runtime=runtime, trainer=request.trainer, trainer_overrides=job["spec"].get("trainer"),
-                                      runtime_patches=job["spec"].get("runtimePatches"))
+    runtime = types.Runtime(
+        name=request.runtime,
+        kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
+        trainer=types.RuntimeTrainer(types.TrainerType.CUSTOM_TRAINER, "torch", request.trainer.image),
+    )
+    spec = backend._get_trainjob_spec(
+        runtime=runtime,
+        trainer=request.trainer,
+        trainer_overrides=job["spec"].get("trainer"),
+        runtime_patches=job["spec"].get("runtimePatches"),
+    )
     return models.TrainerV1alpha1TrainJob(
-        apiVersion=constants.API_VERSION, kind=constants.TRAINJOB_KIND,
-        metadata=models.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=request.name), spec=spec,
+        apiVersion=constants.API_VERSION,
+        kind=constants.TRAINJOB_KIND,
+        metadata=models.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=request.name),
+        spec=spec,
     ).to_dict()
 
 
@@ -148,7 +210,9 @@ def submit_trainjob(request: TrainJobRequest, client=None, timeout_s: int = 7 * 
     name = client.train(runtime=request.runtime, trainer=request.trainer, options=request.options)
     print(f"TrainJob {name} submitted (runtime {request.runtime}, {request.trainer.num_nodes} nodes)", flush=True)
     try:
-        job = client.wait_for_job_status(name, status={"Complete", "Failed"}, timeout=timeout_s, polling_interval=poll_s)
+        job = client.wait_for_job_status(
+            name, status={"Complete", "Failed"}, timeout=timeout_s, polling_interval=poll_s
+        )
     except BaseException:  # timed out, the API failed, or the step was stopped: the job must not keep its GPUs
         print(f"deleting TrainJob {name}", flush=True)
         client.delete_job(name)
@@ -163,8 +227,10 @@ def submit_trainjob(request: TrainJobRequest, client=None, timeout_s: int = 7 * 
         logs = list(client.get_job_logs(name, step="node-0"))[-20:]
     except Exception as error:  # noqa: BLE001
         logs = [f"(logs unavailable: {error})"]
-    raise TrainJobFailed(f"TrainJob {name} failed: {'; '.join(events[-5:]) or 'no events'}\n"
-                         "last lines of node-0:\n" + "\n".join(line.rstrip() for line in logs))
+    raise TrainJobFailed(
+        f"TrainJob {name} failed: {'; '.join(events[-5:]) or 'no events'}\n"
+        "last lines of node-0:\n" + "\n".join(line.rstrip() for line in logs)
+    )
 
 
 def job_name(run_name: str) -> str:
@@ -175,8 +241,17 @@ def job_name(run_name: str) -> str:
     return f"tsallis-{re.sub('[^a-z0-9-]+', '-', run_name.lower()).strip('-')[:40]}-{uuid.uuid4().hex[:6]}"
 
 
-def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_dir: str, output_dir: str,
-                 run_name: str, cluster, client=None, work_dir: str = "") -> dict[str, float]:
+def run_trainjob(
+    config: str,
+    overrides: list[str],
+    data_dir: str,
+    base_model_dir: str,
+    output_dir: str,
+    run_name: str,
+    cluster,
+    client=None,
+    work_dir: str = "",
+) -> dict[str, float]:
     """One training run as a TrainJob on ``cluster.num_nodes`` nodes (``cluster``: kubeflow.ClusterSettings).
 
     The nodes share files through the cache PVC: the data and base model are staged under ``work_dir`` (default
@@ -187,19 +262,44 @@ def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_di
     name = job_name(run_name)
     work = Path(work_dir) if work_dir else Path(cluster.cache_path) / "trainjobs" / name
     run_dir = work / "run" / run_name
-    overrides = [*overrides, f"output_dir={run_dir}", f"model.name_or_path={work / 'base'}",
-                 f"data.train_path={work / 'data' / 'train.jsonl'}"]
+    overrides = [
+        *overrides,
+        f"output_dir={run_dir}",
+        f"model.name_or_path={work / 'base'}",
+        f"data.train_path={work / 'data' / 'train.jsonl'}",
+    ]
     from tsallis_core.config import load_config
 
     config = resolve_path(config)  # an absolute path in the image: the same on every node
     # a bad field, or a step that the nodes x GPUs processes cannot share, fails here, before anything is staged
     load_config(config, overrides).check_processes(cluster.num_nodes * max(cluster.gpus_per_node, 1))
-    command = [*train_argv(config, overrides, max(cluster.gpus_per_node, 1), resolve_path(cluster.deepspeed_config),
-                           distributed_args=()), "--resume-if-any"]  # a restarted or retried job continues its checkpoints
+    command = [
+        *train_argv(
+            config,
+            overrides,
+            max(cluster.gpus_per_node, 1),
+            resolve_path(cluster.deepspeed_config),
+            distributed_args=(),
+        ),
+        "--resume-if-any",
+    ]  # a restarted or retried job continues its checkpoints
     request = trainjob_request(
-        name, cluster.image, command, cluster.num_nodes, cluster.gpus_per_node, cluster.cpu, cluster.memory,
-        cluster.accelerator_type, cluster.trainer_runtime, cluster.cache_pvc, cluster.cache_path, cluster.shm_size,
-        cluster.mlflow_secret, cluster.node_selector, cluster.tolerations)
+        name,
+        cluster.image,
+        command,
+        cluster.num_nodes,
+        cluster.gpus_per_node,
+        cluster.cpu,
+        cluster.memory,
+        cluster.accelerator_type,
+        cluster.trainer_runtime,
+        cluster.cache_pvc,
+        cluster.cache_path,
+        cluster.shm_size,
+        cluster.mlflow_secret,
+        cluster.node_selector,
+        cluster.tolerations,
+    )
     try:
         shutil.copytree(data_dir, work / "data", dirs_exist_ok=True)
         shutil.copytree(base_model_dir, work / "base", dirs_exist_ok=True)
@@ -208,8 +308,9 @@ def run_trainjob(config: str, overrides: list[str], data_dir: str, base_model_di
         if not work_dir:  # a staging under a unique job name: no retry can find it
             shutil.rmtree(work, ignore_errors=True)
         raise
-    shutil.copytree(run_dir, Path(output_dir) / run_name, ignore=shutil.ignore_patterns("checkpoints"),
-                    dirs_exist_ok=True)
+    shutil.copytree(
+        run_dir, Path(output_dir) / run_name, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True
+    )
     final = json.loads((run_dir / "metrics.json").read_text())
     shutil.rmtree(work, ignore_errors=True)  # the staged copy and checkpoints on the shared cache
     return final

@@ -29,18 +29,31 @@ class TaskSettings(Section):
     """params.yaml's ``data`` section: which task the pipelines train and evaluate on."""
 
     source: str = Field("synthetic", description=f"the data source: {', '.join(DATASETS)} (tasks/registry.py)")
-    train_file: str = Field("", description="finqa/hotpotqa/musique: a local file of the training split in the "
-                            "dataset's original format (JSON, JSONL or Parquet; offline); '': the hub. local: your "
-                            "JSONL rows (prompt, answer)")
+    train_file: str = Field(
+        "",
+        description="finqa/hotpotqa/musique: a local file of the training split in the "
+        "dataset's original format (JSON, JSONL or Parquet; offline); '': the hub. local: your "
+        "JSONL rows (prompt, answer)",
+    )
     test_file: str = Field("", description="the same for the held-out split ('': the hub's evaluation split)")
-    verifier: str = Field("exact", description="the reward: exact (synthetic), finqa, em or f1 (HotPotQA, MuSiQue), "
-                          "or package.module:function, your own (completion, answer) -> float in [0, 1]")
-    template: str = Field("", description="finqa/hotpotqa/musique: the prompt, with {context} and {question} ('': the "
-                          "dataset's own, in tasks/registry.py)")
-    chat_template: bool = Field(False, description="finqa/hotpotqa/musique: wrap each prompt in the chat template of "
-                                "warmup.model's tokenizer")
-    max_context_tokens: int = Field(0, ge=0, description="finqa/hotpotqa/musique: cut contexts to this many tokens of "
-                                    "warmup.model's tokenizer (0: no cut)")
+    verifier: str = Field(
+        "exact",
+        description="the reward: exact (synthetic), finqa, em or f1 (HotPotQA, MuSiQue), "
+        "or package.module:function, your own (completion, answer) -> float in [0, 1]",
+    )
+    template: str = Field(
+        "",
+        description="finqa/hotpotqa/musique: the prompt, with {context} and {question} ('': the "
+        "dataset's own, in tasks/registry.py)",
+    )
+    chat_template: bool = Field(
+        False, description="finqa/hotpotqa/musique: wrap each prompt in the chat template of warmup.model's tokenizer"
+    )
+    max_context_tokens: int = Field(
+        0,
+        ge=0,
+        description="finqa/hotpotqa/musique: cut contexts to this many tokens of warmup.model's tokenizer (0: no cut)",
+    )
     seed: int = Field(0, description="synthetic: the generator's seed")
     p0: float = Field(0.05, gt=0.0, le=1.0, description="synthetic: the base model's starting success rate")
     num_train: int = Field(2000, ge=1, description="training prompts (synthetic: generated; else: at most, the first)")
@@ -65,8 +78,10 @@ class TaskSettings(Section):
         if spec.normalize is None:
             given = [name for name in ("template", "chat_template", "max_context_tokens") if getattr(self, name)]
             if given:
-                raise ValueError(f"{', '.join(given)} apply to {', '.join(n for n in DATASETS if DATASETS[n].normalize)}"
-                                 f", not to source {self.source}; remove them")
+                raise ValueError(
+                    f"{', '.join(given)} apply to {', '.join(n for n in DATASETS if DATASETS[n].normalize)}"
+                    f", not to source {self.source}; remove them"
+                )
         if self.source == "local" and not (self.train_file and self.test_file):
             raise ValueError("source local needs train_file and test_file: JSONL rows with prompt and answer")
         if self.source == "synthetic" and (self.train_file or self.test_file):
@@ -81,14 +96,22 @@ def write_task(settings: TaskSettings, out_dir: str | Path, model: str = "embedd
     and of the context cut. Returns the paths by split."""
     out = Path(out_dir)
     if settings.source == "synthetic":
-        task = SyntheticTaskConfig(seed=settings.seed, p0=settings.p0, num_train=settings.num_train,
-                                   num_test=settings.num_test, num_pretrain=settings.num_pretrain)
+        task = SyntheticTaskConfig(
+            seed=settings.seed,
+            p0=settings.p0,
+            num_train=settings.num_train,
+            num_test=settings.num_test,
+            num_pretrain=settings.num_pretrain,
+        )
         return write_splits(task, out)
     spec = get_dataset(settings.source)
     if spec.normalize is None:  # local: the rows as they are
         train = load_records(settings.train_file)[: settings.num_train]
         test = load_records(settings.test_file)[: settings.num_test]
-        report = {"train": f"{len(train)} rows of {settings.train_file}", "test": f"{len(test)} rows of {settings.test_file}"}
+        report = {
+            "train": f"{len(train)} rows of {settings.train_file}",
+            "test": f"{len(test)} rows of {settings.test_file}",
+        }
     else:
         tokenizer = None
         if settings.chat_template or settings.max_context_tokens:
@@ -96,14 +119,26 @@ def write_task(settings: TaskSettings, out_dir: str | Path, model: str = "embedd
 
             tokenizer = load_tokenizer(ModelConfig(name_or_path=model))
         splits, report = {}, {}
-        for split, path, limit in (("train", settings.train_file, settings.num_train),
-                                   ("test", settings.test_file, settings.num_test)):
-            rows, source = load_native(spec, path=path or None, split=spec.train_split if split == "train" else spec.split)
-            records, loaded = to_records(spec, rows, source, tokenizer=tokenizer,
-                                         max_context_tokens=settings.max_context_tokens or None, template=settings.template)
+        for split, path, limit in (
+            ("train", settings.train_file, settings.num_train),
+            ("test", settings.test_file, settings.num_test),
+        ):
+            rows, source = load_native(
+                spec, path=path or None, split=spec.train_split if split == "train" else spec.split
+            )
+            records, loaded = to_records(
+                spec,
+                rows,
+                source,
+                tokenizer=tokenizer,
+                max_context_tokens=settings.max_context_tokens or None,
+                template=settings.template,
+            )
             splits[split] = records[:limit]
-            report[split] = (f"{len(splits[split])} of {loaded.rows} rows of {source} (skipped {len(loaded.skipped)}, "
-                             f"contexts cut {loaded.truncated})")
+            report[split] = (
+                f"{len(splits[split])} of {loaded.rows} rows of {source} (skipped {len(loaded.skipped)}, "
+                f"contexts cut {loaded.truncated})"
+            )
         train, test = splits["train"], splits["test"]
     pretrain = [{**row, "completion": row.get("completion") or f"Answer: {row['answer']}"} for row in train]
     out.mkdir(parents=True, exist_ok=True)

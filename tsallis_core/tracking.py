@@ -18,8 +18,9 @@ from typing import Any
 DEFAULT_EXPERIMENT = "tsallis"
 
 # training metrics about the update; every other training metric describes the sampled completions (rollout/)
-UPDATE_METRICS = frozenset({"loss", "grad_norm", "lr", "q", "kl", "clip_frac", "attenuation_mean", "tokens_per_s",
-                            "step_s", "peak_memory_gb"})
+UPDATE_METRICS = frozenset(
+    {"loss", "grad_norm", "lr", "q", "kl", "clip_frac", "attenuation_mean", "tokens_per_s", "step_s", "peak_memory_gb"}
+)
 
 
 def train_metric_name(key: str) -> str:
@@ -48,8 +49,9 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)
-    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-                                     .rstrip("/") + "/health")
+    request = urllib.request.Request(
+        urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/health"
+    )
     if parts.username is not None:
         token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
         request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
@@ -80,8 +82,12 @@ def provenance_tags() -> dict[str, str]:
     and the DVC stage and experiment when DVC runs the command (DVC sets DVC_STAGE and DVC_EXP_NAME)."""
     tags = {}
     try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False).stdout
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False
+        ).stdout
         tags["git.revision"] = revision + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         pass
@@ -105,13 +111,19 @@ def sweep_run_id(mlflow_module, experiment: str, sweep: str) -> str:
     """The parent run of a sweep (one per sweep name and experiment), created when missing."""
     client = mlflow_module.MlflowClient()
     exp_id = experiment_id(client, experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`tsallis.role` = 'sweep'",
-                               order_by=["attributes.start_time ASC"], max_results=1)
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`tsallis.role` = 'sweep'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     if found:
         return found[0].info.run_id
     # the parent spans every stage of the sweep: not tagged with the DVC stage of the run that happens to create it
     provenance = {k: v for k, v in provenance_tags().items() if k != "dvc.stage"}
-    run = client.create_run(exp_id, run_name=f"sweep-{sweep}", tags={SWEEP_TAG: sweep, "tsallis.role": "sweep", **provenance})
+    run = client.create_run(
+        exp_id, run_name=f"sweep-{sweep}", tags={SWEEP_TAG: sweep, "tsallis.role": "sweep", **provenance}
+    )
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
@@ -140,7 +152,9 @@ def read_spool(spool: Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if number < len(lines) - 1:
-                raise ValueError(f"{spool}: line {number + 1} is not JSON; delete the file to drop what it holds") from None
+                raise ValueError(
+                    f"{spool}: line {number + 1} is not JSON; delete the file to drop what it holds"
+                ) from None
             _say(f"warning: {spool}: dropped its last line, cut short")
     return records
 
@@ -203,8 +217,10 @@ class Sender:
                 except Exception as error:  # noqa: BLE001 - any failure of the server: keep the call, try again
                     if self.down_since is None:
                         self.down_since = item[0]
-                        _say(f"warning: MLflow server {self.uri} failed at the {item[0]} ({type(error).__name__}); "
-                             f"training goes on and what is not sent is kept until the server is back")
+                        _say(
+                            f"warning: MLflow server {self.uri} failed at the {item[0]} ({type(error).__name__}); "
+                            f"training goes on and what is not sent is kept until the server is back"
+                        )
                     if self.closing.wait(wait):
                         self.pending.append(item)
                         return
@@ -230,13 +246,22 @@ class Sender:
                 f.writelines(json.dumps(r) + "\n" for r in records)
         if left:
             steps = sum("metrics" in r for r in records)
-            what = ", ".join([f"the metrics of {steps} step(s)"] * bool(steps)
-                             + [describe(r) for r in records if "metrics" not in r])
-            kept = (f"{what} are kept in {self.spool}: send them with `tsallis track sync {Path(self.spool).parent}` "
-                    f"(or tsallis train --resume)") if self.spool and records else f"{what or 'nothing'} kept"
+            what = ", ".join(
+                [f"the metrics of {steps} step(s)"] * bool(steps) + [describe(r) for r in records if "metrics" not in r]
+            )
+            kept = (
+                (
+                    f"{what} are kept in {self.spool}: send them with `tsallis track sync {Path(self.spool).parent}` "
+                    f"(or tsallis train --resume)"
+                )
+                if self.spool and records
+                else f"{what or 'nothing'} kept"
+            )
             others = [item[0] for item in left if item[2] is None]
-            _say(f"warning: MLflow server {self.uri} is still away: {kept}"
-                 + (f"; not sent: {', '.join(others)}" if others else ""))
+            _say(
+                f"warning: MLflow server {self.uri} is still away: {kept}"
+                + (f"; not sent: {', '.join(others)}" if others else "")
+            )
         return not left
 
 
@@ -245,9 +270,17 @@ class NullTracker:
     model_uri: str | None = None
     uri: str | None = None
 
-    def start(self, params: dict, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None,
-              sweep: str | None = None) -> None: ...
-    def logged_through(self) -> int: return 0
+    def start(
+        self,
+        params: dict,
+        run_name: str,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+        sweep: str | None = None,
+    ) -> None: ...
+    def logged_through(self) -> int:
+        return 0
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_samples(self, rows: dict[str, list], step: int) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
@@ -279,8 +312,14 @@ class MlflowTracker(NullTracker):
         if self.uri != (uri or mlflow.get_tracking_uri()):  # MLflow prints run URLs with the password in them
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-    def start(self, params: dict, run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None,
-              sweep: str | None = None) -> None:
+    def start(
+        self,
+        params: dict,
+        run_name: str,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+        sweep: str | None = None,
+    ) -> None:
         """Start a run, or continue ``run_id`` (a resumed training run keeps its MLflow run).
 
         With ``sweep``, the run is nested under that sweep's parent run (created when missing)."""
@@ -295,11 +334,12 @@ class MlflowTracker(NullTracker):
         else:
             if sweep:
                 tags |= {SWEEP_TAG: sweep, PARENT_TAG: sweep_run_id(self.mlflow, self.experiment, sweep)}
-            run_id = self.client.create_run(experiment_id(self.client, self.experiment), run_name=run_name,
-                                            tags=resolve_tags(tags)).info.run_id
+            run_id = self.client.create_run(
+                experiment_id(self.client, self.experiment), run_name=run_name, tags=resolve_tags(tags)
+            ).info.run_id
             flat = [Param(k, ("None" if v is None else str(v))[:6000]) for k, v in flatten(params).items()]
             for first in range(0, len(flat), 100):  # MLflow takes at most 100 params per request
-                self.client.log_batch(run_id, params=flat[first:first + 100])
+                self.client.log_batch(run_id, params=flat[first : first + 100])
         self.run_id = run_id
         self.sender = Sender(self._perform, self.uri, self.spool)
 
@@ -322,12 +362,18 @@ class MlflowTracker(NullTracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         # the time of the step, not of the (late) send
-        self.sender.send({"metrics": {k: float(v) for k, v in metrics.items()}, "step": step,
-                          "timestamp": int(time.time() * 1000)})
+        self.sender.send(
+            {"metrics": {k: float(v) for k, v in metrics.items()}, "step": step, "timestamp": int(time.time() * 1000)}
+        )
 
     def log_samples(self, rows: dict[str, list], step: int) -> None:
-        self.sender.call(f"samples of step {step}", self.mlflow.log_table, data=rows,
-                         artifact_file=f"samples/step_{step:06d}.json", run_id=self.run_id)
+        self.sender.call(
+            f"samples of step {step}",
+            self.mlflow.log_table,
+            data=rows,
+            artifact_file=f"samples/step_{step:06d}.json",
+            run_id=self.run_id,
+        )
 
     def log_artifact(self, path: str | Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -348,8 +394,11 @@ class MlflowTracker(NullTracker):
         # explicit requirements: MLflow's inference imports torchvision, which a text model does not need
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
         info = self.mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
-            pip_requirements=requirements, run_id=self.run_id,
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            pip_requirements=requirements,
+            run_id=self.run_id,
         )
         return info.model_uri
 

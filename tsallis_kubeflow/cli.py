@@ -20,9 +20,11 @@ def _pipeline_compile(args: argparse.Namespace) -> int:
     module, settings = _pipeline_settings(args)
     path = module.compile_pipeline(settings, args.out)
     runs = settings.sweep.items()
-    print(f"{path}: {len(runs)} training runs ({', '.join(r['run_name'] for r in runs)}), parallelism "
-          f"{settings.parallelism or 'unlimited'}, image {settings.cluster.image}, {settings.cluster.num_nodes} node(s) x "
-          f"{settings.cluster.gpus_per_node} GPU(s) per run")
+    print(
+        f"{path}: {len(runs)} training runs ({', '.join(r['run_name'] for r in runs)}), parallelism "
+        f"{settings.parallelism or 'unlimited'}, image {settings.cluster.image}, {settings.cluster.num_nodes} node(s) x "
+        f"{settings.cluster.gpus_per_node} GPU(s) per run"
+    )
     return 0
 
 
@@ -30,7 +32,9 @@ def _pipeline_submit(args: argparse.Namespace) -> int:
     from tsallis_core.kubeflow import parse_params
 
     module, settings = _pipeline_settings(args)
-    run_id = module.submit(settings, args.host, parse_params(args.param), args.experiment, args.run_name, args.namespace)
+    run_id = module.submit(
+        settings, args.host, parse_params(args.param), args.experiment, args.run_name, args.namespace
+    )
     print(f"submitted run {run_id} to {args.host} (experiment {args.experiment!r})")
     return 0
 
@@ -48,20 +52,30 @@ def add_pipeline_commands(commands) -> None:
     """``tsallis pipeline compile | submit | run-local``: registered with the ``tsallis`` command through the entry
     point group ``tsallis.commands`` (pyproject.toml), so that the library never imports this layer."""
     pipeline = commands.add_parser(
-        "pipeline", help="the Kubeflow cold-start sweep: compile, submit, run locally",
+        "pipeline",
+        help="the Kubeflow cold-start sweep: compile, submit, run locally",
         description="Settings come from params.yaml plus key=value overrides (sweep.q=[0.5,1.0], "
-                    "sweep.estimators=[garl], parallelism=2, cluster.gpus_per_node=8, cluster.num_nodes=2, ...; "
-                    "see tsallis_core/kubeflow.py); --param name=value sets a run-time parameter (train_steps=30).")
+        "sweep.estimators=[garl], parallelism=2, cluster.gpus_per_node=8, cluster.num_nodes=2, ...; "
+        "see tsallis_core/kubeflow.py); --param name=value sets a run-time parameter (train_steps=30).",
+    )
     sub = pipeline.add_subparsers(dest="pipeline_command", required=True)
     for name, func, help_text in (
         ("compile", _pipeline_compile, "write the pipeline YAML"),
         ("submit", _pipeline_submit, "compile and submit a run to Kubeflow Pipelines (kfp.Client)"),
-        ("run-local", _pipeline_run_local, "run the whole pipeline here (kfp.local, SubprocessRunner) on small settings"),
+        (
+            "run-local",
+            _pipeline_run_local,
+            "run the whole pipeline here (kfp.local, SubprocessRunner) on small settings",
+        ),
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--params", default="params.yaml", help="params.yaml whose sections give the defaults")
-        cmd.add_argument("--image", help="not used: kfp.local runs every step as a subprocess here" if name == "run-local"
-                         else "image of every step (default: $TSALLIS_IMAGE; one of them is required)")
+        cmd.add_argument(
+            "--image",
+            help="not used: kfp.local runs every step as a subprocess here"
+            if name == "run-local"
+            else "image of every step (default: $TSALLIS_IMAGE; one of them is required)",
+        )
         cmd.add_argument("overrides", nargs="*", help="settings as key=value, e.g. sweep.q=[0.25,0.75]")
         cmd.set_defaults(func=func)
         if name == "compile":

@@ -46,19 +46,31 @@ def finqa_record(row: dict) -> dict:
     table = "\n".join(" | ".join(str(c) for c in r) for r in (row.get("table") or []))
     context = "\n".join([*(row.get("pre_text") or []), table, *(row.get("post_text") or [])]).strip()
     executed = qa.get("exe_ans", qa.get("final_result"))
-    answer = qa.get("answer") if qa.get("answer") not in (None, "") else (str(executed) if executed not in (None, "") else None)
+    answer = (
+        qa.get("answer")
+        if qa.get("answer") not in (None, "")
+        else (str(executed) if executed not in (None, "") else None)
+    )
     answer = _text(answer, "answer")
     aliases = [str(executed)] if executed not in (None, "") and str(executed) != answer else []
-    return {"context": _text(context, "context"), "question": _text(qa.get("question"), "question"), "answer": answer,
-            "aliases": aliases}
+    return {
+        "context": _text(context, "context"),
+        "question": _text(qa.get("question"), "question"),
+        "answer": answer,
+        "aliases": aliases,
+    }
 
 
 def hotpotqa_record(row: dict) -> dict:
     ctx = row.get("context") or {}
     pairs = zip(ctx.get("title", []), ctx.get("sentences", [])) if isinstance(ctx, dict) else ctx
     context = "\n\n".join(f"{title}: {''.join(sentences)}" for title, sentences in pairs)
-    return {"context": _text(context, "context"), "question": _text(row.get("question"), "question"),
-            "answer": _text(row.get("answer"), "answer"), "aliases": []}
+    return {
+        "context": _text(context, "context"),
+        "question": _text(row.get("question"), "question"),
+        "answer": _text(row.get("answer"), "answer"),
+        "aliases": [],
+    }
 
 
 def musique_record(row: dict) -> dict:
@@ -66,8 +78,12 @@ def musique_record(row: dict) -> dict:
         raise BadRow("not answerable (only the answerable subset is used)")
     context = "\n\n".join(f"{p.get('title', '')}: {p.get('paragraph_text', '')}" for p in row.get("paragraphs") or [])
     aliases = [a for a in (row.get("answer_aliases") or []) if isinstance(a, str) and a.strip()]
-    return {"context": _text(context, "context"), "question": _text(row.get("question"), "question"),
-            "answer": _text(row.get("answer"), "answer"), "aliases": aliases}
+    return {
+        "context": _text(context, "context"),
+        "question": _text(row.get("question"), "question"),
+        "answer": _text(row.get("answer"), "answer"),
+        "aliases": aliases,
+    }
 
 
 @dataclass
@@ -79,8 +95,14 @@ class LoadReport:
     truncated: int = 0
 
 
-def load_native(spec: DatasetSpec, path: str | None = None, hub_id: str | None = None, config: str | None = None,
-                split: str | None = None, revision: str | None = None):
+def load_native(
+    spec: DatasetSpec,
+    path: str | None = None,
+    hub_id: str | None = None,
+    config: str | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+):
     """The dataset's rows in their native schema, through ``datasets`` (a local file, or the hub)."""
     import datasets
 
@@ -100,15 +122,22 @@ def load_native(spec: DatasetSpec, path: str | None = None, hub_id: str | None =
     if not Path(hub).is_dir():
         check_hub()
     try:
-        rows = datasets.load_dataset(hub, config if config is not None else spec.hub_config, split=split,
-                                     revision=revision, data_files={split: data_files[split]} if data_files else None)
+        rows = datasets.load_dataset(
+            hub,
+            config if config is not None else spec.hub_config,
+            split=split,
+            revision=revision,
+            data_files={split: data_files[split]} if data_files else None,
+        )
     except ConnectionError as error:  # offline mode and not in the cache
         raise DatasetError(f"{spec.name}: {error}; {LOCAL_FILES}") from None
     return rows, f"{spec.name}:{hub}:{split}"
 
 
-LOCAL_FILES = ("give a local file in the dataset's original format instead (--path, or params.yaml's data.train_file "
-               "and data.test_file; docs/datasets.md)")
+LOCAL_FILES = (
+    "give a local file in the dataset's original format instead (--path, or params.yaml's data.train_file "
+    "and data.test_file; docs/datasets.md)"
+)
 
 
 def check_hub(timeout: float = 5.0) -> None:
@@ -123,13 +152,22 @@ def check_hub(timeout: float = 5.0) -> None:
     except urllib.error.HTTPError:
         return  # it answered
     except (urllib.error.URLError, OSError) as error:
-        raise DatasetError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} "
-                           f"({getattr(error, 'reason', error)}): {LOCAL_FILES}, or set HF_HUB_OFFLINE=1 to read "
-                           f"the datasets cache") from None
+        raise DatasetError(
+            f"cannot reach the Hugging Face hub at {constants.ENDPOINT} "
+            f"({getattr(error, 'reason', error)}): {LOCAL_FILES}, or set HF_HUB_OFFLINE=1 to read "
+            f"the datasets cache"
+        ) from None
 
 
-def to_records(spec: DatasetSpec, rows, source: str, bad_rows: str = "skip", tokenizer=None,
-               max_context_tokens: int | None = None, template: str = "") -> tuple[list[dict], LoadReport]:
+def to_records(
+    spec: DatasetSpec,
+    rows,
+    source: str,
+    bad_rows: str = "skip",
+    tokenizer=None,
+    max_context_tokens: int | None = None,
+    template: str = "",
+) -> tuple[list[dict], LoadReport]:
     """Native rows -> records with prompts (``template``, else the dataset's); bad rows reported by index, skipped
     or raised."""
     if bad_rows not in ("skip", "fail"):
@@ -150,12 +188,16 @@ def to_records(spec: DatasetSpec, rows, source: str, bad_rows: str = "skip", tok
         records.append(record)
     report.kept = len(records)
     if report.skipped:
-        shown = "; ".join(report.skipped[:5]) + (f"; and {len(report.skipped) - 5} more" if len(report.skipped) > 5 else "")
+        shown = "; ".join(report.skipped[:5]) + (
+            f"; and {len(report.skipped) - 5} more" if len(report.skipped) > 5 else ""
+        )
         if bad_rows == "fail":
             raise DatasetError(f"{len(report.skipped)} bad row(s) (bad_rows=fail): {shown}")
         log.warning("skipped %d of %d rows: %s", len(report.skipped), report.rows, shown)
     if report.truncated:
-        log.warning("truncated the context of %d of %d records to %s tokens", report.truncated, report.kept, max_context_tokens)
+        log.warning(
+            "truncated the context of %d of %d records to %s tokens", report.truncated, report.kept, max_context_tokens
+        )
     return records, report
 
 
@@ -174,5 +216,7 @@ def build_prompt(template: str, record: dict, tokenizer=None) -> str:
     it has one."""
     text = template.format(context=record["context"], question=record["question"])
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
     return text

@@ -14,8 +14,10 @@ def load_records(path: str | Path, required: tuple[str, ...] = ("prompt", "answe
     """Rows of a JSONL file, each a dict with string fields ``required`` (row numbers are 0-based)."""
     path = Path(path)
     if path.is_dir():
-        raise DatasetError(f"dataset file {path} is a directory; give the JSONL file in it (e.g. {path / 'train.jsonl'}) "
-                           f"as data.train_path or --data")
+        raise DatasetError(
+            f"dataset file {path} is a directory; give the JSONL file in it (e.g. {path / 'train.jsonl'}) "
+            f"as data.train_path or --data"
+        )
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist (check data.train_path or --data)")
     rows, problems = [], []

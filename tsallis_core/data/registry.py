@@ -93,7 +93,8 @@ SAMPLE = ("Let me think.\nAnswer: 42", "42")  # (completion, answer) a custom re
 
 def verifier_help() -> str:
     return "; ".join(f"{v.name}: {v.description}" for v in VERIFIERS.values()) + (
-        "; or package.module:function, your own function of (completion, answer) -> float in [0, 1]")
+        "; or package.module:function, your own function of (completion, answer) -> float in [0, 1]"
+    )
 
 
 def get_verifier(name: str) -> Reward:
@@ -104,22 +105,28 @@ def get_verifier(name: str) -> Reward:
         return VERIFIERS[name].reward
     module_name, sep, attr = name.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"verifier must be one of {', '.join(VERIFIERS)}, or package.module:function for your own "
-                         f"reward; got {name!r}")
+        raise ValueError(
+            f"verifier must be one of {', '.join(VERIFIERS)}, or package.module:function for your own "
+            f"reward; got {name!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"verifier {name!r}: cannot import {module_name} ({error}); install it or put its folder on "
-                         f"PYTHONPATH") from None
+        raise ValueError(
+            f"verifier {name!r}: cannot import {module_name} ({error}); install it or put its folder on PYTHONPATH"
+        ) from None
     function = getattr(module, attr, None)
     if not callable(function):  # a ValueError, which pydantic reports as data.verifier's error
-        raise ValueError(f"verifier {name!r}: {module_name} has no function {attr!r}"  # noqa: TRY004
-                         + ("" if function is None else f" ({attr} is a {type(function).__name__})"))
+        raise ValueError(  # noqa: TRY004 - pydantic reports a ValueError as data.verifier's error
+            f"verifier {name!r}: {module_name} has no function {attr!r}"
+            + ("" if function is None else f" ({attr} is a {type(function).__name__})")
+        )
     try:
         value = function(*SAMPLE)
     except Exception as error:  # noqa: BLE001 - a user's function: whatever it raises is reported in one line
-        raise ValueError(f"verifier {name!r} failed on the sample (completion, answer) = {SAMPLE!r}: "
-                         f"{type(error).__name__}: {error}") from None
+        raise ValueError(
+            f"verifier {name!r} failed on the sample (completion, answer) = {SAMPLE!r}: {type(error).__name__}: {error}"
+        ) from None
     _check_reward(name, value, SAMPLE)
 
     def reward(completion: str, gold: str, aliases: Sequence[str] = ()) -> float:
@@ -135,37 +142,77 @@ def get_verifier(name: str) -> Reward:
 
 def _check_reward(name: str, value, inputs: tuple[str, str]) -> None:
     if not isinstance(value, numbers.Real) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"verifier {name!r} must return a number in [0, 1]; on (completion, answer) = {inputs!r} it "
-                         f"returned {value!r}")
+        raise ValueError(
+            f"verifier {name!r} must return a number in [0, 1]; on (completion, answer) = {inputs!r} it "
+            f"returned {value!r}"
+        )
 
 
 # ------------------------------------------------------------------------------- the built-in verifiers and datasets
 
 register_verifier("exact", verify.exact_reward, "the answer line equals the gold exactly (the synthetic task)")
 register_verifier("finqa", verify.finqa_reward, "numeric match as FinQA's evaluation (%, units, rounding)")
-register_verifier("em", verify.em_reward, "SQuAD exact match after normalisation, best over aliases (HotPotQA, MuSiQue)")
+register_verifier(
+    "em", verify.em_reward, "SQuAD exact match after normalisation, best over aliases (HotPotQA, MuSiQue)"
+)
 register_verifier("f1", verify.f1_reward, "SQuAD token F1, HotPotQA's yes/no rule, best over aliases")
 
-QA_TEMPLATE = ("Answer the question using the paragraphs. Reason step by step, then finish with a last line of "
-               "the form 'Answer: <short answer>'.\n\n{context}\n\nQuestion: {question}\n")
+QA_TEMPLATE = (
+    "Answer the question using the paragraphs. Reason step by step, then finish with a last line of "
+    "the form 'Answer: <short answer>'.\n\n{context}\n\nQuestion: {question}\n"
+)
 
-register_dataset(DatasetSpec(
-    "synthetic", "the synthetic cold-start task (tsallis data synthetic): generated here, nothing downloaded", "exact"))
-register_dataset(DatasetSpec(
-    "local", "your own JSONL rows with prompt and answer (aliases optional), used as they are", "exact"))
-register_dataset(DatasetSpec(
-    "finqa", "FinQA: numeric questions on financial reports (text and a table)", "finqa", reasoning.finqa_record,
-    template=("Read the financial report and answer the question. Think step by step, then give the final numeric "
-              "answer on a last line of the form 'Answer: <number>'.\n\n{context}\n\nQuestion: {question}\n"),
-    hub_id="TableQAKit/FinQA_retrieval", split="test", train_split="train",
-    data_files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
-    note="the original FinQA JSON files (github.com/czyssrs/FinQA/tree/main/dataset) on the hub"))
-register_dataset(DatasetSpec(
-    "hotpotqa", "HotPotQA (distractor): multi-hop questions over ten paragraphs", "em", reasoning.hotpotqa_record,
-    template=QA_TEMPLATE, hub_id="hotpotqa/hotpot_qa", hub_config="distractor", split="validation",
-    train_split="train"))
-register_dataset(DatasetSpec(
-    "musique", "MuSiQue (answerable, v1.0): 2-4 hop questions", "em", reasoning.musique_record, template=QA_TEMPLATE,
-    hub_id="dgslibisey/MuSiQue", split="validation", train_split="train",
-    data_files={"train": "musique_ans_v1.0_train.jsonl", "validation": "musique_ans_v1.0_dev.jsonl"},
-    note="the answerable (musique_ans) v1.0 files"))
+register_dataset(
+    DatasetSpec(
+        "synthetic",
+        "the synthetic cold-start task (tsallis data synthetic): generated here, nothing downloaded",
+        "exact",
+    )
+)
+register_dataset(
+    DatasetSpec("local", "your own JSONL rows with prompt and answer (aliases optional), used as they are", "exact")
+)
+register_dataset(
+    DatasetSpec(
+        "finqa",
+        "FinQA: numeric questions on financial reports (text and a table)",
+        "finqa",
+        reasoning.finqa_record,
+        template=(
+            "Read the financial report and answer the question. Think step by step, then give the final numeric "
+            "answer on a last line of the form 'Answer: <number>'.\n\n{context}\n\nQuestion: {question}\n"
+        ),
+        hub_id="TableQAKit/FinQA_retrieval",
+        split="test",
+        train_split="train",
+        data_files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
+        note="the original FinQA JSON files (github.com/czyssrs/FinQA/tree/main/dataset) on the hub",
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "hotpotqa",
+        "HotPotQA (distractor): multi-hop questions over ten paragraphs",
+        "em",
+        reasoning.hotpotqa_record,
+        template=QA_TEMPLATE,
+        hub_id="hotpotqa/hotpot_qa",
+        hub_config="distractor",
+        split="validation",
+        train_split="train",
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "musique",
+        "MuSiQue (answerable, v1.0): 2-4 hop questions",
+        "em",
+        reasoning.musique_record,
+        template=QA_TEMPLATE,
+        hub_id="dgslibisey/MuSiQue",
+        split="validation",
+        train_split="train",
+        data_files={"train": "musique_ans_v1.0_train.jsonl", "validation": "musique_ans_v1.0_dev.jsonl"},
+        note="the answerable (musique_ans) v1.0 files",
+    )
+)

@@ -36,30 +36,51 @@ class SyntheticTaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="seed of the generator; the same seed gives the same files")
-    p0: float = Field(0.05, gt=0.0, le=1.0, description="target mean starting success rate of the base model (share of complete reasoning)")
+    p0: float = Field(
+        0.05,
+        gt=0.0,
+        le=1.0,
+        description="target mean starting success rate of the base model (share of complete reasoning)",
+    )
     min_terms: int = Field(2, ge=2, le=5, description="fewest digits in a prompt")
     max_terms: int = Field(5, ge=2, le=8, description="most digits in a prompt")
-    difficulty_spread: float = Field(2.0, ge=1.0, description="ratio of complete-reasoning rates between n and n+1 terms")
+    difficulty_spread: float = Field(
+        2.0, ge=1.0, description="ratio of complete-reasoning rates between n and n+1 terms"
+    )
     num_pretrain: int = Field(38400, ge=1, description="rows of the pre-training corpus that makes the base model")
     num_train: int = Field(2000, ge=1, description="RL training prompts")
     num_test: int = Field(200, ge=1, description="held-out evaluation prompts")
-    stop_hazard: float | None = Field(None, gt=0.0, lt=1.0, description="if set, the corpus stops early at each step "
-                                      "with this probability, so complete reasoning has rate (1 - h)^(n-1): hard prompts "
-                                      "are rare through many moderate decisions, which a small model learns (replaces p0)")
-    term_weights: list[float] | None = Field(None, description="relative frequency of each term count min_terms..max_terms "
-                                             "(default: uniform)")
-    label_noise: float = Field(0.0, ge=0.0, lt=1.0, description="share of RL training prompts whose gold answer is wrong "
-                               "(a partial total, as an early stop gives: reachable, so it can be memorised)")
+    stop_hazard: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="if set, the corpus stops early at each step "
+        "with this probability, so complete reasoning has rate (1 - h)^(n-1): hard prompts "
+        "are rare through many moderate decisions, which a small model learns (replaces p0)",
+    )
+    term_weights: list[float] | None = Field(
+        None, description="relative frequency of each term count min_terms..max_terms (default: uniform)"
+    )
+    label_noise: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of RL training prompts whose gold answer is wrong "
+        "(a partial total, as an early stop gives: reachable, so it can be memorised)",
+    )
 
     @model_validator(mode="after")
     def _terms_ordered(self) -> SyntheticTaskConfig:
         if self.min_terms > self.max_terms:
             raise ValueError(f"min_terms ({self.min_terms}) must not exceed max_terms ({self.max_terms})")
         count = self.max_terms - self.min_terms + 1
-        if self.term_weights is not None and (len(self.term_weights) != count or min(self.term_weights) < 0
-                                              or sum(self.term_weights) <= 0):
-            raise ValueError(f"term_weights must give {count} non-negative weights (terms {self.min_terms}..{self.max_terms}), "
-                             f"not all zero; got {self.term_weights}")
+        if self.term_weights is not None and (
+            len(self.term_weights) != count or min(self.term_weights) < 0 or sum(self.term_weights) <= 0
+        ):
+            raise ValueError(
+                f"term_weights must give {count} non-negative weights (terms {self.min_terms}..{self.max_terms}), "
+                f"not all zero; got {self.term_weights}"
+            )
         return self
 
     def term_shares(self) -> dict[int, float]:
@@ -91,7 +112,7 @@ def make_prompt(digits: list[int]) -> str:
 def worked_solution(digits: list[int], num_steps: int | None = None) -> tuple[str, str]:
     """(reasoning, answer) after ``num_steps`` of the n-1 additions (all by default)."""
     steps, total = [], digits[0]
-    for d in digits[1:] if num_steps is None else digits[1:num_steps + 1]:
+    for d in digits[1:] if num_steps is None else digits[1 : num_steps + 1]:
         steps.append(f"{total}+{d}={total + d}")
         total += d
     return ";".join(steps), f"{total:02d}"

@@ -52,9 +52,18 @@ class PromptResult:
     f1: list[float]
 
 
-def sample_and_score(model, tokenizer, rows: list[dict], num_samples: int, verifier: str, temperature: float,
-                     max_new_tokens: int, seed: int, prompts_per_batch: int = 8,
-                     settings: RolloutConfig | None = None) -> list[PromptResult]:
+def sample_and_score(
+    model,
+    tokenizer,
+    rows: list[dict],
+    num_samples: int,
+    verifier: str,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    prompts_per_batch: int = 8,
+    settings: RolloutConfig | None = None,
+) -> list[PromptResult]:
     """num_samples completions per row (seeded), each verified; a progress bar over the rows. ``settings``: the
     decoder, as ``rollout.*`` chooses it in training (default: training's defaults)."""
     from tsallis_core.rollout.eager import HFRollout, row_seed
@@ -64,19 +73,24 @@ def sample_and_score(model, tokenizer, rows: list[dict], num_samples: int, verif
     results = []
     with torch.no_grad(), tqdm(total=len(rows), desc="evaluate", unit="prompt") as bar:
         for start in range(0, len(rows), prompts_per_batch):
-            batch = rows[start:start + prompts_per_batch]
-            out = rollout.generate([r["prompt"] for r in batch for _ in range(num_samples)],
-                                   [row_seed(seed, "eval", start + i, j) for i in range(len(batch)) for j in range(num_samples)])
+            batch = rows[start : start + prompts_per_batch]
+            out = rollout.generate(
+                [r["prompt"] for r in batch for _ in range(num_samples)],
+                [row_seed(seed, "eval", start + i, j) for i in range(len(batch)) for j in range(num_samples)],
+            )
             for i, row in enumerate(batch):
-                texts = out.texts[i * num_samples:(i + 1) * num_samples]
+                texts = out.texts[i * num_samples : (i + 1) * num_samples]
                 golds = [row["answer"], *row.get("aliases", [])]
                 answers = [extract_answer(t) for t in texts]
-                results.append(PromptResult(
-                    id=str(row.get("id", start + i)), answers=answers,
-                    rewards=[verify(t, row["answer"], row.get("aliases", [])) for t in texts],
-                    em=[0.0 if a is None else max(exact_match_score(a, g) for g in golds) for a in answers],
-                    f1=[0.0 if a is None else max(f1_score(a, g) for g in golds) for a in answers],
-                ))
+                results.append(
+                    PromptResult(
+                        id=str(row.get("id", start + i)),
+                        answers=answers,
+                        rewards=[verify(t, row["answer"], row.get("aliases", [])) for t in texts],
+                        em=[0.0 if a is None else max(exact_match_score(a, g) for g in golds) for a in answers],
+                        f1=[0.0 if a is None else max(f1_score(a, g) for g in golds) for a in answers],
+                    )
+                )
             bar.update(len(batch))
     return results
 
@@ -98,10 +112,13 @@ def summarize(results: list[PromptResult], ks: Sequence[int]) -> dict[str, float
     """pass@k and maj@k for each k, mean accuracy, EM and F1 over all samples."""
     n = len(results[0].rewards)
     per_prompt = per_prompt_scores(results, ks)
-    metrics = {"accuracy": sum(sum(r.rewards) / n for r in results) / len(results),
-               "em": sum(sum(r.em) / n for r in results) / len(results),
-               "f1": sum(sum(r.f1) / n for r in results) / len(results),
-               "prompts": float(len(results)), "samples_per_prompt": float(n)}
+    metrics = {
+        "accuracy": sum(sum(r.rewards) / n for r in results) / len(results),
+        "em": sum(sum(r.em) / n for r in results) / len(results),
+        "f1": sum(sum(r.f1) / n for r in results) / len(results),
+        "prompts": float(len(results)),
+        "samples_per_prompt": float(n),
+    }
     metrics.update({name: sum(values) / len(values) for name, values in per_prompt.items()})
     return metrics
 
@@ -150,12 +167,20 @@ def recommend(p0: float, frac_zero_success: float, group_size: int, verifier: st
     elif p0 >= 0.05:
         q, regime = 0.5, "intermediate: q around 0.5 trades escape speed against label noise"
     elif p0 * MAX_GROUP_SIZE >= 1:
-        q, regime = 0.75, f"cold start: q = 0.75 amplifies the rare successes, with M >= {needed} so that groups differ in their success counts"
+        q, regime = (
+            0.75,
+            f"cold start: q = 0.75 amplifies the rare successes, with M >= {needed} so that groups differ in their success counts",
+        )
     else:
         share = single_success_share(p0, MAX_GROUP_SIZE)
-        q, regime = 0.0, (f"cold start below 1/{MAX_GROUP_SIZE}: even at M = {MAX_GROUP_SIZE}, {share:.0%} of the groups with a "
-                          f"success have exactly one, where every q gives GRPO's update direction (docs/escape.md), so q "
-                          f"cannot act; use more prompts per step or an SFT warm-up")
+        q, regime = (
+            0.0,
+            (
+                f"cold start below 1/{MAX_GROUP_SIZE}: even at M = {MAX_GROUP_SIZE}, {share:.0%} of the groups with a "
+                f"success have exactly one, where every q gives GRPO's update direction (docs/escape.md), so q "
+                f"cannot act; use more prompts per step or an SFT warm-up"
+            ),
+        )
     reason = f"{regime}; {estimator.upper()} for {'open-ended' if estimator == 'paft' else 'structured'} answers"
     if p0 == 0:
         reason += "; no success at all: RL gets no signal, warm up with SFT first or sample more"
@@ -181,17 +206,32 @@ def load_for_eval(model: str, data: str | Path, limit: int = 0, seed: int = 0):
     return load_model(model_cfg, pick_device("auto"), seed).eval(), load_tokenizer(model_cfg), rows
 
 
-def evaluate_model(model: str, data: str | Path, n: int, ks: Sequence[int] | None = None, verifier: str = "exact",
-                   temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0, limit: int = 0,
-                   settings: RolloutConfig | None = None) -> dict:
+def evaluate_model(
+    model: str,
+    data: str | Path,
+    n: int,
+    ks: Sequence[int] | None = None,
+    verifier: str = "exact",
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    limit: int = 0,
+    settings: RolloutConfig | None = None,
+) -> dict:
     """``tsallis evaluate`` as a function: n samples per row of ``data`` from ``model``, scored (pass@k and maj@k
     for each k, by default 1 and n), decoded as ``settings`` (``rollout.*``) say. Returns the JSON record that the
     command writes (``{model, data, verifier, temperature, metrics}``)."""
     net, tokenizer, rows = load_for_eval(model, data, limit, seed)
     results = sample_and_score(net, tokenizer, rows, n, verifier, temperature, max_new_tokens, seed, settings=settings)
     ks = sorted(set(ks or [1, n]))
-    return {"model": str(model), "data": str(data), "verifier": verifier, "temperature": temperature,
-            "metrics": summarize(results, ks), "per_prompt": per_prompt_scores(results, ks)}
+    return {
+        "model": str(model),
+        "data": str(data),
+        "verifier": verifier,
+        "temperature": temperature,
+        "metrics": summarize(results, ks),
+        "per_prompt": per_prompt_scores(results, ks),
+    }
 
 
 def write_json(payload: dict, path: str | Path) -> Path:

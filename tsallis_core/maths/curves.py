@@ -13,11 +13,12 @@ ESCAPE_WINDOW = 5  # steps in that moving average
 FINAL_WINDOW = 10  # last steps averaged for the final success
 
 
-def steps_to_escape(rates: Sequence[float], threshold: float = ESCAPE_THRESHOLD,
-                    window: int = ESCAPE_WINDOW) -> int | None:
+def steps_to_escape(
+    rates: Sequence[float], threshold: float = ESCAPE_THRESHOLD, window: int = ESCAPE_WINDOW
+) -> int | None:
     """First step k (1-based) whose mean success over steps k - window + 1 .. k reaches ``threshold``; None if none."""
     for end in range(window, len(rates) + 1):
-        if sum(rates[end - window:end]) / window >= threshold:
+        if sum(rates[end - window : end]) / window >= threshold:
             return end
     return None
 

@@ -84,9 +84,16 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def register_estimator(name: str, args: type[EstimatorArgs], *, uses_q: bool, description: str,
-                       maths: Callable[..., LossOutput] | None = None,
-                       wants_resample_counts: Callable[[EstimatorArgs], bool] | None = None, is_baseline: bool = False):
+def register_estimator(
+    name: str,
+    args: type[EstimatorArgs],
+    *,
+    uses_q: bool,
+    description: str,
+    maths: Callable[..., LossOutput] | None = None,
+    wants_resample_counts: Callable[[EstimatorArgs], bool] | None = None,
+    is_baseline: bool = False,
+):
     """Decorator: register ``fn(batch: PolicyBatch, args) -> LossOutput`` as the estimator ``name``."""
 
     def register(fn: Callable[[PolicyBatch, EstimatorArgs], LossOutput]):
@@ -132,13 +139,28 @@ class GarlArgs(EstimatorArgs):
     kl_coef: float = 0.0
 
 
-@register_estimator("garl", GarlArgs, uses_q=True, maths=garl_loss,
-                    description="Gradient-Amplified RL: the policy gradient with each group's advantage times P_hat^-q")
+@register_estimator(
+    "garl",
+    GarlArgs,
+    uses_q=True,
+    maths=garl_loss,
+    description="Gradient-Amplified RL: the policy gradient with each group's advantage times P_hat^-q",
+)
 def garl(batch: PolicyBatch, args: GarlArgs) -> LossOutput:
     clip = args.clip_eps if args.updates_per_batch > 1 else None  # the ratio clip only when a batch is reused
-    return garl_loss(batch.logprobs, batch.mask, batch.rewards, batch.group_size, batch.q, baseline=args.baseline,
-                     aggregation=args.aggregation, old_logprobs=batch.old_logprobs, clip_eps=clip,
-                     ref_logprobs=batch.ref_logprobs, kl_coef=args.kl_coef)
+    return garl_loss(
+        batch.logprobs,
+        batch.mask,
+        batch.rewards,
+        batch.group_size,
+        batch.q,
+        baseline=args.baseline,
+        aggregation=args.aggregation,
+        old_logprobs=batch.old_logprobs,
+        clip_eps=clip,
+        ref_logprobs=batch.ref_logprobs,
+        kl_coef=args.kl_coef,
+    )
 
 
 class PaftArgs(EstimatorArgs):
@@ -146,13 +168,24 @@ class PaftArgs(EstimatorArgs):
     paft_resample: Literal["multinomial", "expected"] = "multinomial"
 
 
-@register_estimator("paft", PaftArgs, uses_q=True, maths=paft_loss,
-                    wants_resample_counts=lambda args: args.paft_resample == "multinomial",
-                    description="Posterior-Attenuated Fine-Tuning: SFT on posterior-resampled successes, "
-                                "weighted P_hat^(1-q)")
+@register_estimator(
+    "paft",
+    PaftArgs,
+    uses_q=True,
+    maths=paft_loss,
+    wants_resample_counts=lambda args: args.paft_resample == "multinomial",
+    description="Posterior-Attenuated Fine-Tuning: SFT on posterior-resampled successes, weighted P_hat^(1-q)",
+)
 def paft(batch: PolicyBatch, args: PaftArgs) -> LossOutput:
-    return paft_loss(batch.logprobs, batch.mask, batch.rewards, batch.group_size, batch.q,
-                     resample_counts=batch.resample_counts, aggregation=args.aggregation)
+    return paft_loss(
+        batch.logprobs,
+        batch.mask,
+        batch.rewards,
+        batch.group_size,
+        batch.q,
+        resample_counts=batch.resample_counts,
+        aggregation=args.aggregation,
+    )
 
 
 class GrpoArgs(EstimatorArgs):
@@ -162,9 +195,25 @@ class GrpoArgs(EstimatorArgs):
     kl_coef: float = 0.0
 
 
-@register_estimator("grpo", GrpoArgs, uses_q=False, maths=grpo_loss, is_baseline=True,
-                    description="the GRPO baseline, as TRL's GRPOTrainer computes it (no q)")
+@register_estimator(
+    "grpo",
+    GrpoArgs,
+    uses_q=False,
+    maths=grpo_loss,
+    is_baseline=True,
+    description="the GRPO baseline, as TRL's GRPOTrainer computes it (no q)",
+)
 def grpo(batch: PolicyBatch, args: GrpoArgs) -> LossOutput:
-    return grpo_loss(batch.logprobs, batch.mask, batch.rewards, batch.group_size, loss_type=args.grpo_loss_type,
-                     scale_rewards=args.grpo_scale_rewards, old_logprobs=batch.old_logprobs, clip_eps=args.clip_eps,
-                     ref_logprobs=batch.ref_logprobs, kl_coef=args.kl_coef, max_completion_length=batch.max_new_tokens)
+    return grpo_loss(
+        batch.logprobs,
+        batch.mask,
+        batch.rewards,
+        batch.group_size,
+        loss_type=args.grpo_loss_type,
+        scale_rewards=args.grpo_scale_rewards,
+        old_logprobs=batch.old_logprobs,
+        clip_eps=args.clip_eps,
+        ref_logprobs=batch.ref_logprobs,
+        kl_coef=args.kl_coef,
+        max_completion_length=batch.max_new_tokens,
+    )

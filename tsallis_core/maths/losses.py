@@ -39,9 +39,7 @@ def check_q(q: float, name: str = "q") -> float:
     return float(q)
 
 
-def check_batch(
-    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int, min_group_size: int = 1
-) -> None:
+def check_batch(logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int, min_group_size: int = 1) -> None:
     """Validate the shared batch layout; raise ValueError naming the argument at fault."""
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < min_group_size:
         raise ValueError(f"group_size must be an integer >= {min_group_size} for this loss, got {group_size!r}")
@@ -203,7 +201,10 @@ def group_diagnostics(rewards: Tensor, group_size: int, q: float | None = None) 
 
 
 def garl_loss(
-    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
+    logprobs: Tensor,
+    mask: Tensor,
+    rewards: Tensor,
+    group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
     q: float,
     baseline: Baseline = "loo",
     aggregation: Aggregation = "seq_sum",
@@ -226,8 +227,17 @@ def garl_loss(
     amp = amplification(p_hat, q)  # [B]
     advantages = amp.repeat_interleave(group_size) * (rewards - group_baseline(rewards, group_size, baseline))  # [N]
     return _policy_gradient_loss(
-        logprobs, mask, advantages.detach(), aggregation, None, old_logprobs, clip_eps, clip_eps, ref_logprobs,
-        kl_coef, {**group_diagnostics(rewards, group_size, q), "q": q},
+        logprobs,
+        mask,
+        advantages.detach(),
+        aggregation,
+        None,
+        old_logprobs,
+        clip_eps,
+        clip_eps,
+        ref_logprobs,
+        kl_coef,
+        {**group_diagnostics(rewards, group_size, q), "q": q},
     )
 
 
@@ -249,7 +259,9 @@ def _policy_gradient_loss(
     return LossOutput(loss, diag)
 
 
-def paft_resample_counts(rewards: Tensor, group_size: int, num_samples: int, generator: torch.Generator | None) -> Tensor:
+def paft_resample_counts(
+    rewards: Tensor, group_size: int, num_samples: int, generator: torch.Generator | None
+) -> Tensor:
     """Importance-resample each group from the posterior: counts [N] of ``num_samples`` draws per group.
 
     Draws with replacement with self-normalised weights ``R_i / sum_j R_j`` (uniform over the
@@ -267,7 +279,10 @@ def paft_resample_counts(rewards: Tensor, group_size: int, num_samples: int, gen
 
 
 def paft_loss(
-    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
+    logprobs: Tensor,
+    mask: Tensor,
+    rewards: Tensor,
+    group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
     q: float,
     resample_counts: Tensor | None = None,
     aggregation: Aggregation = "seq_sum",
@@ -288,7 +303,9 @@ def paft_loss(
         share = grouped / grouped.sum(dim=1, keepdim=True).clamp_min(torch.finfo(rewards.dtype).tiny)  # [B, M]
     else:
         if resample_counts.shape != rewards.shape:
-            raise ValueError(f"resample_counts must have shape {tuple(rewards.shape)}, got {tuple(resample_counts.shape)}")
+            raise ValueError(
+                f"resample_counts must have shape {tuple(rewards.shape)}, got {tuple(resample_counts.shape)}"
+            )
         counts = resample_counts.view(-1, group_size).to(rewards.dtype)
         share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
     attenuation = torch.where(p_hat > 0, p_hat.pow(1.0 - q), torch.zeros_like(p_hat))  # [B]
@@ -328,7 +345,10 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "grou
 
 
 def grpo_loss(
-    logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
+    logprobs: Tensor,
+    mask: Tensor,
+    rewards: Tensor,
+    group_size: int,  # [N, L], [N, L], [N]; N = groups * group_size
     loss_type: str = "dapo",
     scale_rewards: str = "group",
     old_logprobs: Tensor | None = None,
@@ -350,7 +370,16 @@ def grpo_loss(
     max_length = (max_completion_length or logprobs.shape[1]) if loss_type == "dr_grpo" else None
     high = clip_eps if clip_eps_high is None else clip_eps_high
     return _policy_gradient_loss(
-        logprobs, mask, advantages, aggregation, max_length, old_logprobs, clip_eps, high, ref_logprobs, kl_coef,
+        logprobs,
+        mask,
+        advantages,
+        aggregation,
+        max_length,
+        old_logprobs,
+        clip_eps,
+        high,
+        ref_logprobs,
+        kl_coef,
         group_diagnostics(rewards, group_size),
     )
 
@@ -363,4 +392,3 @@ def sft_loss(logprobs: Tensor, mask: Tensor, aggregation: Aggregation = "token_m
         raise ValueError(f"mask must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(mask.shape)}")
     loss = aggregate(-logprobs, mask, aggregation)
     return LossOutput(loss, {"loss": loss.item(), "nll_per_token": _masked_mean(-logprobs.detach(), mask)})
-

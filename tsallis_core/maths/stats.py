@@ -28,16 +28,18 @@ def bootstrap_interval(per_seed: list[list[float]], resamples: int = 2000, seed:
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def paired_bootstrap_difference(a: list[list[float]], b: list[list[float]], resamples: int = 2000,
-                                seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap_difference(
+    a: list[list[float]], b: list[list[float]], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(difference, low, high): the seed mean of a minus that of b on the same prompts ([S_a][P], [S_b][P]), with a
     95% bootstrap interval over prompts resampled jointly for both."""
     diff = np.asarray(a, dtype=float).mean(axis=0) - np.asarray(b, dtype=float).mean(axis=0)  # [P]
     return bootstrap_interval([diff.tolist()], resamples, seed)
 
 
-def bootstrap_median_ratio(numerator: list[float], denominator: list[float], resamples: int = 2000,
-                           seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_median_ratio(
+    numerator: list[float], denominator: list[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(ratio, low, high): median(numerator) / median(denominator) over seeds [S_a], [S_b], with a 95% percentile
     bootstrap that resamples each side's seeds independently (seeded numpy)."""
     a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)

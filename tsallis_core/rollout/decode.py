@@ -25,8 +25,9 @@ class DecodeLoop:
     ranks must run the same number of forwards).
     """
 
-    def __init__(self, max_new_tokens: int, progress: bool = False, check_every: int | None = None,
-                 sync_ranks: bool = False):
+    def __init__(
+        self, max_new_tokens: int, progress: bool = False, check_every: int | None = None, sync_ranks: bool = False
+    ):
         self.max_new_tokens, self.progress = max_new_tokens, progress
         self.check_every, self.sync_ranks = check_every, sync_ranks
 
@@ -51,8 +52,9 @@ class DecodeLoop:
         return all_ranks(done, finished.device) if self.sync_ranks else done
 
 
-def next_tokens(logits: Tensor, seeds: Tensor, step: int | Tensor, temperature: float, finished: Tensor,
-                pad: int) -> Tensor:
+def next_tokens(
+    logits: Tensor, seeds: Tensor, step: int | Tensor, temperature: float, finished: Tensor, pad: int
+) -> Tensor:
     """Token ``step`` of every row [N] from logits [N, V]: sampled (``sample_tokens``), the pad token once finished."""
     tokens = sample_tokens(logits, seeds, step, temperature)
     return torch.where(finished, torch.full_like(tokens, pad), tokens)

@@ -58,8 +58,8 @@ class PreallocatedLayer(DynamicLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         end = self.length + key_states.shape[-2]
-        self._keys[..., self.length:end, :] = key_states
-        self._values[..., self.length:end, :] = value_states
+        self._keys[..., self.length : end, :] = key_states
+        self._values[..., self.length : end, :] = value_states
         self.length = end
         self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
         return self.keys, self.values
@@ -72,9 +72,18 @@ class HFRollout:
     CUDA graphs; ``zero3``: the model is sharded by DeepSpeed ZeRO-3, whose weight gathers are never graphed.
     """
 
-    def __init__(self, model, tokenizer, temperature: float, max_new_tokens: int, progress: bool = False,
-                 sync_ranks: bool = False, check_every: int | None = None, settings: RolloutConfig | None = None,
-                 zero3: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        temperature: float,
+        max_new_tokens: int,
+        progress: bool = False,
+        sync_ranks: bool = False,
+        check_every: int | None = None,
+        settings: RolloutConfig | None = None,
+        zero3: bool = False,
+    ):
         self.model, self.tokenizer, self.temperature = model, tokenizer, temperature
         self.loop = DecodeLoop(max_new_tokens, progress, check_every, sync_ranks)
         self.settings, self.zero3 = settings or RolloutConfig(), zero3
@@ -101,7 +110,9 @@ class HFRollout:
         length = int(completion_mask.any(0).sum())  # up to the token where every row had finished
         completion_ids, completion_mask = tokens[:, :length], completion_mask[:, :length]
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(
+            completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True
+        )
         return Rollout(prefill.prompt_ids, prefill.prompt_mask, completion_ids, completion_mask, texts)
 
     def _prefill(self, prompts: list[str], seeds: list[int]) -> Prefill:
@@ -113,12 +124,21 @@ class HFRollout:
         cache = DynamicCache()
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # [D, P]
         logits = self.model(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions, use_cache=True,
-            logits_to_keep=1, **{cache_kwarg(self.model): cache},
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kwarg(self.model): cache},
         ).logits[index, -1]  # [N, V]
-        return Prefill(enc["input_ids"][index], enc["attention_mask"][index], positions[index, -1:], logits,
-                       [(layer.keys[index], layer.values[index]) for layer in cache.layers],
-                       torch.tensor(seeds, dtype=torch.int64, device=device))
+        return Prefill(
+            enc["input_ids"][index],
+            enc["attention_mask"][index],
+            positions[index, -1:],
+            logits,
+            [(layer.keys[index], layer.values[index]) for layer in cache.layers],
+            torch.tensor(seeds, dtype=torch.int64, device=device),
+        )
 
     def _decode(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
         """Tokens and alive flags [N, T]: the static-cache decoder where chosen and supported, else the eager loop.
@@ -128,8 +148,11 @@ class HFRollout:
             try:
                 return static.decode(prefill)
             except GraphFailure as failure:
-                log.warning("CUDA graph of the decode step failed (%s); rollouts decode with the eager loop for the "
-                            "rest of the run (rollout.cuda_graphs=false skips the graphs)", failure)
+                log.warning(
+                    "CUDA graph of the decode step failed (%s); rollouts decode with the eager loop for the "
+                    "rest of the run (rollout.cuda_graphs=false skips the graphs)",
+                    failure,
+                )
                 static.release()
                 self._static = None
         return self._decode_eager(prefill)
@@ -152,8 +175,15 @@ class HFRollout:
         if graphs and self.zero3:
             log.info("static-cache rollouts run without CUDA graphs: DeepSpeed ZeRO-3 gathers weights in every forward")
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        self._static = StaticDecoder(self.model, eos, pad, self.temperature, self.loop,
-                                     cuda_graphs=graphs and not self.zero3, max_buckets=settings.max_buckets)
+        self._static = StaticDecoder(
+            self.model,
+            eos,
+            pad,
+            self.temperature,
+            self.loop,
+            cuda_graphs=graphs and not self.zero3,
+            max_buckets=settings.max_buckets,
+        )
         return self._static
 
     def _decode_eager(self, prefill: Prefill) -> tuple[Tensor, Tensor]:
@@ -178,7 +208,10 @@ class HFRollout:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             position = position + 1
             logits = self.model(
-                input_ids=tokens[-1][:, None], attention_mask=attention, position_ids=position, use_cache=True,
+                input_ids=tokens[-1][:, None],
+                attention_mask=attention,
+                position_ids=position,
+                use_cache=True,
                 **{cache_kwarg(self.model): cache},
             ).logits[:, -1]
             return sample(logits, t)
@@ -200,8 +233,9 @@ def _picked_logprobs(head, hidden: Tensor, targets: Tensor, temperature: float, 
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def selective_log_softmax(model, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
-                          chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> Tensor:
+def selective_log_softmax(
+    model, hidden: Tensor, targets: Tensor, temperature: float = 1.0, chunk_elements: int = LOGIT_CHUNK_ELEMENTS
+) -> Tensor:
     """Log-probs [N, C] of ``targets`` [N, C] from last hidden states [N, C, H], chunk by chunk of tokens.
 
     The LM head, the log-softmax and the gather run on ``chunk_elements // V`` tokens at a time, so
@@ -218,7 +252,7 @@ def selective_log_softmax(model, hidden: Tensor, targets: Tensor, temperature: f
     size = max(1, chunk_elements // vocab)
     parts = []
     for start in range(0, n * c, size):
-        args = (head, flat[start:start + size], flat_targets[start:start + size], temperature, softcap)
+        args = (head, flat[start : start + size], flat_targets[start : start + size], temperature, softcap)
         if torch.is_grad_enabled() and hidden.requires_grad:
             parts.append(checkpoint(_picked_logprobs, *args, use_reentrant=False))
         else:
@@ -232,8 +266,15 @@ def _last_hidden(model, **inputs) -> Tensor:
     return model(**inputs, output_hidden_states=True, logits_to_keep=no_logits).hidden_states[-1]
 
 
-def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                        temperature: float = 1.0, chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> Tensor:
+def completion_logprobs(
+    model,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
+) -> Tensor:
     """Per-token log-probs [N, C] of the completions under ``model`` (softmax(logits / T)).
 
     The model runs to its last hidden states; ``selective_log_softmax`` applies the LM head and the
@@ -251,7 +292,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         attention = torch.cat([prompt_mask, completion_mask], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
         hidden = _last_hidden(model, input_ids=input_ids, attention_mask=attention, position_ids=positions)
-        hidden = hidden[:, p - 1:-1]  # [N, C, H]: position i predicts completion token i
+        hidden = hidden[:, p - 1 : -1]  # [N, C, H]: position i predicts completion token i
     else:
         shared_ids, shared_mask = distinct[:, :p], distinct[:, p:]
         cache = DynamicCache()
@@ -262,7 +303,8 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         cache.batch_select_indices(index)
         attention = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)[:, p:]
-        rest = _last_hidden(model, input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
-                            **kwargs)
+        rest = _last_hidden(
+            model, input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions, **kwargs
+        )
         hidden = torch.cat([first, rest], dim=1)  # [N, C, H]
     return selective_log_softmax(model, hidden, completion_ids, temperature, chunk_elements)

@@ -28,7 +28,10 @@ from tsallis_core.rollout.decode import DecodeLoop, next_tokens
 from tsallis_core.rollout.sampling import Prefill, cache_kwarg, unwrap_model
 
 STATIC_MASK_ATTENTION = ("eager", "sdpa")  # attention implementations that take our additive [N, 1, 1, capacity] mask
-LOCAL_ATTENTION_ATTRIBUTES = ("sliding_window", "attention_chunk_size")  # config fields of windowed or chunked attention
+LOCAL_ATTENTION_ATTRIBUTES = (
+    "sliding_window",
+    "attention_chunk_size",
+)  # config fields of windowed or chunked attention
 
 
 class GraphFailure(RuntimeError):
@@ -115,8 +118,18 @@ class StaticDecoder:
     used evicted (its memory released). A capture or replay error is raised as ``GraphFailure``.
     """
 
-    def __init__(self, model, eos: int, pad: int, temperature: float, loop: DecodeLoop, cuda_graphs: bool = True,
-                 bucket: int | None = None, *, max_buckets: int):
+    def __init__(
+        self,
+        model,
+        eos: int,
+        pad: int,
+        temperature: float,
+        loop: DecodeLoop,
+        cuda_graphs: bool = True,
+        bucket: int | None = None,
+        *,
+        max_buckets: int,
+    ):
         self.model, self.eos, self.pad, self.temperature, self.loop = model, eos, pad, temperature, loop
         self.cuda_graphs, self.bucket, self.max_buckets = cuda_graphs, bucket, max_buckets
         self.buckets: OrderedDict[tuple, Bucket] = OrderedDict()
@@ -174,11 +187,16 @@ class StaticDecoder:
         cache.layers = [StaticBufferLayer(keys, values, capacity, write_at) for keys, values in prefill.layers]
         long = {"dtype": torch.long, "device": device}
         return DecodeState(
-            tokens=torch.zeros(n, **long), position=torch.zeros(n, 1, **long),
-            mask=torch.zeros(n, 1, 1, capacity, dtype=dtype, device=device), write_at=write_at,
-            step=torch.zeros((), **long), finished=torch.zeros(n, dtype=torch.bool, device=device),
-            seeds=torch.zeros(n, **long), out_tokens=torch.zeros(n, self.loop.max_new_tokens, **long),
-            out_alive=torch.zeros(n, self.loop.max_new_tokens, dtype=torch.bool, device=device), cache=cache,
+            tokens=torch.zeros(n, **long),
+            position=torch.zeros(n, 1, **long),
+            mask=torch.zeros(n, 1, 1, capacity, dtype=dtype, device=device),
+            write_at=write_at,
+            step=torch.zeros((), **long),
+            finished=torch.zeros(n, dtype=torch.bool, device=device),
+            seeds=torch.zeros(n, **long),
+            out_tokens=torch.zeros(n, self.loop.max_new_tokens, **long),
+            out_alive=torch.zeros(n, self.loop.max_new_tokens, dtype=torch.bool, device=device),
+            cache=cache,
         )
 
     def _load(self, state: DecodeState, prefill: Prefill) -> None:
@@ -208,8 +226,11 @@ class StaticDecoder:
         """One decode step on the buffers: forward of the last token (written at ``write_at``), sample the next."""
         state.mask.index_fill_(3, state.write_at, 0.0)  # the new token's slot becomes visible
         logits = self.model(
-            input_ids=state.tokens.unsqueeze(1), attention_mask=state.mask, position_ids=state.position,
-            use_cache=True, **{cache_kwarg(self.model): state.cache},
+            input_ids=state.tokens.unsqueeze(1),
+            attention_mask=state.mask,
+            position_ids=state.position,
+            use_cache=True,
+            **{cache_kwarg(self.model): state.cache},
         ).logits[:, -1]  # [N, V]
         state.step.add_(1)
         self._sample(state, logits)

@@ -48,7 +48,9 @@ class BaseSpec(Section):
     """The base model: the synthetic task and the SFT that makes its start (cold or warm)."""
 
     name: str = Field("cold", description="directory name of the base under the study's out")
-    task: dict[str, Any] = Field(default_factory=dict, description="SyntheticTaskConfig fields (p0, difficulty_spread, ...)")
+    task: dict[str, Any] = Field(
+        default_factory=dict, description="SyntheticTaskConfig fields (p0, difficulty_spread, ...)"
+    )
     sft_steps: int = Field(600, ge=1)
     sft_lr: float = Field(3e-3, gt=0)
     sft_batch_size: int = Field(64, ge=1)
@@ -86,10 +88,15 @@ class Factors(Section):
 
     regimes: list[str] = Field(["adamw"])
     settings: list[str] = Field(["grpo", "garl:0.75", "garl:1"])
-    values: dict[str, list[Any]] = Field(default_factory=lambda: {
-        "kl_coef": [0.04], "baseline": ["none"], "group_size": [32], "prompts_per_step": [64]})
-    lr_offsets: list[int] = Field([-2, -1, 0, 1, 2], min_length=1, description="the lr grid of a factor cell, in "
-                                  "half decades from its core cell's best lr; [0]: that lr only, no search")
+    values: dict[str, list[Any]] = Field(
+        default_factory=lambda: {"kl_coef": [0.04], "baseline": ["none"], "group_size": [32], "prompts_per_step": [64]}
+    )
+    lr_offsets: list[int] = Field(
+        [-2, -1, 0, 1, 2],
+        min_length=1,
+        description="the lr grid of a factor cell, in "
+        "half decades from its core cell's best lr; [0]: that lr only, no search",
+    )
 
 
 class EvalSettings(Section):
@@ -111,8 +118,11 @@ class MechanismSettings(Section):
 class NoiseSettings(Section):
     base: BaseSpec = Field(default_factory=lambda: BaseSpec(name="noisy", task={"p0": 0.3, "label_noise": 0.25}))
     regime: str = "adamw"
-    lrs: list[float] = Field([1e-4], min_length=1, description="lrs shared by every q (AdamW is blind to a common "
-                             "scale); each is its own set of cells")
+    lrs: list[float] = Field(
+        [1e-4],
+        min_length=1,
+        description="lrs shared by every q (AdamW is blind to a common scale); each is its own set of cells",
+    )
     settings: list[str] = Field(["garl:0", "garl:0.5", "garl:0.75", "garl:1"])
     steps: int = Field(150, ge=1)
     noisy_prompts: int = Field(300, ge=1, description="noisy training prompts sampled after training")
@@ -127,18 +137,24 @@ class HorizonSettings(Section):
     lrs: dict[str, dict[str, float]] = Field(default_factory=dict, description="regime -> setting -> lr")
     steps: int = Field(1000, ge=1, description="the cap: most RL steps of a run")
     stop_after: int = Field(20, ge=0, description="steps a run goes on after it escapes")
-    lr_drops: int = Field(2, ge=0, description="a cell whose run diverges reruns half a decade lower, at most this often")
+    lr_drops: int = Field(
+        2, ge=0, description="a cell whose run diverges reruns half a decade lower, at most this often"
+    )
 
 
 class StudyConfig(Section):
     out: str = "outputs/study/escape"
     workers: int = Field(2, ge=1, description="runs in parallel (one CPU thread each)")
     seeds: int = Field(3, ge=1)
-    escape_threshold: float = Field(ESCAPE_THRESHOLD, gt=0, lt=1, description="5-step mean training success that counts as escaped")
+    escape_threshold: float = Field(
+        ESCAPE_THRESHOLD, gt=0, lt=1, description="5-step mean training success that counts as escaped"
+    )
     widen_limit: int = Field(3, ge=0, description="most grid points added on each side of a cell's lr grid")
     base: BaseSpec = Field(default_factory=BaseSpec)
     regimes: dict[str, Regime] = Field(default_factory=lambda: {"adamw": Regime(grad_clip=1.0)})
-    settings: list[str] = Field(["grpo", "garl:0", "garl:0.5", "garl:0.75", "garl:1", "paft:0.5", "paft:0.75", "paft:1"])
+    settings: list[str] = Field(
+        ["grpo", "garl:0", "garl:0.5", "garl:0.75", "garl:1", "paft:0.5", "paft:0.75", "paft:1"]
+    )
     run: RunSettings = Field(default_factory=RunSettings)
     factors: Factors = Field(default_factory=Factors)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -151,8 +167,9 @@ def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> S
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study params file {path} does not exist")
-    study = validate_settings(StudyConfig, yaml.safe_load(path.read_text()) or {}, overrides,
-                              f"invalid study params {path}")
+    study = validate_settings(
+        StudyConfig, yaml.safe_load(path.read_text()) or {}, overrides, f"invalid study params {path}"
+    )
     for name in [study.mechanism.regime, study.noise.regime, *study.factors.regimes]:
         if name not in study.regimes:
             raise ConfigError(f"regime {name!r} is not in regimes ({', '.join(study.regimes)}) of {path}")
@@ -215,17 +232,36 @@ class RunJob:
     def overrides(self) -> list[str]:
         """The ``tsallis train`` settings of this run."""
         estimator, _, q = self.setting.partition(":")
-        return [
-            "stage=rl", f"output_dir={self.out}", f"model.name_or_path={self.base}", f"data.train_path={self.data}",
-            f"steps={self.steps}", f"seed={self.seed}", f"rl.estimator={estimator}", f"rl.group_size={self.group_size}",
-            f"rl.batch_size={self.group_size * self.prompts_per_step}", f"rl.max_new_tokens={self.max_new_tokens}",
-            f"rl.temperature={self.temperature}", f"rl.baseline={self.baseline}", f"rl.kl_coef={self.kl_coef}",
-            f"optim.optimizer={self.optimizer}", f"optim.lr={self.lr}", f"optim.eps={self.eps}",
-            f"optim.grad_clip={self.grad_clip}", "checkpoint_every=0",
-            "tracking.enabled=false", "engine.threads=1",
-        ] + ([f"rl.q={q}"] if q else []) + ([f"rl.stop_after_escape={self.stop_after_escape}",
-                                            f"rl.escape_threshold={self.escape_threshold}"]
-                                           if self.stop_after_escape is not None else [])
+        return (
+            [
+                "stage=rl",
+                f"output_dir={self.out}",
+                f"model.name_or_path={self.base}",
+                f"data.train_path={self.data}",
+                f"steps={self.steps}",
+                f"seed={self.seed}",
+                f"rl.estimator={estimator}",
+                f"rl.group_size={self.group_size}",
+                f"rl.batch_size={self.group_size * self.prompts_per_step}",
+                f"rl.max_new_tokens={self.max_new_tokens}",
+                f"rl.temperature={self.temperature}",
+                f"rl.baseline={self.baseline}",
+                f"rl.kl_coef={self.kl_coef}",
+                f"optim.optimizer={self.optimizer}",
+                f"optim.lr={self.lr}",
+                f"optim.eps={self.eps}",
+                f"optim.grad_clip={self.grad_clip}",
+                "checkpoint_every=0",
+                "tracking.enabled=false",
+                "engine.threads=1",
+            ]
+            + ([f"rl.q={q}"] if q else [])
+            + (
+                [f"rl.stop_after_escape={self.stop_after_escape}", f"rl.escape_threshold={self.escape_threshold}"]
+                if self.stop_after_escape is not None
+                else []
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -266,8 +302,10 @@ def run_one(job: RunJob) -> dict:
             history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
     if not job.keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    curves = {key: [round(h.get(key, float("nan")), 5) for h in history]
-              for key in sorted({k for h in history for k in h if k.startswith(("success_rate", "noise/"))})}
+    curves = {
+        key: [round(h.get(key, float("nan")), 5) for h in history]
+        for key in sorted({k for h in history for k in h if k.startswith(("success_rate", "noise/"))})
+    }
     result = {"job": asdict(job), "curves": curves, "error": error, "seconds": round(time.time() - started, 1)}
     out.mkdir(parents=True, exist_ok=True)
     job.done_marker.write_text(json.dumps(result))
@@ -290,17 +328,22 @@ def eval_one(job: EvalJob) -> dict:
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     rows = load_records(job.test)[: job.prompts]
-    results = sample_and_score(model, tokenizer, rows, job.n, "exact", 1.0, job.max_new_tokens, seed=12345,
-                               prompts_per_batch=16)
-    record: dict[str, Any] = {**per_prompt_scores(results, sorted({1, job.n})),
-                              "difficulty": [row.get("difficulty") for row in rows]}
+    results = sample_and_score(
+        model, tokenizer, rows, job.n, "exact", 1.0, job.max_new_tokens, seed=12345, prompts_per_batch=16
+    )
+    record: dict[str, Any] = {
+        **per_prompt_scores(results, sorted({1, job.n})),
+        "difficulty": [row.get("difficulty") for row in rows],
+    }
     if job.noisy_train:
         noisy = [r for r in load_records(job.noisy_train) if r.get("noisy")][: job.noisy_prompts]
-        wrong = sample_and_score(model, tokenizer, noisy, job.n, "exact", 1.0, job.max_new_tokens, seed=54321,
-                                 prompts_per_batch=16)
+        wrong = sample_and_score(
+            model, tokenizer, noisy, job.n, "exact", 1.0, job.max_new_tokens, seed=54321, prompts_per_batch=16
+        )
         true_rows = [{**r, "answer": r["true_answer"]} for r in noisy]
-        true = sample_and_score(model, tokenizer, true_rows, job.n, "exact", 1.0, job.max_new_tokens, seed=54321,
-                                prompts_per_batch=16)  # the same samples (same seeds), scored against the true answer
+        true = sample_and_score(
+            model, tokenizer, true_rows, job.n, "exact", 1.0, job.max_new_tokens, seed=54321, prompts_per_batch=16
+        )  # the same samples (same seeds), scored against the true answer
         record["noisy_wrong_label"] = [sum(r.rewards) / len(r.rewards) for r in wrong]
         record["noisy_true_answer"] = [sum(r.rewards) / len(r.rewards) for r in true]
     out.write_text(json.dumps(record))
@@ -324,11 +367,25 @@ def make_base(spec: BaseSpec, out: Path) -> tuple[Path, Path]:
     task = SyntheticTaskConfig.model_validate({"num_pretrain": spec.sft_steps * spec.sft_batch_size, **spec.task})
     write_splits(task, data)
     shutil.rmtree(run, ignore_errors=True)
-    train(load_config(None, [
-        "stage=sft", f"output_dir={run}", f"steps={spec.sft_steps}", f"optim.lr={spec.sft_lr}", "optim.lr_schedule=cosine",
-        "optim.warmup_steps=30", f"sft.batch_size={spec.sft_batch_size}", f"data.train_path={data / 'pretrain.jsonl'}",
-        "data.shuffle=false", "checkpoint_every=0", "tracking.enabled=false", "seed=0",
-    ]))
+    train(
+        load_config(
+            None,
+            [
+                "stage=sft",
+                f"output_dir={run}",
+                f"steps={spec.sft_steps}",
+                f"optim.lr={spec.sft_lr}",
+                "optim.lr_schedule=cosine",
+                "optim.warmup_steps=30",
+                f"sft.batch_size={spec.sft_batch_size}",
+                f"data.train_path={data / 'pretrain.jsonl'}",
+                "data.shuffle=false",
+                "checkpoint_every=0",
+                "tracking.enabled=false",
+                "seed=0",
+            ],
+        )
+    )
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return run / "model", data
 
@@ -346,14 +403,18 @@ def measure_start(spec: BaseSpec, model_dir: Path, data: Path, max_new_tokens: i
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     rows = [r for r in load_records(data / "train.jsonl") if not r.get("noisy")][: spec.measure_prompts]
-    results = sample_and_score(model, tokenizer, rows, spec.measure_samples, "exact", 1.0, max_new_tokens, seed=0,
-                               prompts_per_batch=16)
+    results = sample_and_score(
+        model, tokenizer, rows, spec.measure_samples, "exact", 1.0, max_new_tokens, seed=0, prompts_per_batch=16
+    )
     by: dict[str, list[float]] = {}
     for row, result in zip(rows, results):
         by.setdefault(str(row["difficulty"]), []).extend(result.rewards)
     flat = [x for xs in by.values() for x in xs]
-    record = {"success": sum(flat) / len(flat), "samples": len(flat),
-              "by_difficulty": {d: {"success": sum(v) / len(v), "samples": len(v)} for d, v in sorted(by.items())}}
+    record = {
+        "success": sum(flat) / len(flat),
+        "samples": len(flat),
+        "by_difficulty": {d: {"success": sum(v) / len(v), "samples": len(v)} for d, v in sorted(by.items())},
+    }
     cached.write_text(json.dumps(record, indent=2))
     return record
 
@@ -390,10 +451,22 @@ class Cell:
     def job(self, lr: float, seed: int, paths: StudyPaths, **extra: Any) -> RunJob:
         slug = self.name.replace("/", "-").replace(":", "q").replace(",", "-").replace("=", "")
         settings = {k: v for k, v in self.run.items() if k != "changed"}
-        return RunJob(cell=self.name, group=self.group, regime=self.regime_name, setting=self.setting,
-                      optimizer=self.regime.optimizer, eps=self.regime.eps, grad_clip=self.regime.grad_clip, lr=lr,
-                      seed=seed, base=str(paths.base), data=str(paths.data / "train.jsonl"),
-                      out=str(paths.out / "runs" / f"{slug}-lr{lr:.3g}-s{seed}"), **settings, **extra)
+        return RunJob(
+            cell=self.name,
+            group=self.group,
+            regime=self.regime_name,
+            setting=self.setting,
+            optimizer=self.regime.optimizer,
+            eps=self.regime.eps,
+            grad_clip=self.regime.grad_clip,
+            lr=lr,
+            seed=seed,
+            base=str(paths.base),
+            data=str(paths.data / "train.jsonl"),
+            out=str(paths.out / "runs" / f"{slug}-lr{lr:.3g}-s{seed}"),
+            **settings,
+            **extra,
+        )
 
 
 def _run_all(jobs: list, workers: int, fn=run_one, label: str = "runs") -> list[dict]:
@@ -405,9 +478,12 @@ def _run_all(jobs: list, workers: int, fn=run_one, label: str = "runs") -> list[
             for i, result in enumerate(pool.map(fn, todo), start=1):
                 if fn is run_one:
                     curve = result["curves"].get("success_rate", [])
-                    print(f"  [{i}/{len(todo)}] {result['job']['cell']} lr {result['job']['lr']:.3g} seed "
-                          f"{result['job']['seed']}: final {final_success(curve):.3f} ({result['seconds']:.0f} s) "
-                          f"{result['error'] or ''} [{time.time() - started:.0f} s]", flush=True)
+                    print(
+                        f"  [{i}/{len(todo)}] {result['job']['cell']} lr {result['job']['lr']:.3g} seed "
+                        f"{result['job']['seed']}: final {final_success(curve):.3f} ({result['seconds']:.0f} s) "
+                        f"{result['error'] or ''} [{time.time() - started:.0f} s]",
+                        flush=True,
+                    )
     return [fn(j) for j in jobs]  # all cached now
 
 
@@ -450,8 +526,11 @@ def search_and_seed(cells: list[Cell], study: StudyConfig, paths: StudyPaths) ->
 
 def core_cells(study: StudyConfig) -> list[Cell]:
     run = study.run.model_dump()
-    return [Cell("core", name, regime, s, run, regime.grid(s)) for name, regime in study.regimes.items()
-            for s in study.settings]
+    return [
+        Cell("core", name, regime, s, run, regime.grid(s))
+        for name, regime in study.regimes.items()
+        for s in study.settings
+    ]
 
 
 def factor_cells(study: StudyConfig, core: dict[tuple[str, str], float]) -> list[Cell]:
@@ -473,17 +552,38 @@ def factor_cells(study: StudyConfig, core: dict[tuple[str, str], float]) -> list
 
 def evaluate_cells(cells: list[Cell], study: StudyConfig, paths: StudyPaths, noisy_train: Path | None = None) -> None:
     noisy = {"noisy_train": str(noisy_train), "noisy_prompts": study.noise.noisy_prompts} if noisy_train else {}
-    jobs = [EvalJob(run_out=c.job(c.best_lr, s, paths).out, test=str(paths.data / "test.jsonl"),
-                    prompts=study.eval.prompts, n=study.eval.n, max_new_tokens=study.run.max_new_tokens, **noisy)
-            for c in cells for s in range(study.seeds)]
+    jobs = [
+        EvalJob(
+            run_out=c.job(c.best_lr, s, paths).out,
+            test=str(paths.data / "test.jsonl"),
+            prompts=study.eval.prompts,
+            n=study.eval.n,
+            max_new_tokens=study.run.max_new_tokens,
+            **noisy,
+        )
+        for c in cells
+        for s in range(study.seeds)
+    ]
     jobs = [j for j in jobs if (Path(j.run_out) / "model" / "model.safetensors").is_file()]
     _run_all(jobs, study.workers, fn=eval_one, label="evaluations")
 
 
 def write_cells(cells: list[Cell], path: Path) -> None:
     known = json.loads(path.read_text()) if path.is_file() else {}
-    known.update({c.name: {"group": c.group, "regime": c.regime_name, "setting": c.setting, "grid": c.grid,
-                           "best_lr": c.best_lr, "run": dict(c.run), "run_dirs": c.run_dirs} for c in cells})
+    known.update(
+        {
+            c.name: {
+                "group": c.group,
+                "regime": c.regime_name,
+                "setting": c.setting,
+                "grid": c.grid,
+                "best_lr": c.best_lr,
+                "run": dict(c.run),
+                "run_dirs": c.run_dirs,
+            }
+            for c in cells
+        }
+    )
     path.write_text(json.dumps(known, indent=1))
 
 
@@ -498,9 +598,19 @@ def _flat_grad(model) -> Any:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).clone()
 
 
-def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dict], prompts: int, group_size: int,
-                   pair: tuple[str, str], lr: float, eps: float, seed: int, grad_clip: float = 0.0,
-                   max_new_tokens: int = 40) -> dict:
+def update_cosines(
+    model_dir: Path,
+    optimizer_state: dict | None,
+    rows: list[dict],
+    prompts: int,
+    group_size: int,
+    pair: tuple[str, str],
+    lr: float,
+    eps: float,
+    seed: int,
+    grad_clip: float = 0.0,
+    max_new_tokens: int = 40,
+) -> dict:
     """From one model state (and AdamW state, or a fresh one), sample one batch and compute each estimator's
     gradient and its AdamW update; return the cosines of the gradients (the SGD updates) and of the AdamW updates,
     the per-parameter gradient RMS of each, and the number of groups with a success."""
@@ -518,8 +628,11 @@ def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dic
     drawn = rng.sample(rows, prompts)
     texts_in = [r["prompt"] for r in drawn for _ in range(group_size)]
     rollout = HFRollout(model, tokenizer, 1.0, max_new_tokens).generate(
-        texts_in, [row_seed("mechanism", seed, i) for i in range(len(texts_in))])
-    rewards = torch.tensor([exact_reward(t, r["answer"]) for t, r in zip(rollout.texts, (r for r in drawn for _ in range(group_size)))])
+        texts_in, [row_seed("mechanism", seed, i) for i in range(len(texts_in))]
+    )
+    rewards = torch.tensor(
+        [exact_reward(t, r["answer"]) for t, r in zip(rollout.texts, (r for r in drawn for _ in range(group_size)))]
+    )
     batch = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
     mask = rollout.completion_mask.float()
     defaults = RLConfig()
@@ -527,8 +640,15 @@ def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dic
     def loss_of(setting: str, logprobs):
         estimator, _, q = setting.partition(":")
         if estimator == "grpo":
-            return grpo_loss(logprobs, mask, rewards, group_size, defaults.grpo_loss_type, defaults.grpo_scale_rewards,
-                             max_completion_length=max_new_tokens).loss
+            return grpo_loss(
+                logprobs,
+                mask,
+                rewards,
+                group_size,
+                defaults.grpo_loss_type,
+                defaults.grpo_scale_rewards,
+                max_completion_length=max_new_tokens,
+            ).loss
         if estimator == "paft":
             return paft_loss(logprobs, mask, rewards, group_size, float(q)).loss
         return garl_loss(logprobs, mask, rewards, group_size, float(q)).loss
@@ -544,7 +664,7 @@ def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dic
     def adamw_update(flat_grad):  # one AdamW step from the given state; the parameters are restored after
         offset = 0
         for p in params:
-            p.grad = flat_grad[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = flat_grad[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)  # as the training run did
@@ -564,12 +684,15 @@ def update_cosines(model_dir: Path, optimizer_state: dict | None, rows: list[dic
     if not (counts > 0).any():
         return {"prompts": prompts, "groups_with_success": 0}
     rescaled = grads[b] * (grads[a].norm() / grads[b].norm())  # b's direction at a's scale: what a run of b sees
-    return {"prompts": prompts, "groups_with_success": int((counts > 0).sum()),
-            "success_counts": sorted(int(k) for k in counts[counts > 0]),
-            "cos_sgd": cos(grads[a], grads[b], dim=0).item(),
-            "cos_adamw": cos(adamw_update(grads[a]), adamw_update(grads[b]), dim=0).item(),
-            "cos_adamw_same_scale": cos(adamw_update(grads[a]), adamw_update(rescaled), dim=0).item(),
-            "grad_rms": {s: (g.pow(2).mean().sqrt().item()) for s, g in grads.items()}}
+    return {
+        "prompts": prompts,
+        "groups_with_success": int((counts > 0).sum()),
+        "success_counts": sorted(int(k) for k in counts[counts > 0]),
+        "cos_sgd": cos(grads[a], grads[b], dim=0).item(),
+        "cos_adamw": cos(adamw_update(grads[a]), adamw_update(grads[b]), dim=0).item(),
+        "cos_adamw_same_scale": cos(adamw_update(grads[a]), adamw_update(rescaled), dim=0).item(),
+        "grad_rms": {s: (g.pow(2).mean().sqrt().item()) for s, g in grads.items()},
+    }
 
 
 @dataclass(frozen=True)
@@ -603,8 +726,21 @@ def _mechanism_point(job: MechanismJob) -> dict:
     if job.state:
         state = torch.load(Path(job.state) / "engine.pt", map_location="cpu", weights_only=True)["optimizer"]
     rows = [r for r in load_records(job.data) if not r.get("noisy")]
-    record = {**asdict(job), **update_cosines(Path(job.model), state, rows, job.prompts, job.group_size, job.pair,
-                                              job.lr, job.eps, job.seed, job.grad_clip)}
+    record = {
+        **asdict(job),
+        **update_cosines(
+            Path(job.model),
+            state,
+            rows,
+            job.prompts,
+            job.group_size,
+            job.pair,
+            job.lr,
+            job.eps,
+            job.seed,
+            job.grad_clip,
+        ),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record))
     return record
@@ -615,16 +751,32 @@ def run_mechanism(study: StudyConfig, paths: StudyPaths, core: dict[tuple[str, s
     regime = study.regimes[spec.regime]
     first = spec.pair[0]
     lr = core.get((spec.regime, first), 1e-4)
-    state_run = Cell("mechanism", spec.regime, regime, first, {**study.run.model_dump(), "steps": spec.state_steps}, [lr])
+    state_run = Cell(
+        "mechanism", spec.regime, regime, first, {**study.run.model_dump(), "steps": spec.state_steps}, [lr]
+    )
     job = state_run.job(lr, 0, paths, keep_checkpoints=True)
     _run_all([job], 1, label="mechanism state")
     checkpoint = Path(job.out) / "checkpoints" / f"step-{spec.state_steps:06d}"
     states = {"fresh": (paths.base, None), f"after {spec.state_steps} steps": (Path(job.out) / "model", checkpoint)}
-    jobs = [MechanismJob(state_name=name, model=str(model), state=str(state) if state else None,
-                         data=str(paths.data / "train.jsonl"), prompts=p, group_size=study.run.group_size,
-                         pair=spec.pair, lr=lr, eps=regime.eps, seed=b, grad_clip=regime.grad_clip,
-                         out=str(paths.out / "mechanism" / f"{name.replace(' ', '-')}-p{p}-b{b}.json"))
-            for name, (model, state) in states.items() for p in spec.prompts_per_step for b in range(spec.batches)]
+    jobs = [
+        MechanismJob(
+            state_name=name,
+            model=str(model),
+            state=str(state) if state else None,
+            data=str(paths.data / "train.jsonl"),
+            prompts=p,
+            group_size=study.run.group_size,
+            pair=spec.pair,
+            lr=lr,
+            eps=regime.eps,
+            seed=b,
+            grad_clip=regime.grad_clip,
+            out=str(paths.out / "mechanism" / f"{name.replace(' ', '-')}-p{p}-b{b}.json"),
+        )
+        for name, (model, state) in states.items()
+        for p in spec.prompts_per_step
+        for b in range(spec.batches)
+    ]
     todo = [j for j in jobs if not Path(j.out).is_file()]
     if todo:
         print(f"mechanism: {len(todo)} points", flush=True)
@@ -639,12 +791,18 @@ def run_mechanism(study: StudyConfig, paths: StudyPaths, core: dict[tuple[str, s
 
 def horizon_cells(study: StudyConfig) -> list[Cell]:
     h = study.horizon
-    run = {**study.run.model_dump(), "steps": h.steps, "stop_after_escape": h.stop_after,
-           "escape_threshold": study.escape_threshold}
+    run = {
+        **study.run.model_dump(),
+        "steps": h.steps,
+        "stop_after_escape": h.stop_after,
+        "escape_threshold": study.escape_threshold,
+    }
     missing = [f"{r}/{s}" for r in h.regimes for s in h.settings if s not in h.lrs.get(r, {})]
     if missing:
-        raise ConfigError(f"horizon.lrs has no lr for {', '.join(missing)}: give horizon.lrs.REGIME.SETTING "
-                          "(the core grid's best lr, docs/escape.md)")
+        raise ConfigError(
+            f"horizon.lrs has no lr for {', '.join(missing)}: give horizon.lrs.REGIME.SETTING "
+            "(the core grid's best lr, docs/escape.md)"
+        )
     return [Cell("horizon", r, study.regimes[r], s, run, [h.lrs[r][s]]) for r in h.regimes for s in h.settings]
 
 
@@ -661,8 +819,9 @@ def run_horizon(study: StudyConfig, paths: StudyPaths) -> None:
         cell.best_lr = cell.grid[0]
     done: list[Cell] = []
     for drop in range(study.horizon.lr_drops + 1):
-        results = _run_all([c.job(c.best_lr, s, paths) for c in pending for s in range(study.seeds)], study.workers,
-                           label="horizon")
+        results = _run_all(
+            [c.job(c.best_lr, s, paths) for c in pending for s in range(study.seeds)], study.workers, label="horizon"
+        )
         diverged = {r["job"]["cell"] for r in results if r["error"]}
         for cell in pending:
             cell.run_dirs = [cell.job(cell.best_lr, s, paths).out for s in range(study.seeds)]
@@ -713,8 +872,10 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
             paths = StudyPaths(base=base, data=data, out=out)
         cells = core_cells(study) if main_base else []
         if "core" not in parts:  # factors and mechanism need the best lrs of their own regimes' core cells only
-            needed = {*(study.factors.regimes if "factors" in parts else []),
-                      *([study.mechanism.regime] if "mechanism" in parts else [])}
+            needed = {
+                *(study.factors.regimes if "factors" in parts else []),
+                *([study.mechanism.regime] if "mechanism" in parts else []),
+            }
             cells = [c for c in cells if c.regime_name in needed]
         core: dict[tuple[str, str], float] = {}
         if cells:
@@ -732,9 +893,18 @@ def run_study(study: StudyConfig, parts: list[str] | None = None) -> Path:
             noisy_base, noisy_data = make_base(study.noise.base, out)
             measure_start(study.noise.base, noisy_base, noisy_data, study.run.max_new_tokens)
             regime = study.regimes[study.noise.regime]
-            noise = [Cell("noise", study.noise.regime, regime, s,
-                          {**study.run.model_dump(), "steps": study.noise.steps, "changed": {"lr": lr}}, [lr])
-                     for lr in study.noise.lrs for s in study.noise.settings]
+            noise = [
+                Cell(
+                    "noise",
+                    study.noise.regime,
+                    regime,
+                    s,
+                    {**study.run.model_dump(), "steps": study.noise.steps, "changed": {"lr": lr}},
+                    [lr],
+                )
+                for lr in study.noise.lrs
+                for s in study.noise.settings
+            ]
             noisy_paths = StudyPaths(base=noisy_base, data=noisy_data, out=out)
             search_and_seed(noise, study, noisy_paths)
             write_cells(noise, out / "cells.json")

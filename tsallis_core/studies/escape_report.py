@@ -42,31 +42,50 @@ def cell_summary(name: str, cell: dict, results: dict, study: StudyConfig) -> di
     steps = cell["run"]["steps"]
     finals = [final_success(r["curves"].get("success_rate", [])) if not r["error"] else float("nan") for r in runs]
     escapes = [steps_to_escape(r["curves"].get("success_rate", []), study.escape_threshold) for r in runs]
-    strata = sorted({k for r in runs for k in r["curves"] if k.startswith("success_rate/difficulty_")},
-                    key=lambda k: int(k.rsplit("_", 1)[1]))
+    strata = sorted(
+        {k for r in runs for k in r["curves"] if k.startswith("success_rate/difficulty_")},
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
     summary = {
-        "cell": name, "setting": cell["setting"], "regime": cell["regime"], "best_lr": cell["best_lr"],
+        "cell": name,
+        "setting": cell["setting"],
+        "regime": cell["regime"],
+        "best_lr": cell["best_lr"],
         "lr_on_edge": len(cell["grid"]) > 1 and cell["best_lr"] in (min(cell["grid"]), max(cell["grid"])),
         "grid": cell["grid"],
-        "seeds": len(runs), "errors": [r["error"] for r in runs if r["error"]],
-        "start": [float(np.mean(r["curves"]["success_rate"][:10])) if r["curves"].get("success_rate") else float("nan")
-                  for r in runs],
-        "final": finals, "final_ci": t_interval([f for f in finals if not math.isnan(f)] or [float("nan")]),
+        "seeds": len(runs),
+        "errors": [r["error"] for r in runs if r["error"]],
+        "start": [
+            float(np.mean(r["curves"]["success_rate"][:10])) if r["curves"].get("success_rate") else float("nan")
+            for r in runs
+        ],
+        "final": finals,
+        "final_ci": t_interval([f for f in finals if not math.isnan(f)] or [float("nan")]),
         "escape": escapes,
-        "strata": {k.rsplit("_", 1)[1]: [final_success([x for x in r["curves"].get(k, []) if not math.isnan(x)], 20)
-                                         for r in runs] for k in strata},
-        "curves": [r["curves"].get("success_rate", []) for r in runs], "steps": steps,
+        "strata": {
+            k.rsplit("_", 1)[1]: [
+                final_success([x for x in r["curves"].get(k, []) if not math.isnan(x)], 20) for r in runs
+            ]
+            for k in strata
+        },
+        "curves": [r["curves"].get("success_rate", []) for r in runs],
+        "steps": steps,
         "seconds": [r["job"] and r["seconds"] for r in runs],
     }
     evals = [r["eval"] for r in runs if r["eval"]]
     if len(evals) == len(runs):
-        summary["heldout"] = {m: bootstrap_interval([e[m] for e in evals], study.eval.bootstrap)
-                              for m in evals[0] if "@" in m or m.startswith("noisy_")}
+        summary["heldout"] = {
+            m: bootstrap_interval([e[m] for e in evals], study.eval.bootstrap)
+            for m in evals[0]
+            if "@" in m or m.startswith("noisy_")
+        }
         summary["heldout_seeds"] = {m: [float(np.mean(e[m])) for e in evals] for m in summary["heldout"]}
         summary["noisy_per_prompt"] = {m: [e[m] for e in evals] for m in evals[0] if m.startswith("noisy_")}
     if any("noise/wrong_label_rate" in r["curves"] for r in runs):
-        summary["train_wrong_label"] = [final_success([x for x in r["curves"].get("noise/wrong_label_rate", [])
-                                                       if not math.isnan(x)], 20) for r in runs]
+        summary["train_wrong_label"] = [
+            final_success([x for x in r["curves"].get("noise/wrong_label_rate", []) if not math.isnan(x)], 20)
+            for r in runs
+        ]
     return summary
 
 
@@ -82,22 +101,29 @@ def _escape_cell(escapes: list[int | None], steps: int) -> str:
 
 
 def summary_table(summaries: list[dict], heldout: str) -> str:
-    head = ("| regime | estimator | best lr | train success, seeds | mean [95% CI] | escape min/med/max | "
-            f"held-out pass@1 [95% CI] | {heldout} [95% CI] |")
+    head = (
+        "| regime | estimator | best lr | train success, seeds | mean [95% CI] | escape min/med/max | "
+        f"held-out pass@1 [95% CI] | {heldout} [95% CI] |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lr = f"{s['best_lr']:.3g}" + (" (edge)" if s["lr_on_edge"] else "")
         seeds = ", ".join(f"{f:.3f}" for f in s["final"])
         ho = s.get("heldout", {})
-        lines.append(f"| {s['regime']} | {s['setting']} | {lr} | {seeds} | {_fmt_ci(s['final_ci'])} | "
-                     f"{_escape_cell(s['escape'], s['steps'])} | {_fmt_ci(ho['pass@1']) if 'pass@1' in ho else ''} | "
-                     f"{_fmt_ci(ho[heldout]) if heldout in ho else ''} |")
+        lines.append(
+            f"| {s['regime']} | {s['setting']} | {lr} | {seeds} | {_fmt_ci(s['final_ci'])} | "
+            f"{_escape_cell(s['escape'], s['steps'])} | {_fmt_ci(ho['pass@1']) if 'pass@1' in ho else ''} | "
+            f"{_fmt_ci(ho[heldout]) if heldout in ho else ''} |"
+        )
     return "\n".join(lines)
 
 
 def strata_table(summaries: list[dict]) -> str:
     strata = sorted({k for s in summaries for k in s["strata"]}, key=int)
-    lines = ["| regime | estimator | " + " | ".join(f"{k} terms" for k in strata) + " |", "|---|---|" + "---|" * len(strata)]
+    lines = [
+        "| regime | estimator | " + " | ".join(f"{k} terms" for k in strata) + " |",
+        "|---|---|" + "---|" * len(strata),
+    ]
     for s in summaries:
         cells = [f"{np.mean(s['strata'][k]):.3f}" if k in s["strata"] else "" for k in strata]
         lines.append(f"| {s['regime']} | {s['setting']} | " + " | ".join(cells) + " |")
@@ -121,10 +147,12 @@ def claim_check(summaries: list[dict], start: float) -> list[str]:
         reversed_ = min(grpo["final"]) > max(garl["final"])  # apart the other way: GRPO above in every seed
         verdict = "reproduces" if stalls and escapes and apart else "does not reproduce"
         ranges = "apart (GARL above)" if apart else "apart (GRPO above)" if reversed_ else "overlap"
-        lines.append(f"- {group}: GRPO final {min(grpo['final']):.3f}..{max(grpo['final']):.3f} "
-                     f"({'stalls' if stalls else 'moves'}: limit {2 * start:.4f}); GARL q=0.75 "
-                     f"{min(garl['final']):.3f}..{max(garl['final']):.3f} ({'>= 0.3 in every seed' if escapes else 'below 0.3 in some seed'}); "
-                     f"seed ranges {ranges}: the claim **{verdict}**.")
+        lines.append(
+            f"- {group}: GRPO final {min(grpo['final']):.3f}..{max(grpo['final']):.3f} "
+            f"({'stalls' if stalls else 'moves'}: limit {2 * start:.4f}); GARL q=0.75 "
+            f"{min(garl['final']):.3f}..{max(garl['final']):.3f} ({'>= 0.3 in every seed' if escapes else 'below 0.3 in some seed'}); "
+            f"seed ranges {ranges}: the claim **{verdict}**."
+        )
     return lines
 
 
@@ -133,8 +161,11 @@ def lr_search_table(cells: dict, results: dict, steps_of) -> str:
 
     lines = ["| cell | lr: score on seed 0 (mean success, last 10 steps; -1: diverged) |", "|---|---|"]
     for name, cell in cells.items():
-        points = [f"{lr:.3g}: {score(results[(name, lr, 0)], cell['run']['steps']):.3f}" for lr in cell["grid"]
-                  if (name, lr, 0) in results]
+        points = [
+            f"{lr:.3g}: {score(results[(name, lr, 0)], cell['run']['steps']):.3f}"
+            for lr in cell["grid"]
+            if (name, lr, 0) in results
+        ]
         lines.append(f"| {name} | {', '.join(points)} |")
     return "\n".join(lines)
 
@@ -148,17 +179,27 @@ def mechanism_table(out: Path) -> tuple[str, list[dict]]:
     rows: dict[tuple[str, int], list[dict]] = {}
     for p in points:
         rows.setdefault((p["state_name"], p["prompts"]), []).append(p)
-    keys = [("cos_sgd", "cos SGD (gradients)"), ("cos_adamw", "cos AdamW"),
-            ("cos_adamw_same_scale", "cos AdamW, same scale")]
-    head = ("| state | prompts per step | groups with a success (with >1) | "
-            + " | ".join(label for _, label in keys) + " | grad RMS per parameter (first / second) |")
+    keys = [
+        ("cos_sgd", "cos SGD (gradients)"),
+        ("cos_adamw", "cos AdamW"),
+        ("cos_adamw_same_scale", "cos AdamW, same scale"),
+    ]
+    head = (
+        "| state | prompts per step | groups with a success (with >1) | "
+        + " | ".join(label for _, label in keys)
+        + " | grad RMS per parameter (first / second) |"
+    )
     lines = [head, "|---|---|---|" + "---|" * len(keys) + "---|"]
     for (state, prompts), ps in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         valid = [p for p in ps if "cos_adamw" in p]
         cosines = [", ".join(f"{p[k]:.3f}" for p in valid if k in p) or "-" for k, _ in keys]
         rms = ", ".join("/".join(f"{v:.1e}" for v in p["grad_rms"].values()) for p in valid)
-        counts = ", ".join(f"{p['groups_with_success']} ({sum(k > 1 for k in p.get('success_counts', []))})"
-                           if "success_counts" in p else str(p["groups_with_success"]) for p in ps)
+        counts = ", ".join(
+            f"{p['groups_with_success']} ({sum(k > 1 for k in p.get('success_counts', []))})"
+            if "success_counts" in p
+            else str(p["groups_with_success"])
+            for p in ps
+        )
         lines.append(f"| {state} | {prompts} | {counts} | " + " | ".join(cosines) + f" | {rms} |")
     return "\n".join(lines), points
 
@@ -166,17 +207,21 @@ def mechanism_table(out: Path) -> tuple[str, list[dict]]:
 def noise_table(summaries: list[dict]) -> str:
     from tsallis_core.maths.theory import noise_flow
 
-    head = ("| estimator | wrong label on noisy train prompts [95% CI] | true answer there [95% CI] | "
-            "held-out pass@1 [95% CI] | theory: mass on the wrong label (share 25%, T=1000) |")
+    head = (
+        "| estimator | wrong label on noisy train prompts [95% CI] | true answer there [95% CI] | "
+        "held-out pass@1 [95% CI] | theory: mass on the wrong label (share 25%, T=1000) |"
+    )
     lines = ["| lr " + head, "|---|---|---|---|---|---|"]
     for s in sorted(summaries, key=lambda s: (s["best_lr"], s["setting"])):
         ho = s.get("heldout", {})
         q = float(s["setting"].split(":")[1]) if ":" in s["setting"] else 0.0
         theory = noise_flow(q, 0.25).mass_on_wrong_label
-        lines.append(f"| {s['best_lr']:.3g} | {s['setting']} | "
-                     f"{_fmt_ci(ho['noisy_wrong_label']) if 'noisy_wrong_label' in ho else ''} | "
-                     f"{_fmt_ci(ho['noisy_true_answer']) if 'noisy_true_answer' in ho else ''} | "
-                     f"{_fmt_ci(ho['pass@1']) if 'pass@1' in ho else ''} | {theory:.3f} |")
+        lines.append(
+            f"| {s['best_lr']:.3g} | {s['setting']} | "
+            f"{_fmt_ci(ho['noisy_wrong_label']) if 'noisy_wrong_label' in ho else ''} | "
+            f"{_fmt_ci(ho['noisy_true_answer']) if 'noisy_true_answer' in ho else ''} | "
+            f"{_fmt_ci(ho['pass@1']) if 'pass@1' in ho else ''} | {theory:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -184,22 +229,34 @@ def noise_differences(summaries: list[dict], resamples: int, reference: str = "g
     """Each setting minus ``reference`` at the same lr, on the same noisy prompts: the seed means' difference with
     a 95% bootstrap interval over prompts resampled jointly (stats.paired_bootstrap_difference), a t interval over
     the seeds' differences (seed s of both settings shares its data order), and every seed."""
-    head = (f"| lr | setting | wrong label, minus {reference} [95% CI over prompts] | the same, t over seeds (paired "
-            f"by seed) | true answer, minus {reference} [95% CI over prompts] | wrong label by seed: setting / "
-            f"{reference} |")
+    head = (
+        f"| lr | setting | wrong label, minus {reference} [95% CI over prompts] | the same, t over seeds (paired "
+        f"by seed) | true answer, minus {reference} [95% CI over prompts] | wrong label by seed: setting / "
+        f"{reference} |"
+    )
     lines = [head, "|---|---|---|---|---|---|"]
     for lr in sorted({s["best_lr"] for s in summaries}):
         at_lr = [s for s in summaries if s["best_lr"] == lr and s.get("noisy_per_prompt")]
         ref = next((s for s in at_lr if s["setting"] == reference), None)
         for s in (x for x in at_lr if ref is not None and x is not ref):
-            wrong, true = (paired_bootstrap_difference(s["noisy_per_prompt"][m], ref["noisy_per_prompt"][m], resamples)
-                           for m in ("noisy_wrong_label", "noisy_true_answer"))
-            seeds = (", ".join(f"{v:.3f}" for v in s["heldout_seeds"]["noisy_wrong_label"]) + " / "
-                     + ", ".join(f"{v:.3f}" for v in ref["heldout_seeds"]["noisy_wrong_label"]))
-            by_seed = t_interval([a - b for a, b in zip(s["heldout_seeds"]["noisy_wrong_label"],
-                                                        ref["heldout_seeds"]["noisy_wrong_label"])])
-            lines.append(f"| {lr:.3g} | {s['setting']} | {_fmt_ci(wrong)} | {_fmt_ci(by_seed)} | {_fmt_ci(true)} | "
-                         f"{seeds} |")
+            wrong, true = (
+                paired_bootstrap_difference(s["noisy_per_prompt"][m], ref["noisy_per_prompt"][m], resamples)
+                for m in ("noisy_wrong_label", "noisy_true_answer")
+            )
+            seeds = (
+                ", ".join(f"{v:.3f}" for v in s["heldout_seeds"]["noisy_wrong_label"])
+                + " / "
+                + ", ".join(f"{v:.3f}" for v in ref["heldout_seeds"]["noisy_wrong_label"])
+            )
+            by_seed = t_interval(
+                [
+                    a - b
+                    for a, b in zip(s["heldout_seeds"]["noisy_wrong_label"], ref["heldout_seeds"]["noisy_wrong_label"])
+                ]
+            )
+            lines.append(
+                f"| {lr:.3g} | {s['setting']} | {_fmt_ci(wrong)} | {_fmt_ci(by_seed)} | {_fmt_ci(true)} | {seeds} |"
+            )
     return "\n".join(lines)
 
 
@@ -207,8 +264,10 @@ def horizon_table(summaries: list[dict]) -> str:
     """Steps to escape per seed at the horizon (a run that never escaped counts as its cap, so a ratio against it
     is a lower bound, marked >=), and the median ratio baseline (GRPO) / estimator with a bootstrap interval over seeds."""
     reference = baseline_estimator()
-    head = ("| regime | estimator | lr | steps to escape, seeds | min / median / max | "
-            f"median {reference} / estimator [95% CI] |\n|---|---|---|---|---|---|")
+    head = (
+        "| regime | estimator | lr | steps to escape, seeds | min / median / max | "
+        f"median {reference} / estimator [95% CI] |\n|---|---|---|---|---|---|"
+    )
     rows = [head]
     for s in summaries:
         cap = s["steps"]
@@ -219,9 +278,11 @@ def horizon_table(summaries: list[dict]) -> str:
         if ref is not None and ref is not s:
             ref_steps = [e if e is not None else cap for e in ref["escape"]]
             censored = None in ref["escape"]
-            ratio = ((">=" if censored else "") + _fmt_ci(bootstrap_median_ratio(ref_steps, steps), 2))
-        rows.append(f"| {s['regime']} | {s['setting']} | {s['best_lr']:.3g} | {shown} | "
-                    f"{min(steps)} / {statistics.median(steps):g} / {max(steps)} | {ratio} |")
+            ratio = (">=" if censored else "") + _fmt_ci(bootstrap_median_ratio(ref_steps, steps), 2)
+        rows.append(
+            f"| {s['regime']} | {s['setting']} | {s['best_lr']:.3g} | {shown} | "
+            f"{min(steps)} / {statistics.median(steps):g} / {max(steps)} | {ratio} |"
+        )
     return "\n".join(rows)
 
 
@@ -240,8 +301,13 @@ def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float)
             window = min(5, n)
             arr = np.array([np.convolve(c[:n], np.ones(window) / window, mode="valid") for c in curves])
             x = np.arange(window, n + 1)
-            line = ax.plot(x, arr.mean(0), label=f"{s['setting']} (lr {s['best_lr']:.2g})",
-                           ls="--" if s["setting"] == baseline else "-", color="k" if s["setting"] == baseline else None)
+            line = ax.plot(
+                x,
+                arr.mean(0),
+                label=f"{s['setting']} (lr {s['best_lr']:.2g})",
+                ls="--" if s["setting"] == baseline else "-",
+                color="k" if s["setting"] == baseline else None,
+            )
             ax.fill_between(x, arr.min(0), arr.max(0), color=line[0].get_color(), alpha=0.15)
         ax.axhline(threshold, color="grey", lw=0.8, ls=":")
         label_axes(ax, "step", f"{title}: {regime}", fontsize=7)
@@ -266,8 +332,13 @@ def plot_mechanism(points: list[dict], path: Path) -> Path:
                 vals = [p[key] for p in ps if p["prompts"] == x]
                 ax.vlines(x, min(vals), max(vals), alpha=0.4)
     ax.set_xscale("log", base=2)
-    label_axes(ax, "prompts per step (M = 8)", "Same state, same rollout batch: how alike are the updates?",
-               "cosine of the GRPO and GARL q=1 updates", fontsize=7)
+    label_axes(
+        ax,
+        "prompts per step (M = 8)",
+        "Same state, same rollout batch: how alike are the updates?",
+        "cosine of the GRPO and GARL q=1 updates",
+        fontsize=7,
+    )
     return _save(fig, path)
 
 
@@ -277,16 +348,27 @@ def plot_noise_cells(summaries: list[dict], path: Path) -> Path:
     lrs = sorted({s["best_lr"] for s in summaries})
     fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.2), squeeze=False, sharey=True)
     for ax, lr in zip(axes[0], lrs):
-        for key, label in (("noisy_wrong_label", "wrong label, noisy train prompts"),
-                           ("noisy_true_answer", "true answer, noisy train prompts"), ("pass@1", "held-out accuracy")):
-            garl = sorted((s for s in summaries if s["best_lr"] == lr and s["setting"].startswith("garl")
-                           and key in s.get("heldout", {})), key=lambda s: float(s["setting"].split(":")[1]))
+        for key, label in (
+            ("noisy_wrong_label", "wrong label, noisy train prompts"),
+            ("noisy_true_answer", "true answer, noisy train prompts"),
+            ("pass@1", "held-out accuracy"),
+        ):
+            garl = sorted(
+                (
+                    s
+                    for s in summaries
+                    if s["best_lr"] == lr and s["setting"].startswith("garl") and key in s.get("heldout", {})
+                ),
+                key=lambda s: float(s["setting"].split(":")[1]),
+            )
             if not garl:
                 continue
             qs = [float(s["setting"].split(":")[1]) for s in garl]
             means = [s["heldout"][key][0] for s in garl]
-            errs = [[m - s["heldout"][key][1] for m, s in zip(means, garl)],
-                    [s["heldout"][key][2] - m for m, s in zip(means, garl)]]
+            errs = [
+                [m - s["heldout"][key][1] for m, s in zip(means, garl)],
+                [s["heldout"][key][2] - m for m, s in zip(means, garl)],
+            ]
             ax.errorbar(qs, means, yerr=errs, fmt="o-", capsize=3, label=f"GARL: {label}")
         label_axes(ax, "q", f"Label noise (25% wrong, reachable labels), AdamW lr {lr:.3g}", fontsize=7)
     axes[0][0].set_ylabel("probability (95% bootstrap interval)")
@@ -298,28 +380,45 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
     out, report = Path(study.out), Path(out_dir)
     cells, results = _load(out)
     if not results and (report / "report.md").is_file():
-        raise ValueError(f"no runs of the study under {out}/runs (a fresh clone has none): not overwriting "
-                         f"{report / 'report.md'} with an empty report; to report the committed runs: "
-                         f"mkdir -p {out.parent} && cp -r docs/escape/study {out} (docs/escape.md, 'What is left, and how to continue')")
+        raise ValueError(
+            f"no runs of the study under {out}/runs (a fresh clone has none): not overwriting "
+            f"{report / 'report.md'} with an empty report; to report the committed runs: "
+            f"mkdir -p {out.parent} && cp -r docs/escape/study {out} (docs/escape.md, 'What is left, and how to continue')"
+        )
     report.mkdir(parents=True, exist_ok=True)
     summaries = {name: s for name, cell in cells.items() if (s := cell_summary(name, cell, results, study))}
-    by_group = {g: [s for n, s in summaries.items() if cells[n]["group"] == g] for g in ("core", "factor", "noise", "horizon")}
+    by_group = {
+        g: [s for n, s in summaries.items() if cells[n]["group"] == g] for g in ("core", "factor", "noise", "horizon")
+    }
     heldout = f"maj@{study.eval.n}"
     start_path = out / f"base-{study.base.name}" / "start.json"
-    start = json.loads(start_path.read_text()) if start_path.is_file() else {"success": float("nan"), "by_difficulty": {}}
+    start = (
+        json.loads(start_path.read_text()) if start_path.is_file() else {"success": float("nan"), "by_difficulty": {}}
+    )
     ledger = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
     run_seconds = sum(r["seconds"] for r in results.values())
     parts = [
         "# Cold-start escape study: results (generated by `tsallis study report`)\n",
         f"Base `{study.base.name}`: start success {start['success']:.4%} on {start.get('samples', 0)} samples; by number of "
         "terms: " + ", ".join(f"{d}: {v['success']:.3%}" for d, v in start["by_difficulty"].items()) + ".\n",
-        (f"Study wall time so far: {ledger.get('wall_seconds', 0) / 3600:.2f} h over {len(ledger.get('sessions', []))} "
-         f"invocation(s); {len(results)} runs, {run_seconds / 3600:.2f} h of run time (one CPU thread each).\n"),
+        (
+            f"Study wall time so far: {ledger.get('wall_seconds', 0) / 3600:.2f} h over {len(ledger.get('sessions', []))} "
+            f"invocation(s); {len(results)} runs, {run_seconds / 3600:.2f} h of run time (one CPU thread each).\n"
+        ),
     ]
     if by_group["core"]:
-        parts += ["## Core grid\n", summary_table(by_group["core"], heldout), "\n",
-                  "Training success by stratum (last 20 steps, seed mean):\n", strata_table(by_group["core"]), "\n", "Claim check (GRPO <= 2x start, GARL q=0.75 >= 0.3, every seed):\n",
-                  *claim_check(by_group["core"], start["success"]), "\n", "![core curves](core_curves.png)\n"]
+        parts += [
+            "## Core grid\n",
+            summary_table(by_group["core"], heldout),
+            "\n",
+            "Training success by stratum (last 20 steps, seed mean):\n",
+            strata_table(by_group["core"]),
+            "\n",
+            "Claim check (GRPO <= 2x start, GARL q=0.75 >= 0.3, every seed):\n",
+            *claim_check(by_group["core"], start["success"]),
+            "\n",
+            "![core curves](core_curves.png)\n",
+        ]
         plot_curves(by_group["core"], report / "core_curves.png", "core", study.escape_threshold)
     if (out / "mechanism").is_dir():
         table, points = mechanism_table(out)
@@ -327,25 +426,53 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
         if any("cos_adamw" in p for p in points):
             plot_mechanism([p for p in points if "cos_adamw" in p], report / "mechanism.png")
     if by_group["noise"]:
-        parts += ["## Label noise\n", noise_table(by_group["noise"]), "\n",
-                  "Paired differences (the same noisy prompts; an interval that excludes 0 separates the two):\n",
-                  noise_differences(by_group["noise"], study.eval.bootstrap), "\n",
-                  summary_table(by_group["noise"], heldout), "\n", "![noise](noise.png)\n"]
+        parts += [
+            "## Label noise\n",
+            noise_table(by_group["noise"]),
+            "\n",
+            "Paired differences (the same noisy prompts; an interval that excludes 0 separates the two):\n",
+            noise_differences(by_group["noise"], study.eval.bootstrap),
+            "\n",
+            summary_table(by_group["noise"], heldout),
+            "\n",
+            "![noise](noise.png)\n",
+        ]
         plot_noise_cells(by_group["noise"], report / "noise.png")
     if by_group["factor"]:
         # the regime column names the factor changed (e.g. "kl_coef=0.04 adamw"): one claim check per factor
         factor_summaries = [{**s, "regime": s["cell"].split("/", 3)[3] + " " + s["regime"]} for s in by_group["factor"]]
-        parts += ["## One factor at a time\n", summary_table(factor_summaries, heldout), "\n",
-                  "Claim check:\n", *claim_check(factor_summaries, start["success"]), "\n"]
+        parts += [
+            "## One factor at a time\n",
+            summary_table(factor_summaries, heldout),
+            "\n",
+            "Claim check:\n",
+            *claim_check(factor_summaries, start["success"]),
+            "\n",
+        ]
         plot_curves(factor_summaries, report / "factor_curves.png", "factor", study.escape_threshold)
         parts.append("![factor curves](factor_curves.png)\n")
     if by_group["horizon"]:
-        parts += ["## Horizon: runs until they escape\n", horizon_table(by_group["horizon"]), "\n",
-                  "![horizon curves](horizon_curves.png)\n"]
+        parts += [
+            "## Horizon: runs until they escape\n",
+            horizon_table(by_group["horizon"]),
+            "\n",
+            "![horizon curves](horizon_curves.png)\n",
+        ]
         plot_curves(by_group["horizon"], report / "horizon_curves.png", "horizon", study.escape_threshold)
     parts += ["## Learning-rate search (seed 0)\n", lr_search_table(cells, results, None), "\n"]
     (report / "report.md").write_text("\n".join(parts))
-    (report / "summary.json").write_text(json.dumps({"start": start, "wall": ledger, "cells": {
-        n: {k: v for k, v in s.items() if k not in ("curves", "noisy_per_prompt")} for n, s in summaries.items()}},
-        indent=1, default=str))
+    (report / "summary.json").write_text(
+        json.dumps(
+            {
+                "start": start,
+                "wall": ledger,
+                "cells": {
+                    n: {k: v for k, v in s.items() if k not in ("curves", "noisy_per_prompt")}
+                    for n, s in summaries.items()
+                },
+            },
+            indent=1,
+            default=str,
+        )
+    )
     return report / "report.md"

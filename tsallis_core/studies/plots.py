@@ -55,9 +55,15 @@ def plot_theory_noise(records: list[NoiseRecord], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for share in sorted({r.noise_share for r in records}):
         rows = sorted((r for r in records if r.noise_share == share), key=lambda r: r.q)
-        line = ax.plot([r.q for r in rows], [r.mass_on_wrong_label for r in rows], "o-", label=f"wrong labels {share:.0%}")
-        ax.plot([r.q for r in rows], [r.limit_mass_on_wrong_label for r in rows], "--", color=line[0].get_color(), alpha=0.6)
-    label_axes(ax, "q", "Memorisation of wrong labels (solid: at horizon, dashed: limit)", "probability on the wrong label")
+        line = ax.plot(
+            [r.q for r in rows], [r.mass_on_wrong_label for r in rows], "o-", label=f"wrong labels {share:.0%}"
+        )
+        ax.plot(
+            [r.q for r in rows], [r.limit_mass_on_wrong_label for r in rows], "--", color=line[0].get_color(), alpha=0.6
+        )
+    label_axes(
+        ax, "q", "Memorisation of wrong labels (solid: at horizon, dashed: limit)", "probability on the wrong label"
+    )
     return _save(fig, path)
 
 
@@ -88,11 +94,19 @@ def plot_success_curves(runs: list[SweepRun], threshold: float, path: str | Path
         colors = plt.cm.viridis(np.linspace(0, 1, max(1, len(by_q))))
         for (q, members), color in zip(by_q.items(), colors):
             steps, mean, low, high = _seed_band(members)
-            ax.plot(steps, mean, color=color, label=f"q={q:g}" + (f" ({len(members)} seeds)" if len(members) > 1 else ""))
+            ax.plot(
+                steps, mean, color=color, label=f"q={q:g}" + (f" ({len(members)} seeds)" if len(members) > 1 else "")
+            )
             ax.fill_between(steps, low, high, color=color, alpha=0.2)
         if baselines:
             steps, mean, low, high = _seed_band(baselines)
-            ax.plot(steps, mean, "k--", alpha=0.8, label="GRPO" + (f" ({len(baselines)} seeds)" if len(baselines) > 1 else ""))
+            ax.plot(
+                steps,
+                mean,
+                "k--",
+                alpha=0.8,
+                label="GRPO" + (f" ({len(baselines)} seeds)" if len(baselines) > 1 else ""),
+            )
             ax.fill_between(steps, low, high, color="k", alpha=0.1)
         ax.axhline(threshold, color="grey", lw=0.8, ls=":")
         ax.set_title(estimator.upper())
@@ -120,8 +134,14 @@ def plot_escape_steps(runs: list[SweepRun], threshold: float, path: str | Path) 
         qs = list(by_q)
         spans = [steps_of(by_q[q]) for q in qs]
         medians = [s[(len(s) - 1) // 2] for s in spans]
-        ax.errorbar(qs, medians, yerr=[[m - s[0] for m, s in zip(medians, spans)], [s[-1] - m for m, s in zip(medians, spans)]],
-                    fmt="o-", capsize=3, label=estimator.upper())
+        ax.errorbar(
+            qs,
+            medians,
+            yerr=[[m - s[0] for m, s in zip(medians, spans)], [s[-1] - m for m, s in zip(medians, spans)]],
+            fmt="o-",
+            capsize=3,
+            label=estimator.upper(),
+        )
     if baselines:
         spans = steps_of(baselines)
         ax.axhline(spans[(len(spans) - 1) // 2], color="k", ls="--", alpha=0.7, label="GRPO (median seed)")
@@ -140,14 +160,22 @@ def plot_final_by_q(runs: list[SweepRun], metric: str, path: str | Path) -> Path
     """Held-out pass@k and maj@k against q, per estimator: seed mean, bars: seed range; GRPO as a line and band."""
     groups = _by_estimator(runs)
     baselines = groups.pop(baseline_estimator(), {}).get(None, [])
-    names = sorted({k for r in runs for k in r.evaluation if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+    names = sorted(
+        {k for r in runs for k in r.evaluation if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1]))
+    )
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names):
         for estimator, by_q in groups.items():
             values = [[r.evaluation.get(name, float("nan")) for r in members] for members in by_q.values()]
             means = [float(np.mean(v)) for v in values]
-            ax.errorbar(list(by_q), means, yerr=[[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]],
-                        fmt="o-", capsize=3, label=estimator.upper())
+            ax.errorbar(
+                list(by_q),
+                means,
+                yerr=[[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]],
+                fmt="o-",
+                capsize=3,
+                label=estimator.upper(),
+            )
         if baselines:
             values = [r.evaluation.get(name, float("nan")) for r in baselines]
             ax.axhline(float(np.mean(values)), color="k", ls="--", alpha=0.7, label="GRPO")

@@ -38,7 +38,9 @@ class SweepRun:
 
     def metric(self, name: str) -> float:
         if name not in self.evaluation:
-            raise SweepError(f"metric {name!r} is not in the evaluation of {self.name}; it has: {', '.join(self.evaluation)}")
+            raise SweepError(
+                f"metric {name!r} is not in the evaluation of {self.name}; it has: {', '.join(self.evaluation)}"
+            )
         return self.evaluation[name]
 
 
@@ -51,7 +53,9 @@ def _read_file(path: Path, made_by: str) -> dict:
     try:
         return parse(path.read_text()) or {}
     except failure as error:
-        raise SweepError(f"{path} is not valid {kind} ({str(error).splitlines()[0]}); delete it and rerun {made_by}") from None
+        raise SweepError(
+            f"{path} is not valid {kind} ({str(error).splitlines()[0]}); delete it and rerun {made_by}"
+        ) from None
 
 
 def run_identity(run_dir: Path) -> tuple[str, float | None, int]:
@@ -88,9 +92,18 @@ def load_run(run_dir: str | Path, evaluation_path: str | Path) -> SweepRun:
     if not isinstance(evaluation, dict):
         raise SweepError(f"{evaluation_path} has no 'metrics' mapping; rerun tsallis evaluate")
     tracking = json.loads((run_dir / "mlflow.json").read_text()) if (run_dir / "mlflow.json").is_file() else {}
-    return SweepRun(name=run_dir.name, estimator=estimator, q=q, seed=seed, run_dir=run_dir, history=history,
-                    evaluation=evaluation, mlflow_run_id=tracking.get("run_id"), model_uri=tracking.get("model_uri"),
-                    per_prompt=record.get("per_prompt") or {})
+    return SweepRun(
+        name=run_dir.name,
+        estimator=estimator,
+        q=q,
+        seed=seed,
+        run_dir=run_dir,
+        history=history,
+        evaluation=evaluation,
+        mlflow_run_id=tracking.get("run_id"),
+        model_uri=tracking.get("model_uri"),
+        per_prompt=record.get("per_prompt") or {},
+    )
 
 
 def find_run_dirs(paths: list[str | Path]) -> dict[Path, bool]:
@@ -107,28 +120,44 @@ def find_run_dirs(paths: list[str | Path]) -> dict[Path, bool]:
     return found
 
 
-def select_runs(run_dirs: dict[Path, bool], evals_dir: str | Path, estimators: list[str] | None = None,
-                q_grid: list[float] | None = None, seeds: list[int] | None = None) -> list[SweepRun]:
+def select_runs(
+    run_dirs: dict[Path, bool],
+    evals_dir: str | Path,
+    estimators: list[str] | None = None,
+    q_grid: list[float] | None = None,
+    seeds: list[int] | None = None,
+) -> list[SweepRun]:
     """Load the runs named explicitly and those of the sweep grid (estimators x q x seeds; GRPO by seed), each
     with ``evals_dir/<name>.json``.
 
     Directories left from an earlier grid are skipped; a grid point with no run is an error naming it."""
+
     def in_grid(estimator: str, q: float | None, seed: int) -> bool:
         if seeds is not None and seed not in seeds:
             return False
         if q is None:  # GRPO, or a q schedule: kept by seed alone
             return True
-        return (estimators is None or estimator in estimators) and (q_grid is None or any(math.isclose(q, g) for g in q_grid))
+        return (estimators is None or estimator in estimators) and (
+            q_grid is None or any(math.isclose(q, g) for g in q_grid)
+        )
 
     identities = {d: run_identity(d) for d in run_dirs}
     for estimator in estimators or []:
         for q in q_grid or []:
             for seed in seeds or [0]:
-                if not any(e == estimator and v is not None and math.isclose(v, q) and s == seed for e, v, s in identities.values()):
-                    raise SweepError(f"no trained run for estimator={estimator} q={q:g} seed={seed} among "
-                                     f"{', '.join(d.name for d in run_dirs) or 'no run directories'}")
-    kept = [load_run(d, Path(evals_dir) / f"{d.name}.json") for d, identity in identities.items()
-            if run_dirs[d] or in_grid(*identity)]
+                if not any(
+                    e == estimator and v is not None and math.isclose(v, q) and s == seed
+                    for e, v, s in identities.values()
+                ):
+                    raise SweepError(
+                        f"no trained run for estimator={estimator} q={q:g} seed={seed} among "
+                        f"{', '.join(d.name for d in run_dirs) or 'no run directories'}"
+                    )
+    kept = [
+        load_run(d, Path(evals_dir) / f"{d.name}.json")
+        for d, identity in identities.items()
+        if run_dirs[d] or in_grid(*identity)
+    ]
     if not kept:
         raise SweepError("no runs match the sweep grid (--estimators, --q, --seeds)")
     return kept
@@ -142,8 +171,10 @@ def load_runs(run_roots: list[str | Path], evaluation_roots: list[str | Path]) -
     runs = []
     for run_dir in find_run_dirs(run_roots):
         if run_dir.name not in evaluations:
-            raise SweepError(f"no evaluation {run_dir.name}.json for the run {run_dir} in "
-                             f"{', '.join(map(str, evaluation_roots)) or 'no directories'}: evaluate it first")
+            raise SweepError(
+                f"no evaluation {run_dir.name}.json for the run {run_dir} in "
+                f"{', '.join(map(str, evaluation_roots)) or 'no directories'}: evaluate it first"
+            )
         runs.append(load_run(run_dir, evaluations[run_dir.name]))
     if not runs:
         raise SweepError(f"no training runs in {', '.join(map(str, run_roots)) or 'no directories'}")

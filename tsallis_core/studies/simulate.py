@@ -62,8 +62,10 @@ class OptimizerSpec(Section):
     eps: float = Field(1e-8, gt=0, description="AdamW eps")
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(0.0, ge=0, description="per-run global gradient-norm clip (0: none)")
-    lr_center: dict[str, float] = Field(default_factory=lambda: {"default": 10.0},
-                                        description="family (grpo, garl, paft) or 'default' -> centre of the lr grid")
+    lr_center: dict[str, float] = Field(
+        default_factory=lambda: {"default": 10.0},
+        description="family (grpo, garl, paft) or 'default' -> centre of the lr grid",
+    )
 
     @field_validator("lr_center")
     @classmethod
@@ -91,14 +93,19 @@ class SimulateConfig(Section):
     policy: Literal["mlp", "tabular"] = Field("mlp", description="mlp: shared parameters; tabular: the theory's toy")
     num_answers: int = Field(64, ge=2, description="K answers per prompt, one right")
     prompts: int = Field(32, ge=1, description="prompts per step (the whole fixed prompt set, also the eval set)")
-    strata: list[float] = Field([3.0, 1.0, 1.0 / 3.0], min_length=1,
-                                description="relative start success of the difficulty strata (scaled to mean p0)")
+    strata: list[float] = Field(
+        [3.0, 1.0, 1.0 / 3.0],
+        min_length=1,
+        description="relative start success of the difficulty strata (scaled to mean p0)",
+    )
     hidden: int = Field(64, ge=1, description="MLP hidden width")
     encoding_dim: int = Field(16, ge=1, description="MLP prompt encoding size (fixed random Gaussian vectors)")
     target: float = Field(0.5, gt=0, lt=1, description="mean expected success that counts as escaped (the lr score)")
     thresholds: list[float] = Field([0.2, 0.5], min_length=1, description="success levels whose steps are recorded")
-    estimators: list[str] = Field(["garl:0.5", "garl:0.75", "garl:1", "paft:0.75", "paft:1"],
-                                  description="compared with grpo, e.g. garl:0.75, paft:1")
+    estimators: list[str] = Field(
+        ["garl:0.5", "garl:0.75", "garl:1", "paft:0.75", "paft:1"],
+        description="compared with grpo, e.g. garl:0.75, paft:1",
+    )
     baseline: Literal["loo", "mean", "none"] = Field("loo", description="GARL baseline")
     seeds: int = Field(5, ge=1)
     p0s: list[float] = Field([0.03, 0.01, 0.003, 0.001], min_length=1, description="mean start success of a cell")
@@ -136,8 +143,9 @@ class SimulateConfig(Section):
     @model_validator(mode="after")
     def _checks(self) -> SimulateConfig:
         if not all(0 < t <= self.target for t in self.thresholds):
-            raise ValueError(f"thresholds must lie in (0, target={self.target}] (a run stops at the target), "
-                             f"got {self.thresholds}")
+            raise ValueError(
+                f"thresholds must lie in (0, target={self.target}] (a run stops at the target), got {self.thresholds}"
+            )
         if max(self.p0s) >= min(self.thresholds):
             raise ValueError(f"every p0 must lie below the lowest threshold {min(self.thresholds)}, got {self.p0s}")
         if self.cap_min > self.cap_max:
@@ -176,8 +184,7 @@ def load_simulate(path: str | os.PathLike | None, overrides: list[str] | None = 
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"simulate params file {path} must hold a YAML mapping")
-    return validate_settings(SimulateConfig, data, overrides, f"invalid simulate params {path or ''}".strip(),
-                             **fields)
+    return validate_settings(SimulateConfig, data, overrides, f"invalid simulate params {path or ''}".strip(), **fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +217,9 @@ def make_bandit(cfg: SimulateConfig, p0: float) -> Bandit:
     gen = torch.Generator().manual_seed(cfg.task_seed)
     right = torch.randint(0, cfg.num_answers, (cfg.prompts,), generator=gen)
     encoding = torch.randn(cfg.prompts, cfg.encoding_dim, generator=gen) / math.sqrt(cfg.encoding_dim)
-    return Bandit(prior_logits(strata_start_success(p0, cfg.strata, cfg.prompts), right, cfg.num_answers), right,
-                  encoding)
+    return Bandit(
+        prior_logits(strata_start_success(p0, cfg.strata, cfg.prompts), right, cfg.num_answers), right, encoding
+    )
 
 
 def init_policy(kind: str, seeds: list[int], bandit: Bandit, hidden: int) -> dict[str, Tensor]:
@@ -221,10 +229,12 @@ def init_policy(kind: str, seeds: list[int], bandit: Bandit, hidden: int) -> dic
         return {"logits": torch.zeros(runs, prompts, answers, requires_grad=True)}  # [R, P, K]
     dim = bandit.encoding.shape[1]
     w1 = torch.stack([torch.randn(dim, hidden, generator=torch.Generator().manual_seed(1000 + s)) for s in seeds])
-    return {"w1": (w1 / math.sqrt(dim)).requires_grad_(),  # [R, D, H]
-            "b1": torch.zeros(runs, 1, hidden, requires_grad=True),  # [R, 1, H]
-            "w2": torch.zeros(runs, hidden, answers, requires_grad=True),  # [R, H, K] zero: start logits = prior
-            "b2": torch.zeros(runs, 1, answers, requires_grad=True)}  # [R, 1, K]
+    return {
+        "w1": (w1 / math.sqrt(dim)).requires_grad_(),  # [R, D, H]
+        "b1": torch.zeros(runs, 1, hidden, requires_grad=True),  # [R, 1, H]
+        "w2": torch.zeros(runs, hidden, answers, requires_grad=True),  # [R, H, K] zero: start logits = prior
+        "b2": torch.zeros(runs, 1, answers, requires_grad=True),
+    }  # [R, 1, K]
 
 
 def policy_logits(params: dict[str, Tensor], bandit: Bandit) -> Tensor:
@@ -289,8 +299,8 @@ class StackedOptimizer:
             m.mul_(beta1).add_(g, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             self.moments[name] = (m, v)
-            m_hat = m / (1 - beta1 ** self.step_count)
-            v_hat = v / (1 - beta2 ** self.step_count)
+            m_hat = m / (1 - beta1**self.step_count)
+            v_hat = v / (1 - beta2**self.step_count)
             p -= per_run(self.lr, p) * m_hat / (v_hat.sqrt() + self.spec.eps)
 
     def keep(self, index: Tensor) -> None:
@@ -310,8 +320,9 @@ class Run:
     seed: int
 
 
-def estimator_loss(name: str, logprobs: Tensor, rewards: Tensor, group_size: int, baseline: str,
-                   gen: torch.Generator) -> Tensor:
+def estimator_loss(
+    name: str, logprobs: Tensor, rewards: Tensor, group_size: int, baseline: str, gen: torch.Generator
+) -> Tensor:
     """The registry's loss for R' stacked runs of one estimator, times R' (each run's own gradient).
 
     logprobs [R', P, M] (with grad), rewards [R', P, M]; one token per completion."""
@@ -320,11 +331,20 @@ def estimator_loss(name: str, logprobs: Tensor, rewards: Tensor, group_size: int
     rows = logprobs.shape[0]
     flat_rewards = rewards.reshape(-1)  # [N], groups of M contiguous
     args = estimator.args.model_validate({"baseline": baseline} if "baseline" in estimator.args.model_fields else {})
-    counts = paft_resample_counts(flat_rewards, group_size, group_size, gen) \
-        if estimator.draws_resample_counts(args) else None
-    batch = PolicyBatch(logprobs=logprobs.reshape(-1, 1), mask=torch.ones(flat_rewards.shape[0], 1),
-                        rewards=flat_rewards, group_size=group_size, q=q if q is not None else 0.0, max_new_tokens=1,
-                        resample_counts=counts)
+    counts = (
+        paft_resample_counts(flat_rewards, group_size, group_size, gen)
+        if estimator.draws_resample_counts(args)
+        else None
+    )
+    batch = PolicyBatch(
+        logprobs=logprobs.reshape(-1, 1),
+        mask=torch.ones(flat_rewards.shape[0], 1),
+        rewards=flat_rewards,
+        group_size=group_size,
+        q=q if q is not None else 0.0,
+        max_new_tokens=1,
+        resample_counts=counts,
+    )
     return estimator.loss(batch, args).loss * rows
 
 
@@ -333,8 +353,16 @@ def lr_score(values: np.ndarray) -> float:
     return float(np.median(values))
 
 
-def simulate_runs(cfg: SimulateConfig, spec: OptimizerSpec, p0: float, group_size: int, runs: list[Run],
-                  best_known: dict[str, float] | None = None, gen_seed: int = 0, progress=None) -> list[dict]:
+def simulate_runs(
+    cfg: SimulateConfig,
+    spec: OptimizerSpec,
+    p0: float,
+    group_size: int,
+    runs: list[Run],
+    best_known: dict[str, float] | None = None,
+    gen_seed: int = 0,
+    progress=None,
+) -> list[dict]:
     """Train the stacked ``runs`` until each escapes to ``cfg.target``, diverges, reaches the cap, or its lr can no
     longer beat the best (``best_known``: estimator -> best finished median so far). One dict per run."""
     cap = cfg.cap(p0)
@@ -387,14 +415,29 @@ def simulate_runs(cfg: SimulateConfig, spec: OptimizerSpec, p0: float, group_siz
         optimizer.step(params, grads)
         if progress is not None:
             progress.set_postfix_str(f"step {step + 1}/{cap}, runs {alive.size}", refresh=False)
-    return [{"estimator": r.estimator, "lr": r.lr, "seed": r.seed, "status": str(status[i]),
-             "final_success": float(final[i]),
-             "steps_to": {f"{t:g}": (int(steps_to[i, j]) if steps_to[i, j] >= 0 else None)
-                          for j, t in enumerate(thresholds)}} for i, r in enumerate(runs)]
+    return [
+        {
+            "estimator": r.estimator,
+            "lr": r.lr,
+            "seed": r.seed,
+            "status": str(status[i]),
+            "final_success": float(final[i]),
+            "steps_to": {
+                f"{t:g}": (int(steps_to[i, j]) if steps_to[i, j] >= 0 else None) for j, t in enumerate(thresholds)
+            },
+        }
+        for i, r in enumerate(runs)
+    ]
 
 
-def race_lrs(group_of: list[tuple[str, float]], status: np.ndarray, target_steps: np.ndarray, step: int, cap: int,
-             best_known: dict[str, float]) -> None:
+def race_lrs(
+    group_of: list[tuple[str, float]],
+    status: np.ndarray,
+    target_steps: np.ndarray,
+    step: int,
+    cap: int,
+    best_known: dict[str, float],
+) -> None:
     """Race the lrs of each estimator: stop an lr whose median steps cannot beat an lr whose median is known.
 
     Each run's value: its escape step; the cap for a stall, cap + 1 for a divergence; unresolved runs lie in
@@ -448,8 +491,9 @@ def _value(result: dict, target: str, cap: int) -> int:
     return cap + 1 if result["status"] in ("diverged", "pruned") else cap
 
 
-def run_cell(cfg: SimulateConfig, optimizer: str, p0: float, group_size: int, estimators: list[str] | None = None,
-             progress=None) -> dict:
+def run_cell(
+    cfg: SimulateConfig, optimizer: str, p0: float, group_size: int, estimators: list[str] | None = None, progress=None
+) -> dict:
     """Every estimator (GRPO first) at its tuned lr, ``cfg.seeds`` seeds each: the cell's record."""
     spec = cfg.optimizers[optimizer]
     names = list(dict.fromkeys([BASELINE, *(estimators if estimators is not None else cfg.estimators)]))
@@ -464,23 +508,31 @@ def run_cell(cfg: SimulateConfig, optimizer: str, p0: float, group_size: int, es
         runs = [Run(name, lr, seed) for name, lrs in todo.items() for lr in lrs for seed in range(cfg.seeds)]
         if not runs:
             break
-        best_known = {name: min(rank_key(r, target, cap)[0] for r in results[name].values())
-                      for name in names if results[name]}
-        for record in simulate_runs(cfg, spec, p0, group_size, runs, best_known, gen_seed=round_index,
-                                    progress=progress):
+        best_known = {
+            name: min(rank_key(r, target, cap)[0] for r in results[name].values()) for name in names if results[name]
+        }
+        for record in simulate_runs(
+            cfg, spec, p0, group_size, runs, best_known, gen_seed=round_index, progress=progress
+        ):
             results[record["estimator"]].setdefault(record["lr"], []).append(record)
         todo = {}
         for name in names:
             grid = sorted(results[name])
             keys = {lr: rank_key(results[name][lr], target, cap) for lr in grid}
             best = min(grid, key=lambda lr: (keys[lr], -lr))
-            ratio = 10 ** 0.5
+            ratio = 10**0.5
             if len(grid) > 1 and best == grid[-1] and keys[best][0] <= cap:
-                todo[name] = [float(f"{best * ratio:.3g}"), float(f"{best * ratio ** 2:.3g}")]
+                todo[name] = [float(f"{best * ratio:.3g}"), float(f"{best * ratio**2:.3g}")]
             elif len(grid) > 1 and best == grid[0] and keys[best] < keys[grid[1]]:
-                todo[name] = [float(f"{best / ratio:.3g}"), float(f"{best / ratio ** 2:.3g}")]
-    record: dict[str, Any] = {"optimizer": optimizer, "p0": p0, "group_size": group_size, "cap": cap,
-                              "target": cfg.target, "estimators": {}}
+                todo[name] = [float(f"{best / ratio:.3g}"), float(f"{best / ratio**2:.3g}")]
+    record: dict[str, Any] = {
+        "optimizer": optimizer,
+        "p0": p0,
+        "group_size": group_size,
+        "cap": cap,
+        "target": cfg.target,
+        "estimators": {},
+    }
     for name in names:
         grid = sorted(results[name])
         keys = {lr: rank_key(results[name][lr], target, cap) for lr in grid}
@@ -488,7 +540,8 @@ def run_cell(cfg: SimulateConfig, optimizer: str, p0: float, group_size: int, es
         seeds = sorted(results[name][best], key=lambda r: r["seed"])
         edge = "low" if best == grid[0] else "high" if best == grid[-1] else None
         record["estimators"][name] = {
-            "lr": best, "lr_at_grid_edge": edge,
+            "lr": best,
+            "lr_at_grid_edge": edge,
             "grid": {f"{lr:g}": keys[lr][0] for lr in grid},
             "steps_to_escape": [r["steps_to"][target] for r in seeds],
             "steps_to": {t: [r["steps_to"][t] for r in seeds] for t in seeds[0]["steps_to"]},
@@ -519,11 +572,15 @@ def cell_ratios(record: dict, resamples: int = 2000) -> dict[str, dict]:
             grpo = steps_or_cap(base["steps_to"][level], cap)
             mine = steps_or_cap(steps, cap)
             median, low, high = bootstrap_median_ratio(grpo, mine, resamples, seed=0)
-            ratios[name][level] = {"median_ratio": round(median, 4), "low": round(low, 4), "high": round(high, 4),
-                                   "grpo_never": sum(s is None for s in base["steps_to"][level]),
-                                   "estimator_never": sum(s is None for s in steps),
-                                   "both_capped": bool(np.median(grpo) >= cap and np.median(mine) >= cap),
-                                   "grpo_median_steps": float(np.median(grpo))}
+            ratios[name][level] = {
+                "median_ratio": round(median, 4),
+                "low": round(low, 4),
+                "high": round(high, 4),
+                "grpo_never": sum(s is None for s in base["steps_to"][level]),
+                "estimator_never": sum(s is None for s in steps),
+                "both_capped": bool(np.median(grpo) >= cap and np.median(mine) >= cap),
+                "grpo_median_steps": float(np.median(grpo)),
+            }
     return ratios
 
 
@@ -561,11 +618,16 @@ def run_map(cfg: SimulateConfig, out: str | os.PathLike | None = None) -> Path:
             computed_seconds += record["seconds"]
             path.write_text(json.dumps(record, indent=1))
             cells.append(record)
-    results = {"settings": settings, "optimizers": {k: v.model_dump() for k, v in cfg.optimizers.items()},
-               "p0s": cfg.p0s, "group_sizes": cfg.group_sizes, "estimators": cfg.estimators,
-               "seconds_total": round(sum(c["seconds"] for c in cells), 1),
-               "seconds_this_invocation": round(computed_seconds, 1),
-               "cells": [{k: v for k, v in c.items() if k != "config"} for c in cells]}
+    results = {
+        "settings": settings,
+        "optimizers": {k: v.model_dump() for k, v in cfg.optimizers.items()},
+        "p0s": cfg.p0s,
+        "group_sizes": cfg.group_sizes,
+        "estimators": cfg.estimators,
+        "seconds_total": round(sum(c["seconds"] for c in cells), 1),
+        "seconds_this_invocation": round(computed_seconds, 1),
+        "cells": [{k: v for k, v in c.items() if k != "config"} for c in cells],
+    }
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(summary_markdown(results))
@@ -585,30 +647,49 @@ def summary_markdown(results: dict) -> str:
     ``>=``: GRPO seeds that never escaped count as the cap; "both capped": neither median escaped), GRPO's median
     steps, and the cells where an estimator escaped in every seed while most GRPO seeds did not."""
     names = results["estimators"]
-    title = (f"# Simulator map: median steps GRPO / estimator ({results['settings']['policy']} policy, "
-             f"{results['settings']['seeds']} seeds, {results['seconds_total']:.0f} s of cell time)")
+    title = (
+        f"# Simulator map: median steps GRPO / estimator ({results['settings']['policy']} policy, "
+        f"{results['settings']['seeds']} seeds, {results['seconds_total']:.0f} s of cell time)"
+    )
     lines = [title, ""]
     for level in [f"{t:g}" for t in results["settings"]["thresholds"]]:
-        lines += [f"## Steps to mean success {level}", "",
-                  "| optimiser | p0 | M | cap | GRPO median steps (never) | " + " | ".join(names) + " |",
-                  "|" + "---|" * (5 + len(names))]
+        lines += [
+            f"## Steps to mean success {level}",
+            "",
+            "| optimiser | p0 | M | cap | GRPO median steps (never) | " + " | ".join(names) + " |",
+            "|" + "---|" * (5 + len(names)),
+        ]
         escaped_alone = []
         for cell in results["cells"]:
             grpo = cell["estimators"][BASELINE]["steps_to"][level]
-            row = [cell["optimizer"], f"{cell['p0']:g}", str(cell["group_size"]), str(cell["cap"]),
-                   f"{np.median(steps_or_cap(grpo, cell['cap'])):.0f} ({sum(s is None for s in grpo)})"]
+            row = [
+                cell["optimizer"],
+                f"{cell['p0']:g}",
+                str(cell["group_size"]),
+                str(cell["cap"]),
+                f"{np.median(steps_or_cap(grpo, cell['cap'])):.0f} ({sum(s is None for s in grpo)})",
+            ]
             for name in names:
                 r = cell["ratios"][name][level]
                 mark = "*" if r["low"] <= 1 <= r["high"] else ""
-                row.append("both capped" if r["both_capped"] else
-                           f"{'>=' if r['grpo_never'] else ''}{r['median_ratio']:.2f} [{r['low']:.2f}, "
-                           f"{r['high']:.2f}]{mark}")
+                row.append(
+                    "both capped"
+                    if r["both_capped"]
+                    else f"{'>=' if r['grpo_never'] else ''}{r['median_ratio']:.2f} [{r['low']:.2f}, "
+                    f"{r['high']:.2f}]{mark}"
+                )
                 if escapes_where_grpo_does_not(cell, name, level):
-                    escaped_alone.append(f"{name} at {cell['optimizer']}, p0={cell['p0']:g}, M={cell['group_size']} "
-                                         f"(cap {cell['cap']})")
+                    escaped_alone.append(
+                        f"{name} at {cell['optimizer']}, p0={cell['p0']:g}, M={cell['group_size']} (cap {cell['cap']})"
+                    )
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", f"Escaped in every seed while most GRPO seeds did not reach {level} within the cap: "
-                  + ("; ".join(escaped_alone) if escaped_alone else "nowhere") + ".", ""]
+        lines += [
+            "",
+            f"Escaped in every seed while most GRPO seeds did not reach {level} within the cap: "
+            + ("; ".join(escaped_alone) if escaped_alone else "nowhere")
+            + ".",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -619,21 +700,32 @@ def map_verdict(results: dict, level: str = "0.5") -> dict[str, dict[str, int]]:
     for cell in results["cells"]:
         tally = counts.setdefault(cell["optimizer"], {"faster": 0, "slower": 0, "noise": 0, "capped": 0})
         for ratio in (r[level] for r in cell["ratios"].values()):
-            kind = ("capped" if ratio["both_capped"] else "faster" if ratio["low"] > 1 else
-                    "slower" if ratio["high"] < 1 else "noise")
+            kind = (
+                "capped"
+                if ratio["both_capped"]
+                else "faster"
+                if ratio["low"] > 1
+                else "slower"
+                if ratio["high"] < 1
+                else "noise"
+            )
             tally[kind] += 1
     return counts
 
 
 def map_claim_sentence(results: dict, level: str = "0.5") -> str:
     """One sentence on the claim from a map: per optimiser, in how many of its cells the estimators beat GRPO."""
-    parts = [f"{optimizer}: faster than GRPO in {c['faster']}, slower in {c['slower']}, within the noise in "
-             f"{c['noise']}" + (f", neither escaped in {c['capped']}" if c["capped"] else "")
-             for optimizer, c in map_verdict(results, level).items()]
+    parts = [
+        f"{optimizer}: faster than GRPO in {c['faster']}, slower in {c['slower']}, within the noise in "
+        f"{c['noise']}" + (f", neither escaped in {c['capped']}" if c["capped"] else "")
+        for optimizer, c in map_verdict(results, level).items()
+    ]
     names = ", ".join(results["estimators"])
-    return (f"In the simulator ({results['settings']['seeds']} seeds a cell, start success "
-            f"{', '.join(f'{p:.1%}' for p in results['p0s'])}, M {', '.join(map(str, results['group_sizes']))}), "
-            f"{names} reached success {level} (median steps, 95% interval against 1) — {'; '.join(parts)}.")
+    return (
+        f"In the simulator ({results['settings']['seeds']} seeds a cell, start success "
+        f"{', '.join(f'{p:.1%}' for p in results['p0s'])}, M {', '.join(map(str, results['group_sizes']))}), "
+        f"{names} reached success {level} (median steps, 95% interval against 1) — {'; '.join(parts)}."
+    )
 
 
 def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
@@ -647,8 +739,12 @@ def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
 
     optimizers, estimators = list(results["optimizers"]), results["estimators"]
     p0s, sizes = sorted(results["p0s"], reverse=True), sorted(results["group_sizes"])
-    fig, axes = plt.subplots(len(optimizers), len(estimators), squeeze=False,
-                             figsize=(2.3 * len(estimators) + 1, 2.1 * len(optimizers) + 0.8))
+    fig, axes = plt.subplots(
+        len(optimizers),
+        len(estimators),
+        squeeze=False,
+        figsize=(2.3 * len(estimators) + 1, 2.1 * len(optimizers) + 0.8),
+    )
     norm = LogNorm(vmin=1 / 8, vmax=8)
     image = None
     for row, optimizer in enumerate(optimizers):
@@ -662,14 +758,23 @@ def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
                 entry = cell["ratios"][name][level]
                 grid[i, j] = entry["median_ratio"]
                 holds_one = entry["low"] <= 1 <= entry["high"]
-                text = ("≥" if entry["grpo_never"] else "") + f"{entry['median_ratio']:.2g}" + ("\n×" if holds_one else "")
+                text = (
+                    ("≥" if entry["grpo_never"] else "") + f"{entry['median_ratio']:.2g}" + ("\n×" if holds_one else "")
+                )
                 if entry["both_capped"]:  # neither escaped in most seeds: no ratio
                     grid[i, j], text = np.nan, "cap"
                 elif entry["grpo_median_steps"] <= SATURATED_STEPS:  # GRPO jumps there at once: nothing to win
                     text = f"{text}\n(1-2 st)"
                 dark = not entry["both_capped"] and abs(math.log(max(entry["median_ratio"], 1e-9))) > math.log(4)
-                ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
-                        color="white" if dark else "0.35" if holds_one else "black")
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="white" if dark else "0.35" if holds_one else "black",
+                )
             image = ax.imshow(np.clip(grid, 1 / 8, 8), cmap="RdBu", norm=norm, origin="lower", aspect="auto")
             ax.set_xticks(range(len(p0s)), [f"{p:g}" for p in p0s], fontsize=6)
             ax.set_yticks(range(len(sizes)), [str(m) for m in sizes], fontsize=6)
@@ -679,9 +784,11 @@ def plot_ratio_map(results: dict, level: str, path: Path) -> Path:
                 ax.set_ylabel(f"{optimizer}\nM", fontsize=7)
             if row == 0:
                 ax.set_title(name, fontsize=8)
-    fig.suptitle(f"median steps to success {level}: GRPO / estimator (>1: estimator faster; ×: 95% interval holds 1; "
-                 f"≥: some GRPO seeds never escaped; cap: neither escaped within the cap; 1-2 st: GRPO escapes in 1-2 steps)",
-                 fontsize=8)
+    fig.suptitle(
+        f"median steps to success {level}: GRPO / estimator (>1: estimator faster; ×: 95% interval holds 1; "
+        f"≥: some GRPO seeds never escaped; cap: neither escaped within the cap; 1-2 st: GRPO escapes in 1-2 steps)",
+        fontsize=8,
+    )
     fig.colorbar(image, ax=axes, shrink=0.6, label="ratio (log scale)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -718,12 +825,14 @@ def map_advice(results: dict, p0: float, group_size: int, optimizer: str) -> Map
     contradicts raising M until p0 * M >= 1."""
     cells = [c for c in results["cells"] if c["optimizer"] == optimizer]
     if not cells:
-        raise ValueError(f"the map has no cells for optimizer {optimizer!r}; it has "
-                         f"{', '.join(sorted({c['optimizer'] for c in results['cells']}))}")
+        raise ValueError(
+            f"the map has no cells for optimizer {optimizer!r}; it has "
+            f"{', '.join(sorted({c['optimizer'] for c in results['cells']}))}"
+        )
     level = f"{results['settings']['target']:g}"
     p0s = sorted({c["p0"] for c in cells})
     near_p0 = _nearest(p0s, max(p0, 1e-9))
-    in_range = p0s[0] / 10 ** 0.5 <= p0 <= p0s[-1] * 10 ** 0.5
+    in_range = p0s[0] / 10**0.5 <= p0 <= p0s[-1] * 10**0.5
     row = {c["group_size"]: c for c in cells if c["p0"] == near_p0}
     near_m = int(_nearest(sorted(row), group_size))
     ratios = {name: r[level] for name, r in row[near_m]["ratios"].items()}
@@ -742,20 +851,24 @@ def map_advice(results: dict, p0: float, group_size: int, optimizer: str) -> Map
     where = f"map cell {optimizer}, p0={near_p0:g}, M={near_m}"
     if best_estimator:
         r = ratios[best_estimator]
-        text = (f"{where}: {best_estimator} escapes {r['median_ratio']:.2f}x faster than GRPO "
-                f"[95% {r['low']:.2f}, {r['high']:.2f}]")
+        text = (
+            f"{where}: {best_estimator} escapes {r['median_ratio']:.2f}x faster than GRPO "
+            f"[95% {r['low']:.2f}, {r['high']:.2f}]"
+        )
     else:
         text = f"{where}: no estimator measurably faster than GRPO (every interval holds 1 or lies below it)"
     if contradicted:
-        text += (f"; the map contradicts raising M to {rule_m} (p0*M >= 1): " +
-                 (f"the gain over GRPO is largest at M={best_m}" if best_m else "no M measured a gain at this p0"))
+        text += f"; the map contradicts raising M to {rule_m} (p0*M >= 1): " + (
+            f"the gain over GRPO is largest at M={best_m}" if best_m else "no M measured a gain at this p0"
+        )
     elif best_m is not None:
         text += f"; the largest measured gain at this p0 is at M={best_m}"
     if not in_range:
         text += f" (p0={p0:g} lies outside the map's {p0s[0]:g}..{p0s[-1]:g}: not applied)"
     winners = {m: best_of(c)[0] for m, c in sorted(row.items())}
-    return MapAdvice(optimizer, near_p0, near_m, ratios, best_estimator, best_m, rule_m, contradicted, winners,
-                     in_range, text)
+    return MapAdvice(
+        optimizer, near_p0, near_m, ratios, best_estimator, best_m, rule_m, contradicted, winners, in_range, text
+    )
 
 
 def apply_map_advice(diagnosis, advice: MapAdvice):
@@ -780,8 +893,10 @@ def apply_map_advice(diagnosis, advice: MapAdvice):
 def load_map(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"simulator map {path} does not exist (run: tsallis simulate --params "
-                                f"configs/simulate.yaml --out {path.parent})")
+        raise FileNotFoundError(
+            f"simulator map {path} does not exist (run: tsallis simulate --params "
+            f"configs/simulate.yaml --out {path.parent})"
+        )
     return json.loads(path.read_text())
 
 
@@ -792,16 +907,19 @@ def load_map(path: str | os.PathLike) -> dict:
 
 def add_simulate_command(commands) -> None:
     sim = commands.add_parser(
-        "simulate", help="the sampled-estimator simulator on a contextual bandit: a map of GRPO / estimator escape "
-                         "times, or one cell",
+        "simulate",
+        help="the sampled-estimator simulator on a contextual bandit: a map of GRPO / estimator escape "
+        "times, or one cell",
         description="tsallis simulate --params configs/simulate.yaml [key=value ...] --out DIR: the map (cached per "
-                    "cell under DIR/cells). tsallis simulate cell --optimizer sgd --p0 0.01 --group-size 8 "
-                    "--prompts 32 --seeds 3 --estimators grpo garl:0.75 --json: one cell. Settings: the fields of "
-                    "tsallis_core.studies.simulate.SimulateConfig, as key=value.")
+        "cell under DIR/cells). tsallis simulate cell --optimizer sgd --p0 0.01 --group-size 8 "
+        "--prompts 32 --seeds 3 --estimators grpo garl:0.75 --json: one cell. Settings: the fields of "
+        "tsallis_core.studies.simulate.SimulateConfig, as key=value.",
+    )
     sim.add_argument("--params", help="YAML params (map; for `cell` optional: the settings it starts from)")
     sim.add_argument("--out", help="map: where results.json, the heatmaps and cells/ go (default: the params' out)")
-    sim.add_argument("--optimizer", default="adamw", help="cell: an optimiser of the settings (sgd, adamw, "
-                                                           "adamw_large_eps)")
+    sim.add_argument(
+        "--optimizer", default="adamw", help="cell: an optimiser of the settings (sgd, adamw, adamw_large_eps)"
+    )
     sim.add_argument("--p0", type=float, default=0.01, help="cell: mean start success")
     sim.add_argument("--group-size", type=int, default=8, help="cell: M samples per prompt")
     sim.add_argument("--prompts", type=int, help="cell: prompts per step")
@@ -824,28 +942,41 @@ def simulate_command(args) -> int:
         if args.optimizer not in cfg.optimizers:
             raise ConfigError(f"--optimizer must be one of {', '.join(cfg.optimizers)}; got {args.optimizer!r}")
         if not 0 < args.p0 < min(cfg.thresholds) or args.group_size < 2:
-            raise ConfigError(f"--p0 must lie in (0, {min(cfg.thresholds):g}) (below the lowest threshold) and "
-                              f"--group-size be >= 2; got {args.p0}, {args.group_size}")
+            raise ConfigError(
+                f"--p0 must lie in (0, {min(cfg.thresholds):g}) (below the lowest threshold) and "
+                f"--group-size be >= 2; got {args.p0}, {args.group_size}"
+            )
         estimators = args.estimators or [BASELINE, *cfg.estimators]
         for name in estimators:
             parse_estimator(name)
         record = run_cell(cfg, args.optimizer, args.p0, args.group_size, [e for e in estimators if e != BASELINE])
-        picked = {name: {"lr": record["estimators"][name]["lr"],
-                         "steps_to_escape": record["estimators"][name]["steps_to_escape"]} for name in estimators}
+        picked = {
+            name: {
+                "lr": record["estimators"][name]["lr"],
+                "steps_to_escape": record["estimators"][name]["steps_to_escape"],
+            }
+            for name in estimators
+        }
         if args.json:
             print(json.dumps(picked))
             return 0
-        print(f"cell {cell_name(args.optimizer, args.p0, args.group_size)} ({cfg.policy}, cap {record['cap']} "
-              f"steps, {record['seconds']:.1f} s): steps to mean success {cfg.target:g} per seed")
+        print(
+            f"cell {cell_name(args.optimizer, args.p0, args.group_size)} ({cfg.policy}, cap {record['cap']} "
+            f"steps, {record['seconds']:.1f} s): steps to mean success {cfg.target:g} per seed"
+        )
         for name in estimators:
             entry = record["estimators"][name]
             ratio = record["ratios"].get(name, {}).get(f"{cfg.target:g}")
-            extra = f"  GRPO/this {ratio['median_ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]" if ratio else ""
+            extra = (
+                f"  GRPO/this {ratio['median_ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]" if ratio else ""
+            )
             print(f"  {name:>10} lr {entry['lr']:<8.3g} {entry['steps_to_escape']}{extra}")
         return 0
     if any(v is not None for v in (args.prompts, args.seeds, args.estimators)) or args.json:
-        raise ConfigError("--prompts, --seeds, --estimators and --json apply to `tsallis simulate cell`; for the map "
-                          "set prompts=, seeds=, estimators= as key=value")
+        raise ConfigError(
+            "--prompts, --seeds, --estimators and --json apply to `tsallis simulate cell`; for the map "
+            "set prompts=, seeds=, estimators= as key=value"
+        )
     if args.params is None:
         raise ConfigError("tsallis simulate needs --params (e.g. configs/simulate.yaml) or the word `cell`")
     cfg = load_simulate(args.params, overrides)

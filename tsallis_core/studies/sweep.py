@@ -114,15 +114,21 @@ def sweep_table(runs: list[SweepRun], champion: SweepRun, metric: str, escape_th
     """One row per run: what it is, how it trained, how it evaluated, and its gap to the champion."""
     rows = []
     for run in sorted(runs, key=lambda r: (r.estimator, -1.0 if r.q is None else r.q, r.seed)):
-        rows.append({
-            "run": run.name, "estimator": run.estimator, "q": "" if run.q is None else run.q, "seed": run.seed,
-            "steps": len(run.history), "start_success": run.history[0]["success_rate"] if run.history else float("nan"),
-            "final_success": final_success(run.history),
-            "steps_to_escape": steps_to_escape(run.history, escape_threshold) or "",
-            **{k: v for k, v in run.evaluation.items() if "@" in k or k in ("accuracy", "f1")},
-            f"{metric} vs champion": run.metric(metric) - champion.metric(metric),
-            "champion": run is champion,
-        })
+        rows.append(
+            {
+                "run": run.name,
+                "estimator": run.estimator,
+                "q": "" if run.q is None else run.q,
+                "seed": run.seed,
+                "steps": len(run.history),
+                "start_success": run.history[0]["success_rate"] if run.history else float("nan"),
+                "final_success": final_success(run.history),
+                "steps_to_escape": steps_to_escape(run.history, escape_threshold) or "",
+                **{k: v for k, v in run.evaluation.items() if "@" in k or k in ("accuracy", "f1")},
+                f"{metric} vs champion": run.metric(metric) - champion.metric(metric),
+                "champion": run is champion,
+            }
+        )
     return rows
 
 
@@ -131,15 +137,23 @@ def settings_table(settings: list[Setting], escape_threshold: float) -> list[dic
     rows = []
     for s in settings:
         finals = [final_success(r.history) for r in s.runs]
-        escapes = sorted(e if e is not None else math.inf for e in (steps_to_escape(r.history, escape_threshold) for r in s.runs))
+        escapes = sorted(
+            e if e is not None else math.inf for e in (steps_to_escape(r.history, escape_threshold) for r in s.runs)
+        )
         show = lambda e: "never" if e == math.inf else str(e)
-        rows.append({"setting": s.label, "seeds": len(s.runs), f"{s.metric} mean": s.mean,
-                     "95% interval": f"[{s.low:.4g}, {s.high:.4g}] ({s.interval})",
-                     "seed range": f"{min(s.seed_values):.4g} .. {max(s.seed_values):.4g}",
-                     "final_success mean": sum(finals) / len(finals),
-                     "final_success range": f"{min(finals):.4g} .. {max(finals):.4g}",
-                     "steps_to_escape min / median / max": f"{show(escapes[0])} / {show(escapes[(len(escapes) - 1) // 2])} / "
-                                                           f"{show(escapes[-1])}"})
+        rows.append(
+            {
+                "setting": s.label,
+                "seeds": len(s.runs),
+                f"{s.metric} mean": s.mean,
+                "95% interval": f"[{s.low:.4g}, {s.high:.4g}] ({s.interval})",
+                "seed range": f"{min(s.seed_values):.4g} .. {max(s.seed_values):.4g}",
+                "final_success mean": sum(finals) / len(finals),
+                "final_success range": f"{min(finals):.4g} .. {max(finals):.4g}",
+                "steps_to_escape min / median / max": f"{show(escapes[0])} / {show(escapes[(len(escapes) - 1) // 2])} / "
+                f"{show(escapes[-1])}",
+            }
+        )
     return rows
 
 
@@ -175,14 +189,22 @@ def simulator_section(simulate_dir: str | Path, out: Path, runs: list[SweepRun])
     results = load_map(source / "results.json")
     shutil.copy(source / "ratio_map_0.5.png", out / "simulate_map.png")
     start = sum(r.history[0]["success_rate"] for r in runs if r.history) / max(1, sum(bool(r.history) for r in runs))
-    return (f"## When q matters: the simulator map\n\n{map_claim_sentence(results)} This sweep's language-model runs "
-            f"start at {start:.1%} training success (first step, mean over runs); the full map and the long runs "
-            "are in docs/escape.md.\n\n![simulator map](simulate_map.png)\n")
+    return (
+        f"## When q matters: the simulator map\n\n{map_claim_sentence(results)} This sweep's language-model runs "
+        f"start at {start:.1%} training success (first step, mean over runs); the full map and the long runs "
+        "are in docs/escape.md.\n\n![simulator map](simulate_map.png)\n"
+    )
 
 
-def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, metric: str,
-                 escape_threshold: float = 0.5, registered: dict | None = None,
-                 simulate_dir: str | Path | None = None) -> dict[str, Path]:
+def write_report(
+    runs: list[SweepRun],
+    champion: SweepRun,
+    out_dir: str | Path,
+    metric: str,
+    escape_threshold: float = 0.5,
+    registered: dict | None = None,
+    simulate_dir: str | Path | None = None,
+) -> dict[str, Path]:
     """report.md, sweep.csv, success_curves.csv, final_by_q.csv (for dvc plots), metrics.json (for dvc
     metrics) and the PNG plots, in ``out_dir``; with ``simulate_dir``, the simulator map's section."""
     from tsallis_core.studies.plots import plot_escape_steps, plot_final_by_q, plot_success_curves
@@ -192,12 +214,27 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
     table = sweep_table(runs, champion, metric, escape_threshold)
     paths = {"table": write_csv(table, out / "sweep.csv")}
     # long-format CSVs for `dvc plots show` (the template .dvc/plots/series.json draws a line per series)
-    curves = [{"series": r.label + ("" if len({x.seed for x in runs}) == 1 else f" seed {r.seed}"), "step": row["step"],
-               "success_rate": row["success_rate"]} for r in runs for row in r.history]
+    curves = [
+        {
+            "series": r.label + ("" if len({x.seed for x in runs}) == 1 else f" seed {r.seed}"),
+            "step": row["step"],
+            "success_rate": row["success_rate"],
+        }
+        for r in runs
+        for row in r.history
+    ]
     paths["curves"] = write_csv(curves, out / "success_curves.csv")
-    final_rows = [{"series": r.estimator.upper() + ("" if len({x.seed for x in runs}) == 1 else f" seed {r.seed}"),
-                   "q": r.q, "run": r.name, "champion_metric": r.metric(metric),
-                   **{k: v for k, v in r.evaluation.items() if "@" in k}} for r in runs if r.q is not None]
+    final_rows = [
+        {
+            "series": r.estimator.upper() + ("" if len({x.seed for x in runs}) == 1 else f" seed {r.seed}"),
+            "q": r.q,
+            "run": r.name,
+            "champion_metric": r.metric(metric),
+            **{k: v for k, v in r.evaluation.items() if "@" in k},
+        }
+        for r in runs
+        if r.q is not None
+    ]
     if final_rows:
         paths["final_by_q"] = write_csv(sorted(final_rows, key=lambda r: (r["series"], r["q"])), out / "final_by_q.csv")
     paths["success_png"] = plot_success_curves(runs, escape_threshold, out / "success_curves.png")
@@ -206,9 +243,13 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
 
     settings = summarize_settings(runs, metric)
     significant, verdict = leader_verdict(settings)
-    summary = {"champion": champion.name, metric: champion.metric(metric), "significant_winner": significant,
-               "settings": {s.label: {"mean": s.mean, "low": s.low, "high": s.high, "seeds": len(s.runs)} for s in settings},
-               "runs": {r.name: {metric: r.metric(metric), "final_success": final_success(r.history)} for r in runs}}
+    summary = {
+        "champion": champion.name,
+        metric: champion.metric(metric),
+        "significant_winner": significant,
+        "settings": {s.label: {"mean": s.mean, "low": s.low, "high": s.high, "seeds": len(s.runs)} for s in settings},
+        "runs": {r.name: {metric: r.metric(metric), "final_success": final_success(r.history)} for r in runs},
+    }
     if registered:
         summary["registered_version"] = int(registered["alias_version"])
     paths["metrics"] = out / "metrics.json"
@@ -216,9 +257,11 @@ def write_report(runs: list[SweepRun], champion: SweepRun, out_dir: str | Path, 
 
     registry = ""
     if registered:
-        registry = (f"Registry: `{registered['name']}` version {int(registered['version'])} holds this champion; the alias "
-                    f"`{CHAMPION_ALIAS}` points at version {int(registered['alias_version'])} ({registered['decision']}); "
-                    f"load it with `mlflow.transformers.load_model(\"{registered['model_uri']}\")`.\n\n")
+        registry = (
+            f"Registry: `{registered['name']}` version {int(registered['version'])} holds this champion; the alias "
+            f"`{CHAMPION_ALIAS}` points at version {int(registered['alias_version'])} ({registered['decision']}); "
+            f'load it with `mlflow.transformers.load_model("{registered["model_uri"]}")`.\n\n'
+        )
     text = (
         f"# q-sweep report\n\nChampion by `{metric}`: **{champion.name}** ({champion.label}, "
         f"{metric} = {champion.metric(metric):.4f}), the best seed of the setting with the highest seed mean.\n\n"
@@ -253,18 +296,24 @@ def register_champion(champion: SweepRun, registered_name: str, metric: str) -> 
     client = mlflow.MlflowClient()
     model_uri = champion.model_uri
     if not model_uri:
-        raise SweepError(f"{champion.name} has no logged model in MLflow ({champion.run_dir / 'mlflow.json'}): "
-                         f"train it with tracking.enabled=true and tracking.log_model=true")
+        raise SweepError(
+            f"{champion.name} has no logged model in MLflow ({champion.run_dir / 'mlflow.json'}): "
+            f"train it with tracking.enabled=true and tracking.log_model=true"
+        )
     value = champion.metric(metric)
     try:
         client.get_registered_model(registered_name)
     except MlflowException:
-        client.create_registered_model(registered_name, description="Champion of the tsallis q-sweep (alias 'champion').")
+        client.create_registered_model(
+            registered_name, description="Champion of the tsallis q-sweep (alias 'champion')."
+        )
     existing = [v for v in client.search_model_versions(f"name = '{registered_name}'") if v.source == model_uri]
     if existing:
         version = existing[0]
     else:
-        version = mlflow.register_model(model_uri, registered_name, tags={"metric": metric, "value": str(value), "run": champion.name})
+        version = mlflow.register_model(
+            model_uri, registered_name, tags={"metric": metric, "value": str(value), "run": champion.name}
+        )
     try:
         current = client.get_model_version_by_alias(registered_name, CHAMPION_ALIAS)
         current_value = float(current.tags.get("value", "-inf")) if current.tags.get("metric") == metric else -math.inf
@@ -277,13 +326,25 @@ def register_champion(champion: SweepRun, registered_name: str, metric: str) -> 
     else:
         decision = f"kept version {current.version}, {metric} {current_value:.4f} > {value:.4f}"
         alias_version = current.version
-    return {"name": registered_name, "version": int(version.version), "alias_version": int(alias_version),
-            "model_uri": f"models:/{registered_name}@{CHAMPION_ALIAS}", "metric": metric, "value": value,
-            "decision": decision}
+    return {
+        "name": registered_name,
+        "version": int(version.version),
+        "alias_version": int(alias_version),
+        "model_uri": f"models:/{registered_name}@{CHAMPION_ALIAS}",
+        "metric": metric,
+        "value": value,
+        "decision": decision,
+    }
 
 
-def log_sweep(runs: list[SweepRun], sweep: str, report_dir: str | Path, champion: SweepRun, metric: str,
-              experiment: str | None = None) -> str:
+def log_sweep(
+    runs: list[SweepRun],
+    sweep: str,
+    report_dir: str | Path,
+    champion: SweepRun,
+    metric: str,
+    experiment: str | None = None,
+) -> str:
     """Log the evaluations to each run, nest every run under the sweep's parent run, and log the report,
     the champion and the table to the parent. Returns the parent run id."""
     import os
@@ -303,14 +364,18 @@ def log_sweep(runs: list[SweepRun], sweep: str, report_dir: str | Path, champion
         try:
             client.get_run(run.mlflow_run_id)
         except MlflowException:
-            print(f"warning: MLflow run {run.mlflow_run_id} of {run.name} is not at {mlflow.get_tracking_uri()}; "
-                  f"its evaluation is only in the report")
+            print(
+                f"warning: MLflow run {run.mlflow_run_id} of {run.name} is not at {mlflow.get_tracking_uri()}; "
+                f"its evaluation is only in the report"
+            )
             continue
         client.set_tag(run.mlflow_run_id, PARENT_TAG, parent)
         client.set_tag(run.mlflow_run_id, SWEEP_TAG, sweep)
         for name, value in run.evaluation.items():
             client.log_metric(run.mlflow_run_id, eval_metric_name(name), float(value))
-        client.log_metric(run.mlflow_run_id, f"{eval_metric_name(metric)}_vs_champion", run.metric(metric) - champion.metric(metric))
+        client.log_metric(
+            run.mlflow_run_id, f"{eval_metric_name(metric)}_vs_champion", run.metric(metric) - champion.metric(metric)
+        )
     client.log_metric(parent, eval_metric_name(metric), champion.metric(metric))
     client.set_tag(parent, "champion", champion.name)
     client.log_artifacts(parent, str(report_dir), artifact_path="report")

@@ -67,13 +67,18 @@ def safe_load(path: Path, map_location: str | None = "cpu", mmap: bool = False):
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__qualname__")}
+        allowed = {
+            f"{g.__module__}.{g.__qualname__}"
+            for g in torch.serialization.get_safe_globals()
+            if hasattr(g, "__qualname__")
+        }
         refused = [g for g in unsafe_globals(path) if g not in allowed]
         if refused:  # a pickle that names a function or class to call: written to run code, not by tsallis
             raise UnsafeCheckpoint(
                 f"checkpoint file {path} was refused: it holds objects other than tensors (the global "
                 f"{', '.join(refused)}), which could run code; tsallis did not write it and keeps it for inspection: "
-                f"move its checkpoint directory away or choose another output_dir", refused[0]
+                f"move its checkpoint directory away or choose another output_dir",
+                refused[0],
             ) from None
         detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(error))  # garbage: refused as unreadable
         raise CorruptCheckpoint(f"{path}: {detail.group(1) if detail else 'not a weights-only torch file'}") from None
@@ -108,8 +113,13 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": {"version": version, "state": torch.tensor(python, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -120,8 +130,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -184,15 +195,18 @@ def load_newest_checkpoint(engine, output_dir: Path) -> dict | None:
             except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
                 if isinstance(error, CheckpointError):
                     raise
-                raise CorruptCheckpoint(f"wrong structure ({type(error).__name__}: "
-                                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+                raise CorruptCheckpoint(
+                    f"wrong structure ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                ) from None
         except CorruptCheckpoint as error:
             log.warning("warning: checkpoint %s is unreadable (%s); trying the previous one", directory.name, error)
             continue
         return state
     if found:
-        raise CheckpointError(f"no readable checkpoint in {Path(output_dir) / 'checkpoints'} ({len(found)} tried, all "
-                              f"unreadable); delete that directory to start over, or choose another output_dir")
+        raise CheckpointError(
+            f"no readable checkpoint in {Path(output_dir) / 'checkpoints'} ({len(found)} tried, all "
+            f"unreadable); delete that directory to start over, or choose another output_dir"
+        )
     return None
 
 
@@ -218,15 +232,20 @@ class OutputDirLock:
             except BlockingIOError:
                 holder = self._holder(fd) or "unknown"
                 os.close(fd)
-                raise ConfigError(f"output_dir {self.path.parent} is in use by another tsallis run (process {holder}, "
-                                  f"lock file {self.path}); wait for it to end, or choose another output_dir") from None
+                raise ConfigError(
+                    f"output_dir {self.path.parent} is in use by another tsallis run (process {holder}, "
+                    f"lock file {self.path}); wait for it to end, or choose another output_dir"
+                ) from None
             if self.path.exists() and os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)  # the holder removed the file as we opened it: lock the new one
         stale = self._holder(fd)
         if stale:
-            log.warning("warning: took over the lock of output_dir %s from process %s, which no longer runs",
-                        self.path.parent, stale)
+            log.warning(
+                "warning: took over the lock of output_dir %s from process %s, which no longer runs",
+                self.path.parent,
+                stale,
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
         self._fd = fd
@@ -245,11 +264,15 @@ class OutputDirLock:
             except OSError as error:
                 if error.errno != errno.ELOOP:
                     raise
-                raise ConfigError(f"lock file {self.path} is a symbolic link, which tsallis does not follow; remove it "
-                                  f"(rm {self.path}) or choose another output_dir") from None
+                raise ConfigError(
+                    f"lock file {self.path} is a symbolic link, which tsallis does not follow; remove it "
+                    f"(rm {self.path}) or choose another output_dir"
+                ) from None
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
-                raise ConfigError(f"lock file {self.path} is not a regular file; remove it or choose another output_dir")
+                raise ConfigError(
+                    f"lock file {self.path} is not a regular file; remove it or choose another output_dir"
+                )
             return fd
 
     @staticmethod
@@ -278,9 +301,12 @@ def check_output_dir(output_dir: Path, need_bytes: int) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"output_dir {output_dir} cannot be written ({error.strerror}); choose a writable "
-                          f"directory") from None
+        raise ConfigError(
+            f"output_dir {output_dir} cannot be written ({error.strerror}); choose a writable directory"
+        ) from None
     free = shutil.disk_usage(output_dir).free
     if free < need_bytes:
-        raise ConfigError(f"output_dir {output_dir} has {free / 2**20:.0f} MiB free, a checkpoint needs about "
-                          f"{need_bytes / 2**20:.0f} MiB; free space or choose another output_dir")
+        raise ConfigError(
+            f"output_dir {output_dir} has {free / 2**20:.0f} MiB free, a checkpoint needs about "
+            f"{need_bytes / 2**20:.0f} MiB; free space or choose another output_dir"
+        )

@@ -34,8 +34,14 @@ def _optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Opt
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fused = fused and bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        **({"fused": True} if fused else {}),
+    )
 
 
 def _scheduler(optimizer, cfg: OptimConfig, total_steps: int):
@@ -75,7 +81,9 @@ class TorchEngine:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, compile: bool = False):
         self.module = model
         self.cfg = cfg
-        self.model = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() and world()[1] > 1 else model
+        self.model = (
+            torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() and world()[1] > 1 else model
+        )
         if compile:  # the training forward only; rollouts run ``module`` as it is
             self.model = torch.compile(self.model)
         self.optimizer = _optimizer(model.parameters(), cfg, fused=True)
@@ -110,8 +118,11 @@ class TorchEngine:
         if world()[0] != 0:  # every rank holds the same state
             return
         directory.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
         torch.save(state, directory / "engine.pt")
 
     def load(self, directory: Path) -> None:
@@ -134,7 +145,9 @@ class TorchEngine:
 class DeepSpeedEngine:
     """DeepSpeed: ZeRO stage from the JSON config; bf16 on GPU; a torch AdamW/SGD as the client optimiser."""
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, config_path: str, device: torch.device):
+    def __init__(
+        self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, config_path: str, device: torch.device
+    ):
         try:
             import deepspeed
         except ImportError:
@@ -153,7 +166,10 @@ class DeepSpeedEngine:
         optimizer = _optimizer(model.parameters(), cfg)
         scheduler = _scheduler(optimizer, cfg, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
         )
         self.model = self.engine
@@ -186,7 +202,9 @@ class DeepSpeedEngine:
 
         from tsallis_core.training.checkpoints import check_weights_only
 
-        check_weights_only(sorted((Path(directory) / "deepspeed").glob("*.pt")), [LossScaler, ZeroStageEnum, fragment_address])
+        check_weights_only(
+            sorted((Path(directory) / "deepspeed").glob("*.pt")), [LossScaler, ZeroStageEnum, fragment_address]
+        )
         self.engine.load_checkpoint(str(directory), tag="deepspeed")
 
     def apply_settings(self, cfg: OptimConfig) -> None:
@@ -200,8 +218,15 @@ class DeepSpeedEngine:
         return self.module.state_dict()
 
 
-def make_engine(model, optim: OptimConfig, total_steps: int, backend: str, deepspeed_config: str, device: torch.device,
-                compile: bool = False):
+def make_engine(
+    model,
+    optim: OptimConfig,
+    total_steps: int,
+    backend: str,
+    deepspeed_config: str,
+    device: torch.device,
+    compile: bool = False,
+):
     if backend == "deepspeed":
         return DeepSpeedEngine(model, optim, total_steps, deepspeed_config, device)
     return TorchEngine(model, optim, total_steps, compile=compile)

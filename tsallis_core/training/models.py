@@ -65,8 +65,9 @@ def load_model(config: ModelConfig, device: torch.device, seed: int) -> PreTrain
         model = _with_sdpa(AutoModelForCausalLM.from_config, AutoConfig.from_pretrained(EMBEDDED_DIR), dtype=dtype)
     else:
         try:
-            model = _with_sdpa(AutoModelForCausalLM.from_pretrained, config.name_or_path, revision=config.revision,
-                               dtype=dtype)
+            model = _with_sdpa(
+                AutoModelForCausalLM.from_pretrained, config.name_or_path, revision=config.revision, dtype=dtype
+            )
         except OSError as error:
             raise ConfigError(f"model.name_or_path {config.name_or_path!r} could not be loaded: {error}") from None
     model.to(device)
@@ -76,15 +77,19 @@ def load_model(config: ModelConfig, device: torch.device, seed: int) -> PreTrain
         except ImportError:
             raise ConfigError("model.lora needs peft: pip install -e '.[lora]'") from None
         lora = LoraConfig(
-            r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules, task_type="CAUSAL_LM",
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
     return model
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
-               state_dict: dict | None = None) -> Path:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, state_dict: dict | None = None
+) -> Path:
     """Save weights (safetensors; LoRA merged) and tokenizer so that plain transformers loads them.
 
     ``state_dict``: full weights gathered by the engine (ZeRO-3); ignored for LoRA, which merges in place.
@@ -112,8 +117,9 @@ def model_facts(config: ModelConfig, device: torch.device) -> tuple[int, int | N
     return 3 * params * element, context
 
 
-def check_prompts_fit(rows: list[dict], tokenizer: PreTrainedTokenizerBase, context: int | None, max_new_tokens: int,
-                      path: str) -> None:
+def check_prompts_fit(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, context: int | None, max_new_tokens: int, path: str
+) -> None:
     """ConfigError naming the rows whose prompt plus ``rl.max_new_tokens`` exceeds the model's context."""
     if context is None:
         return

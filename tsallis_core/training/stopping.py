@@ -54,14 +54,18 @@ class GracefulStop:
         self._timer = threading.Timer(self.grace_s, self._expire)
         self._timer.daemon = True
         self._timer.start()
-        _say(f"tsallis: {name}: stopping after the current step (checkpoint, MLflow, lock) within "
-             f"{self.grace_s:g} s; a second {name} exits at once")
+        _say(
+            f"tsallis: {name}: stopping after the current step (checkpoint, MLflow, lock) within "
+            f"{self.grace_s:g} s; a second {name} exits at once"
+        )
 
     def _expire(self) -> None:
         if self._stopped:
             os._exit(128 + self.signum)
-        _say(f"tsallis: did not stop within stop_grace_s={self.grace_s:g} s: exiting now (the newest checkpoint is "
-             f"kept; --resume continues; raise stop_grace_s if the steps are long)")
+        _say(
+            f"tsallis: did not stop within stop_grace_s={self.grace_s:g} s: exiting now (the newest checkpoint is "
+            f"kept; --resume continues; raise stop_grace_s if the steps are long)"
+        )
         os._exit(128 + self.signum)
 
     def remaining(self) -> float:

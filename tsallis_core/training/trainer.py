@@ -1,6 +1,6 @@
 """The training loop: SFT warm-up, and RL from verified answers (sample a group, verify, weight, step).
 
-    setup (validate data, load model, engine, tracker; resume) -> train -> save -> clean up
+setup (validate data, load model, engine, tracker; resume) -> train -> save -> clean up
 """
 
 from __future__ import annotations
@@ -113,15 +113,22 @@ class RowStream:
 def run_identity(cfg: TrainConfig) -> dict:
     """The settings that make a run itself: a ``--resume`` that changes any of them is refused (the optimiser
     kind too: its restored state would not fit). Paths are compared resolved."""
+
     def where(path: str) -> str:
         return str(Path(path).resolve()) if Path(path).exists() else path
 
-    identity = {"stage": cfg.stage, "model.name_or_path": where(cfg.model.name_or_path),
-                "data.train_path": where(cfg.data.train_path), "optim.optimizer": cfg.optim.optimizer}
+    identity = {
+        "stage": cfg.stage,
+        "model.name_or_path": where(cfg.model.name_or_path),
+        "data.train_path": where(cfg.data.train_path),
+        "optim.optimizer": cfg.optim.optimizer,
+    }
     if cfg.stage == "rl":
         schedule = cfg.rl.schedule
-        identity |= {"rl.estimator": cfg.rl.estimator,
-                     "rl.q": schedule.q if schedule.kind == "constant" else schedule.model_dump(mode="json")}
+        identity |= {
+            "rl.estimator": cfg.rl.estimator,
+            "rl.q": schedule.q if schedule.kind == "constant" else schedule.model_dump(mode="json"),
+        }
     return identity
 
 
@@ -136,10 +143,16 @@ def check_same_run(output_dir: Path, cfg: TrainConfig) -> None:
     if not isinstance(saved, dict):
         return  # a checkpoint of a version that did not record it
     now = run_identity(cfg)
-    changed = [f"{key} is {saved[key]!r} in the checkpoint, {now[key]!r} now" for key in now if key in saved and saved[key] != now[key]]
+    changed = [
+        f"{key} is {saved[key]!r} in the checkpoint, {now[key]!r} now"
+        for key in now
+        if key in saved and saved[key] != now[key]
+    ]
     if changed:
-        raise ConfigError(f"--resume would change the run in {output_dir} ({newest.name}): {'; '.join(changed)}; resume "
-                          f"with the checkpoint's values, or start a new run in another output_dir")
+        raise ConfigError(
+            f"--resume would change the run in {output_dir} ({newest.name}): {'; '.join(changed)}; resume "
+            f"with the checkpoint's values, or start a new run in another output_dir"
+        )
 
 
 def load_checkpoint(engine, output_dir: Path) -> TrainerState | None:
@@ -155,7 +168,9 @@ def success_by_stratum(rows: list[dict], per_prompt: torch.Tensor) -> dict[str, 
     for row, rate in zip(rows, per_prompt.tolist()):
         if "difficulty" in row:
             strata.setdefault(row["difficulty"], []).append(rate)
-    return {f"success_rate/difficulty_{d}": sum(v) / len(v) for d, v in sorted(strata.items(), key=lambda kv: str(kv[0]))}
+    return {
+        f"success_rate/difficulty_{d}": sum(v) / len(v) for d, v in sorted(strata.items(), key=lambda kv: str(kv[0]))
+    }
 
 
 def label_noise_rates(rows: list[dict], per_prompt: torch.Tensor, true_hits: torch.Tensor) -> dict[str, float]:
@@ -213,8 +228,10 @@ class Trainer:
         self.cfg = config
         if resume and not checkpoint_dirs(Path(config.output_dir)):
             state = "does not exist" if not Path(config.output_dir).exists() else "holds no checkpoint"
-            raise ConfigError(f"--resume: output_dir {config.output_dir} {state}; run without --resume to start a new run, "
-                              f"or give the output_dir of the run to continue")
+            raise ConfigError(
+                f"--resume: output_dir {config.output_dir} {state}; run without --resume to start a new run, "
+                f"or give the output_dir of the run to continue"
+            )
         if resume:
             check_same_run(Path(config.output_dir), config)
         self.estimator = get_estimator(config.rl.estimator)  # the registry (estimators.py) picks the loss
@@ -227,10 +244,14 @@ class Trainer:
         check_model_source(config.model.name_or_path)
         config.check_processes(self.world_size)
         self.device = pick_device(config.engine.device)
-        self.zero3 = config.engine.backend == "deepspeed" and zero_stage(deepspeed_config(config.engine.deepspeed_config)) == 3
+        self.zero3 = (
+            config.engine.backend == "deepspeed" and zero_stage(deepspeed_config(config.engine.deepspeed_config)) == 3
+        )
         if self.zero3 and config.rollout.cuda_graphs is True:
-            raise ConfigError("rollout.cuda_graphs=true cannot run under DeepSpeed ZeRO-3 (engine.deepspeed_config is "
-                              "stage 3, which gathers weights in every forward): set rollout.cuda_graphs=auto or false")
+            raise ConfigError(
+                "rollout.cuda_graphs=true cannot run under DeepSpeed ZeRO-3 (engine.deepspeed_config is "
+                "stage 3, which gathers weights in every forward): set rollout.cuda_graphs=auto or false"
+            )
         checkpoint_bytes, context = model_facts(config.model, self.device)
         self.tokenizer = load_tokenizer(config.model)
         if config.stage == "rl":
@@ -252,8 +273,12 @@ class Trainer:
                 f"output_dir {self.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                 f"or choose another output_dir"
             )
-        self.tracker = make_tracker(config.tracking.enabled, config.tracking.experiment, self.rank == 0,
-                                    spool=self.output_dir / "mlflow_spool.jsonl")
+        self.tracker = make_tracker(
+            config.tracking.enabled,
+            config.tracking.experiment,
+            self.rank == 0,
+            spool=self.output_dir / "mlflow_spool.jsonl",
+        )
         if config.engine.threads:
             torch.set_num_threads(config.engine.threads)
         init_distributed(self.device, config.engine.backend == "deepspeed")
@@ -263,8 +288,15 @@ class Trainer:
         self.model = load_model(config.model, self.device, config.seed)
         self.model.train()
         updates = config.steps * (config.rl.updates_per_batch if config.stage == "rl" else 1)
-        self.engine = make_engine(self.model, config.optim, updates, config.engine.backend, config.engine.deepspeed_config, self.device,
-                                  compile=config.engine.compile)
+        self.engine = make_engine(
+            self.model,
+            config.optim,
+            updates,
+            config.engine.backend,
+            config.engine.deepspeed_config,
+            self.device,
+            compile=config.engine.compile,
+        )
         self.stream = RowStream(self.rows, config.seed, config.data.shuffle)
         self.reference = self._reference_model() if config.stage == "rl" and config.rl.kl_coef > 0 else None
         self.state = TrainerState()
@@ -274,9 +306,16 @@ class Trainer:
             # apply to the restored optimiser and scheduler: config.yaml records what runs
             self.engine.apply_settings(config.optim)
         self.state.identity = run_identity(config)
-        self.rollout = HFRollout(self.engine.module, self.tokenizer, config.rl.temperature, config.rl.max_new_tokens,
-                                 progress=self.rank == 0, sync_ranks=self.zero3 and is_distributed(),
-                                 settings=config.rollout, zero3=self.zero3)
+        self.rollout = HFRollout(
+            self.engine.module,
+            self.tokenizer,
+            config.rl.temperature,
+            config.rl.max_new_tokens,
+            progress=self.rank == 0,
+            sync_ranks=self.zero3 and is_distributed(),
+            settings=config.rollout,
+            zero3=self.zero3,
+        )
         self.verify = get_verifier(config.data.verifier)
         self.history_path = self.output_dir / "history.jsonl"
         self.has_label_noise = config.stage == "rl" and any(row.get("noisy") for row in self.rows)
@@ -306,7 +345,7 @@ class Trainer:
         """The step's ``count`` rows of the data stream (every rank draws the same) and this rank's contiguous share."""
         draws = self.stream.take(self.state.data_position, count)
         per_rank = len(draws) // self.world_size
-        return draws, draws[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return draws, draws[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def _sample(self) -> SampledBatch:
         """Phase 1: this rank's share of the step's prompts, M completions each (hashed seeds: layout-free)."""
@@ -318,9 +357,12 @@ class Trainer:
 
     def _score(self, sampled: SampledBatch) -> torch.Tensor:
         """Phase 2: the verifier's reward of every completion against its prompt's gold answer (and aliases) [N]."""
-        golds = [(row["answer"], row.get("aliases", [])) for _, row in sampled.local for _ in range(self.cfg.rl.group_size)]
-        return torch.tensor([self.verify(t, a, al) for t, (a, al) in zip(sampled.rollout.texts, golds)],
-                            dtype=torch.float32)
+        golds = [
+            (row["answer"], row.get("aliases", [])) for _, row in sampled.local for _ in range(self.cfg.rl.group_size)
+        ]
+        return torch.tensor(
+            [self.verify(t, a, al) for t, (a, al) in zip(sampled.rollout.texts, golds)], dtype=torch.float32
+        )
 
     def _loss_and_update(self, sampled: SampledBatch, rewards: torch.Tensor) -> tuple[float, float, list[dict]]:
         """Phase 3: the estimator's loss on each micro-batch, backward, and an optimiser step per micro-batch
@@ -328,10 +370,15 @@ class Trainer:
         cfg, rl = self.cfg, self.cfg.rl
         rollout, local = sampled.rollout, sampled.local
         q = self._q()
-        batch = [t.to(self.device) for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)]
+        batch = [
+            t.to(self.device)
+            for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+        ]
         old = self._logprobs(self.engine.module, batch, grad=False) if rl.updates_per_batch > 1 else None
         ref = self._reference_logprobs(batch) if rl.kl_coef > 0 else None
-        counts = self._paft_counts(rewards, local) if self.estimator.draws_resample_counts(self.estimator_args) else None
+        counts = (
+            self._paft_counts(rewards, local) if self.estimator.draws_resample_counts(self.estimator_args) else None
+        )
         rows_per_micro = len(local) // cfg.optim.grad_accum * rl.group_size
         diagnostics: list[dict[str, float]] = []
         grad_norm = float("nan")
@@ -339,15 +386,32 @@ class Trainer:
             for m in range(cfg.optim.grad_accum):
                 sl = slice(m * rows_per_micro, (m + 1) * rows_per_micro)
                 micro = [t[sl] for t in batch]
-                out = self._loss_and_backward(micro, lambda logprobs, sl=sl, micro=micro: self._rl_loss(
-                    logprobs, micro[3].float(), rewards[sl].to(self.device), q, None if old is None else old[sl],
-                    None if ref is None else ref[sl], None if counts is None else counts[sl]))
+                out = self._loss_and_backward(
+                    micro,
+                    lambda logprobs, sl=sl, micro=micro: self._rl_loss(
+                        logprobs,
+                        micro[3].float(),
+                        rewards[sl].to(self.device),
+                        q,
+                        None if old is None else old[sl],
+                        None if ref is None else ref[sl],
+                        None if counts is None else counts[sl],
+                    ),
+                )
                 grad_norm = self._step(grad_norm)
                 diagnostics.append(out.diagnostics)
         return q, grad_norm, diagnostics
 
-    def _rl_metrics(self, sampled: SampledBatch, rewards: torch.Tensor, q: float, grad_norm: float,
-                    diagnostics: list[dict], started: float, scored: float) -> dict[str, float]:
+    def _rl_metrics(
+        self,
+        sampled: SampledBatch,
+        rewards: torch.Tensor,
+        q: float,
+        grad_norm: float,
+        diagnostics: list[dict],
+        started: float,
+        scored: float,
+    ) -> dict[str, float]:
         """Phase 4: gather across ranks, update the success EMA, log samples, and the step's metrics."""
         cfg, rl = self.cfg, self.cfg.rl
         elapsed = time.perf_counter() - started
@@ -357,7 +421,8 @@ class Trainer:
         keys = [k for k in diagnostics[0] if k in ("loss", "clip_frac", "kl", "attenuation_mean")]
         loss_diag = mean_across({k: sum(d[k] for d in diagnostics) / len(diagnostics) for k in keys}, self.device)
         self.state.success_ema = update_success_ema(
-            self.state.success_ema, all_rewards.mean().item(),
+            self.state.success_ema,
+            all_rewards.mean().item(),
             rl.schedule.ema_momentum if isinstance(rl.schedule, AdaptiveQ) else 0.9,
         )
         by_row = self._row_metrics([row for _, row in sampled.draws], all_rewards, sampled.local, sampled.rollout.texts)
@@ -365,8 +430,15 @@ class Trainer:
         if self.rank == 0 and cfg.tracking.samples_every and step % cfg.tracking.samples_every == 0:
             shown = min(len(sampled.prompts), 2 * rl.group_size)
             answers = [row["answer"] for _, row in sampled.local for _ in range(rl.group_size)]
-            self.tracker.log_samples({"prompt": sampled.prompts[:shown], "completion": sampled.rollout.texts[:shown],
-                                      "answer": answers[:shown], "reward": rewards[:shown].tolist()}, step)
+            self.tracker.log_samples(
+                {
+                    "prompt": sampled.prompts[:shown],
+                    "completion": sampled.rollout.texts[:shown],
+                    "answer": answers[:shown],
+                    "reward": rewards[:shown].tolist(),
+                },
+                step,
+            )
         self.state.data_position += len(sampled.draws)
         uses_q = self.estimator.uses_q  # GRPO has no q: no q, no amplification logged
         return {
@@ -390,8 +462,14 @@ class Trainer:
         per_prompt = rewards.view(len(rows), m).mean(dim=1)  # [B], in draw order (ranks hold contiguous slices)
         metrics = success_by_stratum(rows, per_prompt)
         if self.has_label_noise:
-            true_hits = torch.tensor([float(self.verify(texts[g * m + j], row["true_answer"])) if row.get("noisy") else 0.0
-                                      for g, (_, row) in enumerate(local) for j in range(m)], dtype=torch.float32)
+            true_hits = torch.tensor(
+                [
+                    float(self.verify(texts[g * m + j], row["true_answer"])) if row.get("noisy") else 0.0
+                    for g, (_, row) in enumerate(local)
+                    for j in range(m)
+                ],
+                dtype=torch.float32,
+            )
             true_hits = all_gather(true_hits, self.device).view(len(rows), m).mean(dim=1)  # [B]
             metrics.update(label_noise_rates(rows, per_prompt, true_hits))
         return metrics
@@ -439,13 +517,22 @@ class Trainer:
         counts = []
         for g, (k, _) in enumerate(local):  # one generator per prompt draw: independent of the process layout
             gen = torch.Generator().manual_seed(row_seed(self.cfg.seed, self.state.step, k, "paft"))
-            counts.append(paft_resample_counts(rewards[g * m:(g + 1) * m], m, m, gen))
+            counts.append(paft_resample_counts(rewards[g * m : (g + 1) * m], m, m, gen))
         return torch.cat(counts).to(self.device)
 
     def _rl_loss(self, logprobs, mask, rewards, q, old, ref, counts):
         """The registered estimator's loss on one micro-batch (tsallis_core/maths/estimators.py)."""
-        batch = PolicyBatch(logprobs, mask, rewards, self.cfg.rl.group_size, q, self.cfg.rl.max_new_tokens,
-                            old_logprobs=old, ref_logprobs=ref, resample_counts=counts)
+        batch = PolicyBatch(
+            logprobs,
+            mask,
+            rewards,
+            self.cfg.rl.group_size,
+            q,
+            self.cfg.rl.max_new_tokens,
+            old_logprobs=old,
+            ref_logprobs=ref,
+            resample_counts=counts,
+        )
         return self.estimator.loss(batch, self.estimator_args)
 
     # --------------------------------------------------------------------------------- sft step
@@ -459,15 +546,19 @@ class Trainer:
         tokens = all_gather(batch[3].sum().reshape(1).float(), self.device).sum().item()
         self.state.data_position += len(draws)
         loss = mean_across({"loss": sum(losses) / len(losses)}, self.device)["loss"]
-        return {"loss": loss, "grad_norm": grad_norm, "lr": self.engine.lr,
-                "tokens_per_s": tokens / (time.perf_counter() - started)}
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.engine.lr,
+            "tokens_per_s": tokens / (time.perf_counter() - started),
+        }
 
     def _sft_update(self, batch: list[torch.Tensor]) -> tuple[list[float], float]:
         """The NLL of each micro-batch, backward, and an optimiser step per micro-batch; (losses, last grad norm)."""
         rows_per_micro = len(batch[0]) // self.cfg.optim.grad_accum
         losses, grad_norm = [], float("nan")
         for m in range(self.cfg.optim.grad_accum):
-            micro = [t[m * rows_per_micro:(m + 1) * rows_per_micro] for t in batch]
+            micro = [t[m * rows_per_micro : (m + 1) * rows_per_micro] for t in batch]
             logprobs = completion_logprobs(self.engine.model, *micro)
             out = sft_loss(logprobs, micro[3].float())
             self._check_finite(out.loss)
@@ -480,14 +571,25 @@ class Trainer:
         tok = self.tokenizer
         prompts = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
         tok.padding_side = "right"
-        completions = tok([r["completion"] + tok.eos_token for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        completions = tok(
+            [r["completion"] + tok.eos_token for r in rows], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         tok.padding_side = "left"
         total = prompts["attention_mask"].sum(1) + completions["attention_mask"].sum(1)
         too_long = [r.get("id", "?") for r, n in zip(rows, total.tolist()) if n > self.cfg.sft.max_length]
         if too_long:
-            raise ValueError(f"rows {too_long[:5]} are longer than sft.max_length={self.cfg.sft.max_length} tokens; raise it")
-        return [t.to(self.device) for t in (prompts["input_ids"], prompts["attention_mask"],
-                                            completions["input_ids"], completions["attention_mask"])]
+            raise ValueError(
+                f"rows {too_long[:5]} are longer than sft.max_length={self.cfg.sft.max_length} tokens; raise it"
+            )
+        return [
+            t.to(self.device)
+            for t in (
+                prompts["input_ids"],
+                prompts["attention_mask"],
+                completions["input_ids"],
+                completions["attention_mask"],
+            )
+        ]
 
     # --------------------------------------------------------------------------------- driver
 
@@ -496,8 +598,10 @@ class Trainer:
         if max_across(0.0 if torch.isfinite(loss) else 1.0, self.device):  # any rank's bad loss stops every rank
             found = checkpoint_dirs(self.output_dir)
             latest = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
-            raise TrainingDiverged(f"loss is {loss.item()} at step {self.state.step + 1}; stopped, {latest}: "
-                                   f"{self._settings_to_change('--resume' if found else 'run again')}, or check the data")
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.state.step + 1}; stopped, {latest}: "
+                f"{self._settings_to_change('--resume' if found else 'run again')}, or check the data"
+            )
 
     def _step(self, last_norm: float) -> float:
         """One engine step; a non-finite gradient norm (update skipped by the engine) saves and stops."""
@@ -506,8 +610,10 @@ class Trainer:
             return last_norm
         if not math.isfinite(norm):
             where = save_checkpoint(self.engine, self.state, self.output_dir, self.cfg.keep_checkpoints)
-            raise TrainingDiverged(f"gradient norm is {norm} at step {self.state.step + 1}; the update was skipped and "
-                                   f"the last good state saved in {where}: {self._settings_to_change('--resume')}")
+            raise TrainingDiverged(
+                f"gradient norm is {norm} at step {self.state.step + 1}; the update was skipped and "
+                f"the last good state saved in {where}: {self._settings_to_change('--resume')}"
+            )
         return norm
 
     def _settings_to_change(self, then: str) -> str:
@@ -533,15 +639,27 @@ class Trainer:
             try:
                 history = self._read_history()  # a bad history stops the run before config.yaml is rewritten
                 if self.rank == 0:
-                    (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-                self.tracker.start(cfg.model_dump(mode="json"), self._run_name(), {"stage": cfg.stage},
-                                   run_id=self.state.mlflow_run_id, sweep=cfg.tracking.sweep)
+                    (self.output_dir / "config.yaml").write_text(
+                        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+                    )
+                self.tracker.start(
+                    cfg.model_dump(mode="json"),
+                    self._run_name(),
+                    {"stage": cfg.stage},
+                    run_id=self.state.mlflow_run_id,
+                    sweep=cfg.tracking.sweep,
+                )
                 self.state.mlflow_run_id = self.tracker.run_id
                 self._write_mlflow_record()  # tsallis track sync finds the run, even after a stop
                 logged_through = self.tracker.logged_through()  # steps redone after a kill are not sent twice
                 step_fn = self.rl_step if cfg.stage == "rl" else self.sft_step
-                bar = tqdm(total=cfg.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
-                           **({"disable": True} if self.rank else {}))  # rank 0: TQDM_DISABLE=1 still switches it off
+                bar = tqdm(
+                    total=cfg.steps,
+                    initial=self.state.step,
+                    desc=cfg.stage,
+                    dynamic_ncols=True,
+                    **({"disable": True} if self.rank else {}),
+                )  # rank 0: TQDM_DISABLE=1 still switches it off
                 stopping = False
                 while self.state.step < cfg.steps and not stopping:
                     metrics = step_fn()
@@ -553,13 +671,23 @@ class Trainer:
                         with self.history_path.open("a") as f:
                             f.write(json.dumps(metrics) + "\n")
                         if self.state.step > logged_through:
-                            self.tracker.log_metrics({train_metric_name(k): v for k, v in metrics.items()
-                                                      if k != "step" and math.isfinite(v)}, self.state.step)
+                            self.tracker.log_metrics(
+                                {
+                                    train_metric_name(k): v
+                                    for k, v in metrics.items()
+                                    if k != "step" and math.isfinite(v)
+                                },
+                                self.state.step,
+                            )
                     bar.set_postfix(self._postfix(metrics))
                     bar.update(1)
                     stopping = bool(max_across(float(stop.signum or 0), self.device))  # every rank stops at one step
-                    if (cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.steps
-                            and not stopping):
+                    if (
+                        cfg.checkpoint_every
+                        and self.state.step % cfg.checkpoint_every == 0
+                        and self.state.step < cfg.steps
+                        and not stopping
+                    ):
                         save_checkpoint(self.engine, self.state, self.output_dir, cfg.keep_checkpoints)
                     if self._escaped_long_enough(history):
                         break
@@ -576,8 +704,11 @@ class Trainer:
         if status == "KILLED":  # stopped by a signal: everything is saved; the interpreter's own teardown (garbage
             # collection of the model) can outlast the grace period, so the process ends here, 128 + the signal
             if self.rank == 0:
-                print(f"tsallis: stopped after step {self.state.step} of {cfg.steps}: checkpoint {where}; continue "
-                      f"with tsallis train ... --resume", file=sys.stderr)
+                print(
+                    f"tsallis: stopped after step {self.state.step} of {cfg.steps}: checkpoint {where}; continue "
+                    f"with tsallis train ... --resume",
+                    file=sys.stderr,
+                )
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(128 + (stop.signum or signal.SIGTERM))
@@ -597,16 +728,28 @@ class Trainer:
 
     def _write_mlflow_record(self) -> None:
         if self.rank == 0 and self.tracker.run_id:
-            (self.output_dir / "mlflow.json").write_text(json.dumps(
-                {"tracking_uri": self.tracker.uri, "run_id": self.tracker.run_id, "model_uri": self.tracker.model_uri}, indent=2))
+            (self.output_dir / "mlflow.json").write_text(
+                json.dumps(
+                    {
+                        "tracking_uri": self.tracker.uri,
+                        "run_id": self.tracker.run_id,
+                        "model_uri": self.tracker.model_uri,
+                    },
+                    indent=2,
+                )
+            )
 
     def _end_tracking(self, status: str, timeout: float | None) -> None:
         """End the MLflow run; a failure here is a warning, so that it never hides the run's own error."""
         try:
             self.tracker.end(status, timeout)
         except Exception as error:  # noqa: BLE001 - the model and history.jsonl are saved whatever MLflow says
-            log.warning("warning: ending the MLflow run failed (%s: %s); the metrics are in %s",
-                        type(error).__name__, str(error).splitlines()[0] if str(error) else "", self.history_path)
+            log.warning(
+                "warning: ending the MLflow run failed (%s: %s); the metrics are in %s",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+                self.history_path,
+            )
 
     def _postfix(self, metrics: dict) -> dict:
         if self.cfg.stage == "sft":
@@ -628,9 +771,13 @@ class Trainer:
                 row = None
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 if number < len(lines):
-                    raise ConfigError(f"{self.history_path}: line {number} is not a step's metrics; fix or delete "
-                                      f"that line, then --resume") from None
-                log.warning("warning: %s: dropped its last line (cut short, the run was killed mid-write)", self.history_path)
+                    raise ConfigError(
+                        f"{self.history_path}: line {number} is not a step's metrics; fix or delete "
+                        f"that line, then --resume"
+                    ) from None
+                log.warning(
+                    "warning: %s: dropped its last line (cut short, the run was killed mid-write)", self.history_path
+                )
                 continue
             rows.append(row)
         rows = [r for r in rows if r["step"] <= self.state.step]
