@@ -418,3 +418,45 @@ def test_whole_pipeline_runs_locally_and_registers_the_champion(mlflow_server, t
     assert all("eval/maj_at_4" in r.data.metrics for r in children)
     components = mlflow.transformers.load_model("models:/kfp-local-champion@champion", return_type="components")
     assert components["model"].num_parameters() > 0
+
+
+def test_params_yaml_the_pipeline_defaults_and_the_cli_defaults_agree():
+    """Every default has one home: params.yaml's values are the pipeline settings' defaults (but for DVC's single
+    experiment: train.estimator, q, seed), and the escape threshold is the same in params.yaml, the pipeline, the
+    CLI's report command, the trainer's rl section and the escape study."""
+    import yaml
+
+    from tsallis_core.cli import build_parser
+    from tsallis_core.config import RLConfig
+    from tsallis_core.kubeflow import PipelineSettings
+    from tsallis_core.maths.curves import ESCAPE_THRESHOLD
+    from tsallis_core.studies.escape import StudyConfig
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = PipelineSettings.model_construct().model_dump() | {
+        name: (field.default_factory() if field.default_factory else field.default).model_dump()
+        for name, field in PipelineSettings.model_fields.items()
+        if hasattr(field.default_factory() if field.default_factory else field.default, "model_dump")
+    }
+    experiment_only = {("train", "estimator"), ("train", "q"), ("train", "seed")}
+    differ = [
+        f"{section}.{key}: params.yaml {value!r}, pipeline default {defaults[section].get(key)!r}"
+        for section, values in params.items()
+        if section in defaults and isinstance(values, dict)
+        for key, value in values.items()
+        if (section, key) not in experiment_only and defaults[section].get(key) != value
+    ]
+    assert not differ, "; ".join(differ)
+    report = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices["report"]._actions
+        if a.dest == "escape_threshold"
+    )
+    thresholds = {
+        params["report"]["escape_threshold"],
+        defaults["report"]["escape_threshold"],
+        report.default,
+        RLConfig.model_fields["escape_threshold"].default,
+        StudyConfig.model_fields["escape_threshold"].default,
+    }
+    assert thresholds == {ESCAPE_THRESHOLD}

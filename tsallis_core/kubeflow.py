@@ -166,7 +166,7 @@ class TrainParams(Section):
     model_config = ConfigDict(extra="ignore")  # params.yaml's estimator, q, seed belong to DVC's single experiment
 
     steps: int = Field(40, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-4, gt=0)
     group_size: int = Field(8, ge=2)
     batch_size: int = Field(64, ge=2)
     max_new_tokens: int = Field(40, ge=1)
