@@ -89,6 +89,7 @@ def test_repro_runs_every_stage_and_then_nothing(repo):
         "evaluate@garl-0.0-0",
         "evaluate_baseline@0",
         "evaluate_experiment",
+        "simulate",
         "report",
     ):
         assert f"Running stage '{stage}'" in log, stage
@@ -108,8 +109,12 @@ def test_report_metrics_and_plots(repo):
     shown = next(iter(metrics.values()))["data"]["outputs/report/metrics.json"]["data"]
     assert shown["champion"] in RUNS and set(shown["runs"]) == set(RUNS) and 0 <= shown["maj@4"] <= 1
     assert shown["registered_version"] >= 1
-    for png in ("success_curves.png", "steps_to_escape.png", "final_by_q.png"):
+    for png in ("success_curves.png", "steps_to_escape.png", "final_by_q.png", "simulate_map.png"):
         assert (repo / "outputs/report" / png).stat().st_size > 10_000, png
+    # the small simulator map and its verdict on the claim, from the simulate stage's results
+    simulated = json.loads((repo / "outputs/simulate/results.json").read_text())
+    assert len(simulated["cells"]) == 8 and "## When q matters: the simulator map" in report
+    assert all(f"{optimizer}: faster than GRPO in" in report for optimizer in simulated["optimizers"])
     dvc(repo, "plots", "show", "-o", "plots")
     html = (repo / "plots/index.html").read_text()
     assert "success_rate" in html and "champion_metric" in html and "GARL q=1" in html
