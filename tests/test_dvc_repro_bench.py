@@ -43,12 +43,12 @@ def test_dvc_repro_benchmark_measures_the_whole_pipeline(tmp_path):
     result = bench(*(f"-S{o}" for o in TINY), "--out", str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
-    # prepare, warmup, train@garl-1.0-0, baseline@0, experiment, three evaluations, report
-    assert report["stages"] == 9
+    # prepare, warmup, train@garl-1.0-0, baseline@0, experiment, three evaluations, the simulator's small map, report
+    assert report["stages"] == 10
     assert report["wall_s"] > 0 and report["peak_rss_gib"] > 0.1
     assert report["second_repro_up_to_date"] is True
     assert report["metrics"]["champion"] in {"garl-q1.0-s0", "grpo-s0", "experiment"}
-    assert "dvc repro: 9 stages" in result.stdout
+    assert "dvc repro: 10 stages" in result.stdout
 
 
 def test_bad_override_names_the_expected_form():
