@@ -719,12 +719,14 @@ class Trainer:
         return TrainResult(self.output_dir, model_dir, final, history)
 
     def _escaped_long_enough(self, history: list[dict]) -> bool:
-        """rl.stop_after_escape: the run has escaped (5-step mean success >= rl.escape_threshold) that many steps ago."""
+        """rl.stop_after_escape: the run has escaped (5-step mean success >= rl.escape_threshold) that many steps ago.
+        Rank 0's history decides for every rank (the others' history starts empty after a resume)."""
         after = self.cfg.rl.stop_after_escape
         if self.cfg.stage != "rl" or after is None:
             return False
         escaped = steps_to_escape([row["success_rate"] for row in history], self.cfg.rl.escape_threshold)
-        return escaped is not None and self.state.step >= escaped + after
+        done = self.rank == 0 and escaped is not None and self.state.step >= escaped + after
+        return bool(max_across(float(done), self.device))
 
     def _write_mlflow_record(self) -> None:
         if self.rank == 0 and self.tracker.run_id:
