@@ -275,7 +275,9 @@ def horizon_table(summaries: list[dict]) -> str:
         shown = ", ".join(str(e) if e is not None else f">{cap}" for e in s["escape"])
         ref = next((r for r in summaries if r["regime"] == s["regime"] and r["setting"] == reference), None)
         ratio = ""
-        if ref is not None and ref is not s:
+        if ref is not None and ref is not s and all(e is None for e in [*ref["escape"], *s["escape"]]):
+            ratio = "both capped: no ratio"
+        elif ref is not None and ref is not s:
             ref_steps = [e if e is not None else cap for e in ref["escape"]]
             censored = None in ref["escape"]
             ratio = (">=" if censored else "") + _fmt_ci(bootstrap_median_ratio(ref_steps, steps), 2)
