@@ -185,3 +185,15 @@ def test_study_report_refuses_to_overwrite_a_report_with_an_empty_one(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tsallis: error: no runs of the study under")
     assert f"cp -r docs/escape/study {tmp_path / 'no-runs'}" in lines[0]
+
+
+def test_the_horizon_table_gives_a_lower_bound_where_grpo_is_capped_and_no_ratio_where_both_are():
+    from tsallis_core.studies.escape_report import horizon_table
+
+    def summary(setting: str, escape: list[int | None]) -> dict:
+        return {"regime": "sgd", "setting": setting, "best_lr": 0.1, "steps": 800, "escape": escape}
+
+    capped = horizon_table([summary("grpo", [None, None, None]), summary("garl:0.75", [None, None, None])])
+    assert "| sgd | garl:0.75 | 0.1 | >800, >800, >800 | 800 / 800 / 800 | both capped: no ratio |" in capped
+    table = horizon_table([summary("grpo", [None, 400, None]), summary("garl:0.75", [100, 200, 100])])
+    assert "| sgd | garl:0.75 | 0.1 | 100, 200, 100 | 100 / 100 / 200 | >=8.00 [" in table
