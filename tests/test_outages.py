@@ -95,7 +95,7 @@ def same_weights(a_path, b_path) -> tuple[bool, str]:
     return all((a[k] == b[k]).all() for k in a), f"largest difference {worst:.3g}"
 
 
-def sft_args(task_dir, out, steps: int):
+def sft_args(task_dir, out, steps: int, *extra):
     return [
         "train",
         "stage=sft",
@@ -108,6 +108,7 @@ def sft_args(task_dir, out, steps: int):
         "tracking.samples_every=0",
         "engine.threads=1",
         "seed=2",
+        *extra,
     ]
 
 

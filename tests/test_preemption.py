@@ -12,7 +12,7 @@ import time
 import mlflow
 import pytest
 from conftest import REPO, run_tsallis
-from test_outages import MlflowServer, history_steps, same_weights, wait_for
+from test_outages import MlflowServer, history_steps, same_weights, sft_args, wait_for
 
 
 @pytest.fixture
@@ -22,23 +22,6 @@ def server(tmp_path):
     yield s
     if s.proc.poll() is None:
         s.kill()
-
-
-def sft_args(task_dir, out, steps: int, *extra):
-    return [
-        "train",
-        "stage=sft",
-        f"output_dir={out}",
-        f"data.train_path={task_dir / 'pretrain.jsonl'}",
-        "sft.batch_size=4",
-        f"steps={steps}",
-        "checkpoint_every=0",
-        "tracking.log_model=false",
-        "tracking.samples_every=0",
-        "engine.threads=1",
-        "seed=2",
-        *extra,
-    ]
 
 
 def start(args, uri: str, **env) -> subprocess.Popen:
