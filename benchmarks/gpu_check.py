@@ -271,24 +271,25 @@ def bench_rl_step(work: Path, common: list[str], device, rows: int, new_tokens: 
     from tsallis_core.config import load_config
     from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
     from tsallis_core.rollout.eager import HFRollout
+    from tsallis_core.training import rl as rl_module
     from tsallis_core.training import trainer as trainer_module
 
     write_splits(SyntheticTaskConfig(num_pretrain=16, num_train=512, num_test=8), work / "data")
     timer = Timers(device)
-    originals = (HFRollout.generate, trainer_module.completion_logprobs, torch.Tensor.backward, torch.optim.AdamW.step)
+    originals = (HFRollout.generate, rl_module.completion_logprobs, torch.Tensor.backward, torch.optim.AdamW.step)
     HFRollout.generate = timer.wrap("rollout", HFRollout.generate)
-    trainer_module.completion_logprobs = timer.wrap("logprobs", trainer_module.completion_logprobs)
+    rl_module.completion_logprobs = timer.wrap("logprobs", rl_module.completion_logprobs)
     torch.Tensor.backward = timer.wrap("backward", torch.Tensor.backward)
     torch.optim.AdamW.step = timer.wrap("optimizer", torch.optim.AdamW.step)
-    rl_step, per_step = trainer_module.Trainer.rl_step, []
+    rl_step, per_step = rl_module.RLRecipe.step, []
 
     def split_step(self):
         timer.seconds = {}
-        metrics = rl_step(self)
+        outcome = rl_step(self)
         per_step.append(timer.seconds)
-        return metrics
+        return outcome
 
-    trainer_module.Trainer.rl_step = split_step
+    rl_module.RLRecipe.step = split_step
     try:
         rl = trainer_module.train(
             load_config(
@@ -310,10 +311,8 @@ def bench_rl_step(work: Path, common: list[str], device, rows: int, new_tokens: 
             )
         )
     finally:
-        HFRollout.generate, trainer_module.completion_logprobs, torch.Tensor.backward, torch.optim.AdamW.step = (
-            originals
-        )
-        trainer_module.Trainer.rl_step = rl_step
+        HFRollout.generate, rl_module.completion_logprobs, torch.Tensor.backward, torch.optim.AdamW.step = originals
+        rl_module.RLRecipe.step = rl_step
     timed = slice(1, None) if steps > 1 else slice(None)  # the first step includes the graph capture
     history, per_step = rl.history[timed], per_step[timed]
     step_s = sum(h["step_s"] for h in history) / len(history)

@@ -91,20 +91,21 @@ def rss_mb() -> float:
 def run_ours(estimator: str, work: Path, steps: int, threads: int, timers: Timers) -> None:
     from tsallis_core.config import load_config
     from tsallis_core.rollout.eager import HFRollout
+    from tsallis_core.training import rl as rl_module
     from tsallis_core.training import trainer as trainer_module
 
     HFRollout.generate = timers.wrap("generation", HFRollout.generate)
-    trainer_module.completion_logprobs = timers.wrap("logprob_forward", trainer_module.completion_logprobs)
-    rl_step = trainer_module.Trainer.rl_step
+    rl_module.completion_logprobs = timers.wrap("logprob_forward", rl_module.completion_logprobs)
+    rl_step = rl_module.RLRecipe.step
 
     def timed_step(self):
         if not timers.steps:
             timers.start()
-        metrics = rl_step(self)
-        timers.end_step(metrics["completion_len"] * BATCH)
-        return metrics
+        outcome = rl_step(self)
+        timers.end_step(outcome.metrics["completion_len"] * BATCH)
+        return outcome
 
-    trainer_module.Trainer.rl_step = timed_step
+    rl_module.RLRecipe.step = timed_step
     output_dir = tempfile.mkdtemp(prefix=f"{estimator}-", dir=work)
     trainer_module.train(
         load_config(

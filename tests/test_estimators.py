@@ -5,18 +5,27 @@ import json
 
 import pytest
 import torch
+from pydantic import Field
 
 from tsallis_core.config import ConfigError, load_config
-from tsallis_core.kubeflow import load_settings
-from tsallis_core.maths.estimators import ESTIMATORS, EstimatorArgs, PolicyBatch, get_estimator, register_estimator
+from tsallis_core.maths.estimators import (
+    ESTIMATORS,
+    AggregationArgs,
+    EstimatorArgs,
+    PolicyBatch,
+    estimator_settings,
+    get_estimator,
+    register_estimator,
+)
 from tsallis_core.maths.losses import LossOutput, aggregate
 from tsallis_core.training.trainer import train
+from tsallis_kubeflow.settings import load_settings
 
 CALLS: list[PolicyBatch] = []
 
 
-class MeanBaselineArgs(EstimatorArgs):
-    aggregation: str = "seq_sum"  # an rl field, read by name
+class MeanBaselineArgs(AggregationArgs):
+    """rl.aggregation, the setting GARL and PAFT share (declared once, in the mixin)."""
 
 
 def mean_baseline(batch: PolicyBatch, args: MeanBaselineArgs) -> LossOutput:
@@ -87,3 +96,28 @@ def test_a_registered_estimator_is_validated_swept_and_trained(registered, task_
     assert len(history) == 2 and "q" not in history[0]  # uses_q=False: no q logged, as for GRPO
     assert history[-1]["loss"] == pytest.approx(result.final_metrics["loss"])
     assert torch.isfinite(torch.tensor([h["loss"] for h in history])).all()
+
+
+def test_the_rl_section_takes_each_estimators_own_settings_from_its_args_class():
+    """An estimator's new setting is declared in its args class only; the rl section is built from the registry, and
+    a setting declared by two args classes (rather than one shared mixin) is refused."""
+    from tsallis_core.config import RLConfig
+
+    assert set(estimator_settings()) <= set(RLConfig.model_fields)
+    assert RLConfig.model_fields["paft_resample"].description == estimator_settings()["paft_resample"][1].description
+
+    class SharpArgs(EstimatorArgs):
+        sharpness: float = Field(2.0, gt=0, description="a setting of this estimator alone")
+
+    class ClashArgs(EstimatorArgs):
+        baseline: str = "loo"  # GARL's, declared again
+
+    register_estimator("sharp", SharpArgs, uses_q=False, description="a test")(mean_baseline)
+    try:
+        assert estimator_settings()["sharpness"][1].default == 2.0
+        register_estimator("clash", ClashArgs, uses_q=False, description="a test")(mean_baseline)
+        with pytest.raises(TypeError, match="rl.baseline is declared in both GarlArgs and ClashArgs"):
+            estimator_settings()
+    finally:
+        ESTIMATORS.pop("sharp", None)
+        ESTIMATORS.pop("clash", None)

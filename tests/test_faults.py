@@ -499,7 +499,7 @@ def test_a_data_path_that_is_a_directory_says_so(task_dir, tmp_path):
 
 @pytest.mark.parametrize("names", [("/etc", "run", "warmup"), ("s", "..", "warmup"), ("s", "run", "a/../../x")])
 def test_the_kubeflow_checkpoint_path_stays_under_its_root(tmp_path, names):
-    from tsallis_core.kubeflow import checkpoint_path
+    from tsallis_kubeflow.settings import checkpoint_path
 
     with pytest.raises(ConfigError, match="would put checkpoints outside"):
         checkpoint_path(str(tmp_path), *names)

@@ -17,8 +17,10 @@ pytest.importorskip("kfp", reason="kfp is in the test extra")
 
 from pipelines.cold_start_sweep import check_params, compile_pipeline, local_settings, run_local
 from tsallis_core.config import ConfigError
-from tsallis_core.kubeflow import load_settings, params_train_overrides
-from tsallis_core.launch import TrainJobFailed, run_trainjob, train_argv, trainjob_manifest, trainjob_request
+from tsallis_core.launch import train_argv
+from tsallis_core.params import params_train_overrides
+from tsallis_kubeflow.settings import load_settings
+from tsallis_kubeflow.trainjob import TrainJobFailed, run_trainjob, trainjob_manifest, trainjob_request
 
 
 @pytest.fixture(scope="module")
@@ -428,9 +430,9 @@ def test_params_yaml_the_pipeline_defaults_and_the_cli_defaults_agree():
 
     from tsallis_core.cli import build_parser
     from tsallis_core.config import RLConfig
-    from tsallis_core.kubeflow import PipelineSettings
     from tsallis_core.maths.curves import ESCAPE_THRESHOLD
     from tsallis_core.studies.escape import StudyConfig
+    from tsallis_kubeflow.settings import PipelineSettings
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     defaults = PipelineSettings.model_construct().model_dump() | {

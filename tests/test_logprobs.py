@@ -113,7 +113,8 @@ def test_token_budget_gives_the_gradient_of_the_whole_micro_batch(tmp_path, esti
     """rl.logprob_token_budget splits the log-prob forward and backward into row chunks: the same gradient."""
     from tsallis_core.config import load_config
     from tsallis_core.data.synthetic import SyntheticTaskConfig, write_splits
-    from tsallis_core.training.trainer import Trainer
+    from tsallis_core.training.batches import RLBatch, TokenBatch
+    from tsallis_core.training.rl import RLRecipe
 
     write_splits(SyntheticTaskConfig(num_pretrain=8, num_train=16, num_test=4), tmp_path / "data")
     cfg = load_config(
@@ -130,17 +131,15 @@ def test_token_budget_gives_the_gradient_of_the_whole_micro_batch(tmp_path, esti
             "engine.device=cpu",
         ],
     )
-    trainer = Trainer(cfg)
+    trainer = RLRecipe(cfg)
     prompts = [row["prompt"] for row in trainer.rows[:2] for _ in range(4)]
     r = trainer.rollout.generate(prompts, [row_seed(9, i) for i in range(8)])
-    micro = [r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask]
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    tokens = TokenBatch(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    micro = RLBatch(tokens, torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]))
     losses, grads = [], []
-    for budget in (None, 2 * (micro[0].shape[1] + micro[2].shape[1])):  # None, then 4 chunks of 2 rows
+    for budget in (None, 2 * tokens.tokens_per_row):  # None, then 4 chunks of 2 rows
         trainer.cfg.rl.logprob_token_budget = budget
-        out = trainer._loss_and_backward(
-            micro, lambda lp: trainer._rl_loss(lp, micro[3].float(), rewards, 0.75, None, None, None)
-        )
+        out = trainer.loss_and_backward(micro, 0.75)
         losses.append(out.loss.item())
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
         trainer.model.zero_grad(set_to_none=True)

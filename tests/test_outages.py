@@ -257,8 +257,8 @@ class PreemptibleTrainer:
 
 
 def test_a_preempted_trainjob_is_retried_from_its_staged_checkpoints_to_the_same_model(task_dir, tmp_path):
-    from tsallis_core.kubeflow import load_settings
-    from tsallis_core.launch import TrainJobFailed, run_trainjob
+    from tsallis_kubeflow.settings import load_settings
+    from tsallis_kubeflow.trainjob import TrainJobFailed, run_trainjob
 
     data, base = tmp_path / "data", tmp_path / "base"
     data.mkdir()

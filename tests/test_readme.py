@@ -61,7 +61,7 @@ def readme_commands() -> list[list[str]]:
 def check_tsallis(argv: list[str]) -> None:
     from tsallis_core.cli import parse_args
     from tsallis_core.config import load_config
-    from tsallis_core.kubeflow import check_params, load_settings, parse_params
+    from tsallis_kubeflow.settings import check_params, load_settings, parse_params
 
     args = parse_args(argv)  # argparse exits on an unknown option or a missing argument
     if args.command == "train":
@@ -78,7 +78,7 @@ def check_dvc(argv: list[str]) -> None:
     from dvc.cli import parse_args
 
     from benchmarks.dvc_repro import set_param
-    from tsallis_core.kubeflow import PipelineSettings
+    from tsallis_kubeflow.settings import PipelineSettings
 
     args = parse_args(argv)
     if getattr(args, "set_param", None):

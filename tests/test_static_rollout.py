@@ -14,7 +14,7 @@ from tsallis_core.config import ConfigError, ModelConfig, RolloutConfig, load_co
 from tsallis_core.rollout.eager import HFRollout, row_seed
 from tsallis_core.rollout.static import StaticDecoder, unsupported_reason
 from tsallis_core.training.models import load_model, load_tokenizer
-from tsallis_core.training.trainer import Trainer
+from tsallis_core.training.rl import RLRecipe
 
 EAGER, STATIC = RolloutConfig(static_cache=False), RolloutConfig(static_cache=True)
 
@@ -192,7 +192,7 @@ def test_cuda_graphs_true_under_zero3_is_refused_before_the_model_loads(tmp_path
         ],
     )
     with pytest.raises(ConfigError, match="rollout.cuda_graphs=true cannot run under DeepSpeed ZeRO-3"):
-        Trainer(config)
+        RLRecipe(config)
 
 
 def test_rollout_settings_are_validated():

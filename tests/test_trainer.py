@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from tsallis_core.config import OptimConfig, load_config
 from tsallis_core.training.engines import TorchEngine
-from tsallis_core.training.trainer import TrainingDiverged, train
+from tsallis_core.training.recipe import TrainingDiverged
+from tsallis_core.training.trainer import train
 
 
 def weights(model_dir):

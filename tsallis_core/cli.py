@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = args.overrides
     if args.params:
-        from tsallis_core.kubeflow import params_train_overrides
+        from tsallis_core.params import params_train_overrides
 
         overrides = [*params_train_overrides(args.params), *overrides]  # the key=value overrides given win
     config = load_config(args.config, overrides)
@@ -115,10 +115,10 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _data_task(args: argparse.Namespace) -> int:
-    from tsallis_core.kubeflow import load_settings
+    from tsallis_core.params import load_params
     from tsallis_core.prepare import write_task
 
-    settings = load_settings(args.params)
+    settings = load_params(args.params)
     for split, path in write_task(settings.data, args.out, settings.warmup.model).items():
         print(f"{split}: {path}")
     print(f"source {settings.data.source}, verifier {settings.data.verifier}: {args.out}/task.json")
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from tsallis_core.tracking import TrackingUnreachable
-    from tsallis_core.training.trainer import TrainingDiverged
+    from tsallis_core.training.recipe import TrainingDiverged
 
     try:
         return args.func(args)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from tsallis_core.data.registry import get_verifier, verifier_help
 from tsallis_core.maths.curves import ESCAPE_THRESHOLD
-from tsallis_core.maths.estimators import ESTIMATORS, get_estimator
-from tsallis_core.maths.losses import AGGREGATIONS, BASELINES, GRPO_LOSS_TYPES, SCALE_REWARDS
+from tsallis_core.maths.estimators import ESTIMATORS, estimator_settings, get_estimator
 from tsallis_core.maths.schedules import ConstantQ, QSchedule
 
 EMBEDDED_MODEL = "embedded:tiny"
@@ -102,8 +101,8 @@ class OptimConfig(Section):
     )
 
 
-class RLConfig(Section):
-    """Reinforcement learning from verified answers: sample a group, verify, weight, step."""
+class RLTrainerSettings(Section):
+    """The ``rl`` settings of the trainer itself; ``RLConfig`` adds the estimators' own (maths/estimators.py)."""
 
     estimator: str = Field("garl", description="; ".join(f"{e.name}: {e.description}" for e in ESTIMATORS.values()))
     q: float | None = Field(None, ge=0.0, le=1.0, description="shortcut for a constant q (overrides q_schedule)")
@@ -116,18 +115,9 @@ class RLConfig(Section):
     )
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0: greedy)")
     max_new_tokens: int = Field(48, ge=1, description="longest completion sampled")
-    baseline: str = Field("loo", description=f"GARL baseline: {', '.join(BASELINES)}")
-    aggregation: str = Field("seq_sum", description=f"token aggregation for GARL and PAFT: {', '.join(AGGREGATIONS)}")
     updates_per_batch: int = Field(
         1, ge=1, description="optimiser steps per rollout batch (> 1 uses the clipped ratio)"
     )
-    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip when updates_per_batch > 1 (GARL) and for GRPO")
-    kl_coef: float = Field(0.0, ge=0, description="weight of KL(pi || reference) per token; 0 loads no reference")
-    paft_resample: Literal["multinomial", "expected"] = Field(
-        "multinomial", description="PAFT: draw the posterior resample, or use its expectation"
-    )
-    grpo_loss_type: str = Field("dapo", description=f"GRPO aggregation as in TRL: {', '.join(GRPO_LOSS_TYPES)}")
-    grpo_scale_rewards: str = Field("group", description=f"GRPO reward scaling as in TRL: {', '.join(SCALE_REWARDS)}")
     stop_after_escape: int | None = Field(
         None,
         ge=0,
@@ -159,22 +149,14 @@ class RLConfig(Section):
         return name
 
     @model_validator(mode="after")
-    def _checks(self) -> RLConfig:
+    def _checks(self) -> RLTrainerSettings:
         estimator = get_estimator(self.estimator)
-        if self.kl_coef and not estimator.has_kl:
+        if getattr(self, "kl_coef", 0.0) and not estimator.has_kl:
             with_kl = " and ".join(e.name for e in ESTIMATORS.values() if e.has_kl)
             raise ValueError(f"kl_coef applies to {with_kl}; {self.estimator.upper()} has no KL term (set kl_coef=0)")
         estimator.args_from(self)  # the estimator's own view of this section validates
         if self.batch_size % self.group_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by group_size ({self.group_size})")
-        for name, value, allowed in (
-            ("baseline", self.baseline, BASELINES),
-            ("aggregation", self.aggregation, AGGREGATIONS),
-            ("grpo_loss_type", self.grpo_loss_type, GRPO_LOSS_TYPES),
-            ("grpo_scale_rewards", self.grpo_scale_rewards, SCALE_REWARDS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         return self
 
     @property
@@ -184,6 +166,17 @@ class RLConfig(Section):
     @property
     def prompts_per_step(self) -> int:
         return self.batch_size // self.group_size
+
+
+# The rl section: the trainer's settings plus every registered estimator's own (each declared once, in its args
+# class): an estimator with a new setting is one file, maths/estimators.py
+RLConfig = create_model(
+    "RLConfig",
+    __base__=RLTrainerSettings,
+    __doc__="Reinforcement learning from verified answers: sample a group, verify, weight, step.",
+    __module__=__name__,
+    **estimator_settings(),
+)
 
 
 class SFTConfig(Section):
@@ -422,5 +415,6 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> l
         else:
             default = info.get_default(call_default_factory=True)
             default = default.model_dump() if isinstance(default, BaseModel) else default
-            lines.append(f"  {key} (default {default!r}): {info.description or ''}")
+            choices = f": {', '.join(map(str, get_args(annotation)))}" if get_origin(annotation) is Literal else ""
+            lines.append(f"  {key} (default {default!r}): {info.description or ''}{choices}")
     return lines

@@ -7,7 +7,7 @@ import argparse
 
 
 def _pipeline_settings(args: argparse.Namespace, local: bool = False):
-    from tsallis_core.kubeflow import load_settings, local_settings
+    from tsallis_kubeflow.settings import load_settings, local_settings
 
     from . import cold_start_sweep as module
 
@@ -29,7 +29,7 @@ def _pipeline_compile(args: argparse.Namespace) -> int:
 
 
 def _pipeline_submit(args: argparse.Namespace) -> int:
-    from tsallis_core.kubeflow import parse_params
+    from tsallis_kubeflow.settings import parse_params
 
     module, settings = _pipeline_settings(args)
     run_id = module.submit(
@@ -40,7 +40,7 @@ def _pipeline_submit(args: argparse.Namespace) -> int:
 
 
 def _pipeline_run_local(args: argparse.Namespace) -> int:
-    from tsallis_core.kubeflow import parse_params
+    from tsallis_kubeflow.settings import parse_params
 
     module, settings = _pipeline_settings(args, local=True)
     report = module.run_local(settings, args.workdir, parse_params(args.param))
@@ -56,7 +56,7 @@ def add_pipeline_commands(commands) -> None:
         help="the Kubeflow cold-start sweep: compile, submit, run locally",
         description="Settings come from params.yaml plus key=value overrides (sweep.q=[0.5,1.0], "
         "sweep.estimators=[garl], parallelism=2, cluster.gpus_per_node=8, cluster.num_nodes=2, ...; "
-        "see tsallis_core/kubeflow.py); --param name=value sets a run-time parameter (train_steps=30).",
+        "see tsallis_kubeflow/settings.py); --param name=value sets a run-time parameter (train_steps=30).",
     )
     sub = pipeline.add_subparsers(dest="pipeline_command", required=True)
     for name, func, help_text in (

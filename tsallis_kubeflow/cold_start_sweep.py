@@ -4,7 +4,7 @@
     train -> evaluate -> Collected -> register the champion in MLflow -> report
 
 The q grid, estimators, parallelism and where training runs are fixed when the pipeline is built
-(``tsallis_core.kubeflow.PipelineSettings``, checked first); the knobs of params.yaml are run-time parameters.
+(``tsallis_kubeflow.settings.PipelineSettings``, checked first); the knobs of params.yaml are run-time parameters.
 Commands: ``tsallis pipeline compile | submit | run-local`` (see README, section Kubeflow).
 """
 
@@ -15,14 +15,14 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-from tsallis_core.kubeflow import (  # noqa: F401 - check_params and local_settings: importable here too
+from tsallis_kubeflow.settings import (  # noqa: F401 - check_params and local_settings: importable here too
     LOCAL_IMAGE,
     ClusterSettings,
     PipelineSettings,
     check_params,
     local_settings,
 )
-from tsallis_core.launch import SECRET_ENV
+from tsallis_kubeflow.trainjob import SECRET_ENV
 
 from .components import build
 

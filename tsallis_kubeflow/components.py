@@ -79,8 +79,8 @@ def sft_warmup(
     """dvc.yaml warmup: SFT of the base model on the pre-training corpus (steps=0: the model passes through)
     -> trainer.train(load_config("configs/base.yaml", overrides)), on all of the pod's GPUs; checkpoints under
     ``checkpoint_root`` (the cache PVC) every ``checkpoint_every`` steps, and a retried step resumes from them."""
-    from tsallis_core.kubeflow import checkpoint_path
     from tsallis_core.launch import run_training
+    from tsallis_kubeflow.settings import checkpoint_path
 
     final = run_training(
         "configs/base.yaml",
@@ -131,8 +131,9 @@ def train_rl(
     """dvc.yaml train/baseline: one RL run of the sweep, nested under the sweep's MLflow parent run
     -> trainer.train(load_config("configs/rl.yaml", overrides)); torchrun + DeepSpeed when gpus > 1. Checkpoints
     go to <checkpoint_root>/<sweep>/<pipeline_run>/<run_name> (the cache PVC); a retried step resumes there."""
-    from tsallis_core.kubeflow import checkpoint_path, sweep_run_overrides
     from tsallis_core.launch import run_training
+    from tsallis_core.params import sweep_run_overrides
+    from tsallis_kubeflow.settings import checkpoint_path
 
     final = run_training(
         "configs/rl.yaml",
@@ -190,8 +191,9 @@ def train_rl_trainjob(
     """train_rl across nodes: submits a Kubeflow Trainer TrainJob that runs the same `tsallis train` on
     cluster["num_nodes"] nodes, waits, and fails with the job's error -> launch.run_trainjob. The run's staging
     is <cache>/trainjobs/<sweep>/<pipeline_run>/<run_name>: a retried launcher resumes from its checkpoints."""
-    from tsallis_core.kubeflow import ClusterSettings, checkpoint_path, sweep_run_overrides
-    from tsallis_core.launch import run_trainjob
+    from tsallis_core.params import sweep_run_overrides
+    from tsallis_kubeflow.settings import ClusterSettings, checkpoint_path
+    from tsallis_kubeflow.trainjob import run_trainjob
 
     final = run_trainjob(
         "configs/rl.yaml",
@@ -306,7 +308,7 @@ STAGES = (
 
 def build(image: str | None = None) -> SimpleNamespace:
     """The stages as kfp components on ``image`` (default: $TSALLIS_IMAGE; neither: ConfigError)."""
-    from tsallis_core.kubeflow import default_image, require_image
+    from tsallis_kubeflow.settings import default_image, require_image
 
     image = require_image(image or default_image())
     return SimpleNamespace(

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from tsallis_core.config import RolloutConfig
 from tsallis_core.data.registry import get_verifier
 from tsallis_core.data.verify import exact_match_score, extract_answer, f1_score, normalize_answer
+from tsallis_core.progress import progress_bar
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -71,7 +71,7 @@ def sample_and_score(
     verify = get_verifier(verifier)
     rollout = HFRollout(model, tokenizer, temperature, max_new_tokens, settings=settings)
     results = []
-    with torch.no_grad(), tqdm(total=len(rows), desc="evaluate", unit="prompt") as bar:
+    with torch.no_grad(), progress_bar(total=len(rows), desc="evaluate", unit="prompt") as bar:
         for start in range(0, len(rows), prompts_per_batch):
             batch = rows[start : start + prompts_per_batch]
             out = rollout.generate(

@@ -5,22 +5,27 @@
 
 - ``PolicyBatch``: what the trainer hands every estimator for one micro-batch (log-probs, mask, rewards, the group
   layout, q, and the optional old and reference log-probs and PAFT's resample counts).
-- ``args``: the estimator's own typed view of the ``rl`` config section. Its fields are ``rl`` fields, read by
-  name (``spec.args_from(rl)``), so ``rl.baseline=none`` on the command line reaches GARL as ``args.baseline``.
+- ``args``: the estimator's own settings, a typed class. Each field with a default is an ``rl`` setting that the
+  estimator owns: the config's ``rl`` section gets it from here (``estimator_settings``), with its type, default and
+  description, so ``rl.baseline=none`` on the command line reaches GARL as ``args.baseline``. A field without a
+  default is a trainer setting the estimator reads (``updates_per_batch``). Settings that several estimators share
+  are declared once, in a mixin (``ClipArgs``, ``AggregationArgs``).
 - Config validation (``rl.estimator``, and ``kl_coef`` only for estimators with a KL term), the CLI help, the
   Kubeflow sweep settings and the trainer all read this registry; nothing else lists the names.
 
-Adding an estimator: one function, one args class (fields named as in ``RLConfig``), and its tests
+Adding an estimator, with settings of its own: one function and one args class in this file, and its tests
 (tests/test_estimators.py registers one for real). The maths stays in small pure functions (``losses.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 from torch import Tensor
 
 from tsallis_core.maths.losses import (
@@ -52,7 +57,7 @@ class PolicyBatch:
 
 
 class EstimatorArgs(BaseModel):
-    """Base of an estimator's typed view of the ``rl`` section: each field must be an ``RLConfig`` field."""
+    """Base of an estimator's settings: each field is an ``rl`` setting (its own when it has a default)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -118,6 +123,25 @@ def baseline_estimator() -> str:
     return next(e.name for e in ESTIMATORS.values() if e.is_baseline)
 
 
+def estimator_settings() -> dict[str, tuple[object, FieldInfo]]:
+    """The ``rl`` settings the registered estimators own: name -> (type, field), each declared once (a setting
+    that two args classes share comes from one mixin). The config builds its ``rl`` section from these."""
+    settings: dict[str, tuple[object, FieldInfo]] = {}
+    declared_in: dict[str, type] = {}
+    for estimator in ESTIMATORS.values():
+        for name, field in estimator.args.model_fields.items():
+            if field.is_required():
+                continue  # a trainer setting the estimator reads
+            owner = next(c for c in estimator.args.__mro__ if name in inspect.get_annotations(c))
+            if declared_in.setdefault(name, owner) is not owner:
+                raise TypeError(
+                    f"rl.{name} is declared in both {declared_in[name].__name__} and {owner.__name__}: declare it "
+                    f"once, in a mixin both args classes inherit"
+                )
+            settings[name] = (field.annotation, field)
+    return settings
+
+
 def get_loss(name: str) -> Callable[..., LossOutput]:
     """The pure tensor loss of an estimator (garl, paft, grpo), or ``sft``, by name."""
     losses = {**{n: e.maths for n, e in ESTIMATORS.items() if e.maths is not None}, "sft": sft_loss}
@@ -131,12 +155,18 @@ def get_loss(name: str) -> Callable[..., LossOutput]:
 # ---------------------------------------------------------------------------------------------
 
 
-class GarlArgs(EstimatorArgs):
-    baseline: Baseline = "loo"
-    aggregation: Aggregation = "seq_sum"
-    updates_per_batch: int = 1
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
+class AggregationArgs(EstimatorArgs):
+    aggregation: Aggregation = Field("seq_sum", description="token aggregation for GARL and PAFT")
+
+
+class ClipArgs(EstimatorArgs):
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip when updates_per_batch > 1 (GARL) and for GRPO")
+    kl_coef: float = Field(0.0, ge=0, description="weight of KL(pi || reference) per token; 0 loads no reference")
+
+
+class GarlArgs(AggregationArgs, ClipArgs):
+    baseline: Baseline = Field("loo", description="GARL baseline")
+    updates_per_batch: int  # the trainer's: > 1 turns on the ratio clip
 
 
 @register_estimator(
@@ -163,9 +193,10 @@ def garl(batch: PolicyBatch, args: GarlArgs) -> LossOutput:
     )
 
 
-class PaftArgs(EstimatorArgs):
-    aggregation: Aggregation = "seq_sum"
-    paft_resample: Literal["multinomial", "expected"] = "multinomial"
+class PaftArgs(AggregationArgs):
+    paft_resample: Literal["multinomial", "expected"] = Field(
+        "multinomial", description="PAFT: draw the posterior resample, or use its expectation"
+    )
 
 
 @register_estimator(
@@ -188,11 +219,9 @@ def paft(batch: PolicyBatch, args: PaftArgs) -> LossOutput:
     )
 
 
-class GrpoArgs(EstimatorArgs):
-    grpo_loss_type: GrpoLossType = "dapo"
-    grpo_scale_rewards: ScaleRewards = "group"
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
+class GrpoArgs(ClipArgs):
+    grpo_loss_type: GrpoLossType = Field("dapo", description="GRPO aggregation as in TRL")
+    grpo_scale_rewards: ScaleRewards = Field("group", description="GRPO reward scaling as in TRL")
 
 
 @register_estimator(

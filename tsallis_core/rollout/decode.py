@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tsallis_core.distributed import all_ranks
+from tsallis_core.progress import progress_bar
 from tsallis_core.rollout.sampling import sample_tokens
 
 
@@ -35,7 +35,7 @@ class DecodeLoop:
         """``first()`` samples token 0 and returns the finished flags [N] (bool); ``advance(t)`` runs one forward,
         samples token t and returns the finished flags. Returns the number of tokens decoded."""
         finished = first()
-        for t in tqdm(range(self.max_new_tokens), desc="rollout tokens", leave=False, disable=not self.progress):
+        for t in progress_bar(range(self.max_new_tokens), desc="rollout tokens", leave=False, show=self.progress):
             if self._stop_after(t, finished):
                 return t + 1
             finished = advance(t + 1)

@@ -330,7 +330,8 @@ def estimator_loss(
     estimator = get_estimator(family)
     rows = logprobs.shape[0]
     flat_rewards = rewards.reshape(-1)  # [N], groups of M contiguous
-    args = estimator.args.model_validate({"baseline": baseline} if "baseline" in estimator.args.model_fields else {})
+    settings = {"baseline": baseline, "updates_per_batch": 1}  # one update per sampled batch; the rest: defaults
+    args = estimator.args.model_validate({k: v for k, v in settings.items() if k in estimator.args.model_fields})
     counts = (
         paft_resample_counts(flat_rewards, group_size, group_size, gen)
         if estimator.draws_resample_counts(args)
@@ -595,14 +596,14 @@ def cell_name(optimizer: str, p0: float, group_size: int) -> str:
 
 def run_map(cfg: SimulateConfig, out: str | os.PathLike | None = None) -> Path:
     """Run (or read from cells/) every cell of the map; write results.json and the heatmap(s). Returns results.json."""
-    from tqdm import tqdm
+    from tsallis_core.progress import progress_bar
 
     out = Path(out or cfg.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     keys = [(o, p, m) for o in cfg.optimizers for p in cfg.p0s for m in cfg.group_sizes]
     settings = cfg.model_dump(exclude={"out", "p0s", "group_sizes", "optimizers"})
     cells, computed_seconds = [], 0.0
-    with tqdm(keys, desc="simulate", unit="cell") as progress:
+    with progress_bar(keys, desc="simulate", unit="cell") as progress:
         for optimizer, p0, group_size in progress:
             path = out / "cells" / f"{cell_name(optimizer, p0, group_size)}.json"
             wanted = {"settings": settings, "optimizer": cfg.optimizers[optimizer].model_dump()}

@@ -1,10 +1,10 @@
 """Settings of the Kubeflow cold-start sweep, checked before a pipeline is compiled.
 
-The pipeline itself is ``tsallis_kubeflow/cold_start_sweep.py`` and its steps are ``tsallis_kubeflow/components.py``; both read
-these settings. Two kinds of values: the *build-time* ones here (the q grid, estimators, parallelism and where
-training runs: image, GPUs, nodes, Kubernetes settings), which shape the compiled YAML, and the *run-time*
-parameters of the pipeline (the knobs of params.yaml: data, warm-up, training, evaluation, report), which
-``tsallis pipeline submit --param key=value`` changes per run.
+The pipeline itself is ``tsallis_kubeflow/cold_start_sweep.py`` and its steps are ``tsallis_kubeflow/components.py``;
+both read these settings. Two kinds of values: the *build-time* ones here (the q grid, estimators, parallelism and
+where training runs: image, GPUs, nodes, Kubernetes settings), which shape the compiled YAML, and the *run-time*
+parameters of the pipeline (params.yaml's sections, tsallis_core/params.py: data, warm-up, training, evaluation,
+report), which ``tsallis pipeline submit --param key=value`` changes per run.
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from tsallis_core.config import ConfigError, Section, parse_assignment, validate_settings
-from tsallis_core.maths.curves import ESCAPE_THRESHOLD
 from tsallis_core.maths.estimators import ESTIMATORS, baseline_estimator, get_estimator
-from tsallis_core.prepare import TaskSettings
+from tsallis_core.params import Params, read_sections
 
 LOCAL_IMAGE = "tsallis:local"  # `docker build -t tsallis:local .` for a local cluster (README, section Kubeflow)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_image() -> str:
@@ -51,15 +48,6 @@ def checkpoint_path(root: str, sweep: str, pipeline_run: str, run_name: str) -> 
                 f"{what} {name!r} would put checkpoints outside {root}: give a relative name without '..'"
             )
     return str(Path(root) / sweep / pipeline_run / run_name) if root else ""
-
-
-def resolve_path(path: str) -> str:
-    """A repository file (``configs/rl.yaml``) as given when it exists, else under ``$TSALLIS_HOME`` (the image
-    sets it to where it keeps ``configs/``), else under the checkout that holds this package."""
-    for candidate in (Path(path), Path(os.environ.get("TSALLIS_HOME", REPO_ROOT)) / path, REPO_ROOT / path):
-        if candidate.exists():
-            return str(candidate.resolve())
-    return path  # load_config names the missing file
 
 
 EMPTY_SWEEP_LIST = {
@@ -150,46 +138,9 @@ class ClusterSettings(Section):
     retry_backoff: str = Field("120s", description="wait before the first retry (doubling), over an NFS lock lease")
 
 
-class WarmupParams(Section):
-    model: str = Field("embedded:tiny", description="the base model: embedded:tiny, a local directory or a hub id")
-    steps: int = Field(
-        600,
-        ge=0,
-        description="SFT steps on data's pretrain.jsonl (warm start); 0: cold start, RL from "
-        "the base model (it passes through unchanged)",
-    )
-    lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(64, ge=1)
-
-
-class TrainParams(Section):
-    model_config = ConfigDict(extra="ignore")  # params.yaml's estimator, q, seed belong to DVC's single experiment
-
-    steps: int = Field(40, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    group_size: int = Field(8, ge=2)
-    batch_size: int = Field(64, ge=2)
-    max_new_tokens: int = Field(40, ge=1)
-    temperature: float = Field(1.0, ge=0)
-
-
-class EvaluateParams(Section):
-    n: int = Field(8, ge=1)
-    max_new_tokens: int = Field(40, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    seed: int = 0
-
-
-class ReportParams(Section):
-    metric: str = "maj@8"
-    escape_threshold: float = ESCAPE_THRESHOLD
-    registered_model: str = "tsallis-synthetic"
-    sweep: str = "synthetic-cold-start"
-    experiment: str = "tsallis"
-
-
-class PipelineSettings(Section):
-    """Everything ``tsallis pipeline compile`` needs: params.yaml's sections plus the fields below."""
+class PipelineSettings(Params):
+    """Everything ``tsallis pipeline compile`` needs: params.yaml's sections (tsallis_core/params.py) plus the fields
+    below."""
 
     platform: Literal["kubernetes", "local"] = Field(
         "kubernetes", description="local: no GPU or Kubernetes settings (kfp.local)"
@@ -197,11 +148,6 @@ class PipelineSettings(Section):
     parallelism: int = Field(4, ge=0, description="training runs at once (0: no limit)")
     sweep: SweepGrid = Field(default_factory=SweepGrid)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
-    data: TaskSettings = Field(default_factory=TaskSettings)
-    warmup: WarmupParams = Field(default_factory=WarmupParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    report: ReportParams = Field(default_factory=ReportParams)
 
     def runtime_defaults(self) -> dict[str, Any]:
         """The pipeline's run-time parameters and their defaults, ``section_field`` (e.g. ``train_steps``)."""
@@ -224,76 +170,8 @@ def load_settings(
     (``sweep.q=[0.5,1.0]``, ``cluster.gpus_per_node=8``, ``platform=local``) and keyword fields.
 
     A bad value raises ConfigError naming the field, before anything is compiled."""
-    data: dict[str, Any] = {}
-    if params is not None and Path(params).is_file():
-        loaded = yaml.safe_load(Path(params).read_text()) or {}
-        data = {k: v for k, v in loaded.items() if k in PipelineSettings.model_fields}
+    data = read_sections(params, PipelineSettings)
     return validate_settings(PipelineSettings, data, overrides, "invalid pipeline settings", **fields)
-
-
-def train_overrides(train: TrainParams) -> list[str]:
-    """The ``tsallis train`` overrides that params.yaml's ``train`` section sets on every RL run of a sweep."""
-    return [
-        f"steps={train.steps}",
-        f"optim.lr={train.lr}",
-        f"rl.group_size={train.group_size}",
-        f"rl.batch_size={train.batch_size}",
-        f"rl.max_new_tokens={train.max_new_tokens}",
-        f"rl.temperature={train.temperature}",
-    ]
-
-
-def params_train_overrides(params: str | os.PathLike) -> list[str]:
-    """``tsallis train --params params.yaml``: the overrides of every RL run of the DVC sweep (params.yaml's ``train``
-    section, ``data.verifier`` and ``report.sweep``), so that dvc.yaml's train, baseline and experiment stages share one list."""
-    if not Path(params).is_file():
-        raise ConfigError(f"--params {params}: no such file; give the params.yaml that holds the train section")
-    settings = load_settings(params)
-    return [
-        *train_overrides(settings.train),
-        f"data.verifier={settings.data.verifier}",
-        f"tracking.sweep={settings.report.sweep}",
-    ]
-
-
-def sweep_run_overrides(
-    run_name: str,
-    estimator: str,
-    q: str,
-    seed: str,
-    steps: int,
-    lr: float,
-    group_size: int,
-    batch_size: int,
-    max_new_tokens: int,
-    temperature: float,
-    sweep: str,
-    experiment: str,
-    checkpoint_every: int,
-    verifier: str = "exact",
-) -> list[str]:
-    """The ``tsallis train`` overrides of one RL run of the sweep (as dvc.yaml's train stage sets them), shared by
-    the components train_rl (one node) and train_rl_trainjob (a TrainJob)."""
-    train = TrainParams(
-        steps=steps,
-        lr=lr,
-        group_size=group_size,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-    )
-    return [
-        f"rl.estimator={estimator}",
-        f"rl.q={q}",
-        f"seed={seed}",
-        *train_overrides(train),
-        f"data.verifier={verifier}",
-        f"checkpoint_every={checkpoint_every}",
-        "keep_checkpoints=2",
-        f"tracking.sweep={sweep}",
-        f"tracking.experiment={experiment}",
-        f"tracking.run_name={run_name}",
-    ]
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
