@@ -14,7 +14,7 @@ from tsallis_core.maths.curves import steps_to_escape
 from tsallis_core.maths.stats import bootstrap_interval, paired_bootstrap_difference, t_interval
 from tsallis_core.studies.escape import widen_grid
 from tsallis_core.training.engines import TorchEngine
-from tsallis_core.training.trainer import label_noise_rates, success_by_stratum
+from tsallis_core.training.rl import label_noise_rates, success_by_stratum
 
 
 def test_widen_grid_grows_toward_the_best_edge_until_the_best_is_inside():
@@ -197,3 +197,57 @@ def test_the_horizon_table_gives_a_lower_bound_where_grpo_is_capped_and_no_ratio
     assert "| sgd | garl:0.75 | 0.1 | >800, >800, >800 | 800 / 800 / 800 | both capped: no ratio |" in capped
     table = horizon_table([summary("grpo", [None, 400, None]), summary("garl:0.75", [100, 200, 100])])
     assert "| sgd | garl:0.75 | 0.1 | 100, 200, 100 | 100 / 100 / 200 | >=8.00 [" in table
+
+
+def test_the_horizon_report_sets_the_language_model_against_the_simulators_prediction(tmp_path):
+    from tsallis_core.studies.escape_report import horizon_table, plot_predicted_vs_measured
+
+    def summary(setting: str, escape: list[int | None]) -> dict:
+        return {"regime": "sgd", "setting": setting, "best_lr": 0.1, "steps": 800, "escape": escape}
+
+    predictions = {"regimes": {"sgd": {"ratios": {"garl:1": {"median_ratio": 3.1, "low": 2.2, "high": 4.0}}}}}
+    measured = [summary("grpo", [None, 400, None]), summary("garl:1", [100, 200, 100])]
+    assert "| >=8.00 [" in horizon_table(measured, predictions)
+    assert horizon_table(measured, predictions).endswith("| 3.10 [2.20, 4.00] |")
+    assert plot_predicted_vs_measured(measured, predictions, tmp_path / "predicted.png").stat().st_size > 0
+    capped = [summary("grpo", [None] * 3), summary("garl:1", [None] * 3)]
+    assert plot_predicted_vs_measured(capped, predictions, tmp_path / "none.png") is None  # no measured ratio
+
+
+def test_tqdm_disable_set_after_import_switches_the_bars_off(monkeypatch):
+    """The escape study sets TQDM_DISABLE in a running process (tqdm already imported) before forking its workers."""
+    import io
+
+    from tsallis_core.progress import progress_bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not progress_bar(total=2, file=io.StringIO()).disable
+    assert progress_bar(total=2, file=io.StringIO(), show=False).disable
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress_bar(total=2, file=io.StringIO()).disable
+
+
+def test_the_horizon_part_predicts_each_regime_from_the_simulator_before_its_runs_and_caches_it(tmp_path):
+    from tsallis_core.studies.escape import StudyConfig, predict_horizon
+
+    study = StudyConfig.model_validate(
+        {
+            "regimes": {"sgd": {"optimizer": "sgd"}},
+            "run": {"group_size": 8, "prompts_per_step": 8},
+            "horizon": {
+                "regimes": ["sgd"],
+                "settings": ["grpo", "garl:1"],
+                "lrs": {"sgd": {"grpo": 0.1, "garl:1": 3.16e-3}},
+                "simulate": str(REPO / "configs" / "simulate.yaml"),
+                "predict_seeds": 3,
+            },
+        }
+    )
+    predictions = predict_horizon(study, 0.01, tmp_path)
+    ratio = predictions["regimes"]["sgd"]["ratios"]["garl:1"]
+    assert ratio["low"] <= ratio["median_ratio"] <= ratio["high"]
+    assert len(predictions["regimes"]["sgd"]["steps_to_escape"]["grpo"]) == 3
+    written = (tmp_path / "horizon_predictions.json").stat().st_mtime_ns
+    assert predict_horizon(study, 0.01, tmp_path) == predictions  # cached: nothing reruns
+    assert (tmp_path / "horizon_predictions.json").stat().st_mtime_ns == written
+    assert predict_horizon(study, 0.0, tmp_path) == {}  # a base that never succeeds: nothing to predict from

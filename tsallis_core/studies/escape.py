@@ -40,6 +40,7 @@ from pydantic import Field
 
 from tsallis_core.config import ConfigError, Section, validate_settings
 from tsallis_core.maths.curves import ESCAPE_THRESHOLD, final_success
+from tsallis_core.maths.estimators import baseline_estimator
 
 PARTS = ("core", "mechanism", "noise", "factors", "horizon")
 
@@ -140,6 +141,12 @@ class HorizonSettings(Section):
     lr_drops: int = Field(
         2, ge=0, description="a cell whose run diverges reruns half a decade lower, at most this often"
     )
+    simulate: str | None = Field(
+        "configs/simulate.yaml",
+        description="the simulator's settings: before the runs, each regime's GRPO/estimator ratio is predicted at the "
+        "base's start success, M and prompts per step (horizon_predictions.json); None: no prediction",
+    )
+    predict_seeds: int = Field(5, ge=3, description="simulator seeds per estimator of a prediction")
 
 
 class StudyConfig(Section):
@@ -806,14 +813,75 @@ def horizon_cells(study: StudyConfig) -> list[Cell]:
     return [Cell("horizon", r, study.regimes[r], s, run, [h.lrs[r][s]]) for r in h.regimes for s in h.settings]
 
 
+def predict_horizon(study: StudyConfig, start_success: float, out: Path) -> dict:
+    """The simulator's prediction of each horizon regime before its runs: every setting against GRPO at the base's
+    start success, the runs' M and prompts per step, lrs tuned for the study's threshold. Cached in
+    ``out/horizon_predictions.json`` (recomputed when any of those changes); {} when ``horizon.simulate`` is None."""
+    from tsallis_core.studies.simulate import load_simulate, run_cell
+
+    h = study.horizon
+    if h.simulate is None or not 0 < start_success < study.escape_threshold:
+        return {}  # nothing to predict from (a base that never or always succeeds)
+    path = out / "horizon_predictions.json"
+    key = {
+        "simulate": h.simulate,
+        "p0": round(start_success, 6),
+        "group_size": study.run.group_size,
+        "prompts": study.run.prompts_per_step,
+        "threshold": study.escape_threshold,
+        "seeds": h.predict_seeds,
+        "settings": h.settings,
+    }
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("key") == key and set(h.regimes) <= set(cached.get("regimes", {})):
+        return cached
+    if not Path(h.simulate).is_file():
+        raise ConfigError(
+            f"horizon.simulate: {h.simulate} does not exist; give the simulator's settings (configs/simulate.yaml, "
+            f"run from the repository root) or horizon.simulate=null for no prediction"
+        )
+    estimators = [s for s in h.settings if s != baseline_estimator()]
+    cfg = load_simulate(
+        h.simulate,
+        [],
+        prompts=study.run.prompts_per_step,
+        seeds=h.predict_seeds,
+        target=study.escape_threshold,
+        thresholds=[study.escape_threshold],
+        p0s=[start_success],
+    )
+    regimes = dict(cached.get("regimes", {})) if cached.get("key") == key else {}
+    for regime in h.regimes:
+        optimizer = study.regimes[regime].optimizer if regime not in cfg.optimizers else regime
+        if optimizer not in cfg.optimizers or regime in regimes:
+            continue
+        record = run_cell(cfg, optimizer, start_success, study.run.group_size, estimators)
+        regimes[regime] = {
+            "optimizer": optimizer,
+            "cap": record["cap"],
+            "ratios": {name: r[f"{study.escape_threshold:g}"] for name, r in record["ratios"].items()},
+            "steps_to_escape": {name: e["steps_to_escape"] for name, e in record["estimators"].items()},
+        }
+        ratio = ", ".join(f"{n} {r['median_ratio']:.2f}" for n, r in regimes[regime]["ratios"].items())
+        print(f"horizon {regime}: the simulator predicts GRPO/estimator {ratio}", flush=True)
+    predictions = {"key": key, "regimes": regimes}
+    path.write_text(json.dumps(predictions, indent=1))
+    return predictions
+
+
 def run_horizon(study: StudyConfig, paths: StudyPaths) -> None:
-    """Each cell's seeds at its lr; a cell where any seed diverged reruns half a decade lower (``lr_drops``)."""
+    """The simulator's prediction, then each cell's seeds at its lr; a cell where any seed diverged reruns half a
+    decade lower (``lr_drops``)."""
     if study.horizon.base is not None:
         base, data = make_base(study.horizon.base, paths.out)
         start = measure_start(study.horizon.base, base, data, study.run.max_new_tokens)
         strata = ", ".join(f"{d}: {v['success']:.4f}" for d, v in start["by_difficulty"].items())
         print(f"horizon base {study.horizon.base.name}: start success {start['success']:.4f} ({strata})", flush=True)
         paths = StudyPaths(base=base, data=data, out=paths.out)
+    else:
+        measured = paths.base.parent / "start.json"
+        start = json.loads(measured.read_text()) if measured.is_file() else {"success": float("nan")}
+    predict_horizon(study, start["success"], paths.out)
     pending = horizon_cells(study)
     for cell in pending:
         cell.best_lr = cell.grid[0]

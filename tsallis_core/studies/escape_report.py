@@ -260,32 +260,102 @@ def noise_differences(summaries: list[dict], resamples: int, reference: str = "g
     return "\n".join(lines)
 
 
-def horizon_table(summaries: list[dict]) -> str:
-    """Steps to escape per seed at the horizon (a run that never escaped counts as its cap, so a ratio against it
-    is a lower bound, marked >=), and the median ratio baseline (GRPO) / estimator with a bootstrap interval over seeds."""
+def horizon_ratio(summaries: list[dict], s: dict) -> dict | None:
+    """The median steps GRPO / ``s`` with its bootstrap interval over seeds (a run that never escaped counts as its
+    cap: with capped GRPO seeds the ratio is a lower bound), or None for GRPO itself; ``both_capped`` when no run of
+    either side escaped (no ratio)."""
     reference = baseline_estimator()
+    ref = next((r for r in summaries if r["regime"] == s["regime"] and r["setting"] == reference), None)
+    if ref is None or ref is s:
+        return None
+    if all(e is None for e in [*ref["escape"], *s["escape"]]):
+        return {"both_capped": True}
+    cap = s["steps"]
+    median, low, high = bootstrap_median_ratio(
+        [e if e is not None else cap for e in ref["escape"]], [e if e is not None else cap for e in s["escape"]]
+    )
+    return {"both_capped": False, "lower_bound": None in ref["escape"], "median": median, "low": low, "high": high}
+
+
+def predicted_ratio(predictions: dict, s: dict) -> dict | None:
+    """The simulator's GRPO/``s`` ratio for its regime (horizon_predictions.json), or None."""
+    return predictions.get("regimes", {}).get(s["regime"], {}).get("ratios", {}).get(s["setting"])
+
+
+def horizon_table(summaries: list[dict], predictions: dict | None = None) -> str:
+    """Steps to escape per seed at the horizon (a run that never escaped counts as its cap, so a ratio against it
+    is a lower bound, marked >=), the median ratio baseline (GRPO) / estimator with a bootstrap interval over seeds,
+    and what the simulator predicted for it before the runs."""
+    reference, predictions = baseline_estimator(), predictions or {}
     head = (
         "| regime | estimator | lr | steps to escape, seeds | min / median / max | "
-        f"median {reference} / estimator [95% CI] |\n|---|---|---|---|---|---|"
+        f"median {reference} / estimator [95% CI] | simulator predicted |\n|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for s in summaries:
         cap = s["steps"]
         steps = [e if e is not None else cap for e in s["escape"]]
         shown = ", ".join(str(e) if e is not None else f">{cap}" for e in s["escape"])
-        ref = next((r for r in summaries if r["regime"] == s["regime"] and r["setting"] == reference), None)
+        measured = horizon_ratio(summaries, s)
         ratio = ""
-        if ref is not None and ref is not s and all(e is None for e in [*ref["escape"], *s["escape"]]):
+        if measured is not None and measured["both_capped"]:
             ratio = "both capped: no ratio"
-        elif ref is not None and ref is not s:
-            ref_steps = [e if e is not None else cap for e in ref["escape"]]
-            censored = None in ref["escape"]
-            ratio = (">=" if censored else "") + _fmt_ci(bootstrap_median_ratio(ref_steps, steps), 2)
+        elif measured is not None:
+            ci = (measured["median"], measured["low"], measured["high"])
+            ratio = (">=" if measured["lower_bound"] else "") + _fmt_ci(ci, 2)
+        predicted = predicted_ratio(predictions, s)
+        guess = (
+            "" if predicted is None else _fmt_ci((predicted["median_ratio"], predicted["low"], predicted["high"]), 2)
+        )
         rows.append(
             f"| {s['regime']} | {s['setting']} | {s['best_lr']:.3g} | {shown} | "
-            f"{min(steps)} / {statistics.median(steps):g} / {max(steps)} | {ratio} |"
+            f"{min(steps)} / {statistics.median(steps):g} / {max(steps)} | {ratio} | {guess} |"
         )
     return "\n".join(rows)
+
+
+def plot_predicted_vs_measured(summaries: list[dict], predictions: dict, path: Path) -> Path | None:
+    """The language-model points against the simulator's prediction: measured median GRPO/estimator ratio (with its
+    interval; an upward triangle for a lower bound) over the predicted one; None when no cell has both."""
+    from tsallis_core.studies.plots import _save, label_axes, plt
+
+    points = [
+        (s, measured, predicted)
+        for s in summaries
+        if (measured := horizon_ratio(summaries, s)) is not None
+        and not measured["both_capped"]
+        and (predicted := predicted_ratio(predictions, s)) is not None
+    ]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    values = []
+    for s, measured, predicted in points:
+        x, y = predicted["median_ratio"], measured["median"]
+        values += [predicted["low"], predicted["high"], measured["low"], measured["high"]]
+        ax.errorbar(
+            x,
+            y,
+            xerr=[[x - predicted["low"]], [predicted["high"] - x]],
+            yerr=[[y - measured["low"]], [measured["high"] - y]],
+            fmt="^" if measured["lower_bound"] else "o",
+            capsize=3,
+            label=f"{s['regime']} {s['setting']}",
+        )
+    low, high = min(min(values), 0.5), max(max(values), 2.0)
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="measured = predicted")
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.axvline(1.0, color="grey", linewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    label_axes(
+        ax,
+        "simulator: median steps GRPO / estimator",
+        "does the simulator predict the language model? (^: GRPO capped, a lower bound)",
+        "language model: median steps GRPO / estimator",
+        fontsize=7,
+    )
+    return _save(fig, path)
 
 
 def plot_curves(summaries: list[dict], path: Path, title: str, threshold: float) -> Path:
@@ -454,13 +524,19 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
         plot_curves(factor_summaries, report / "factor_curves.png", "factor", study.escape_threshold)
         parts.append("![factor curves](factor_curves.png)\n")
     if by_group["horizon"]:
+        predictions_path = out / "horizon_predictions.json"
+        predictions = json.loads(predictions_path.read_text()) if predictions_path.is_file() else {}
         parts += [
             "## Horizon: runs until they escape\n",
-            horizon_table(by_group["horizon"]),
+            horizon_table(by_group["horizon"], predictions),
             "\n",
             "![horizon curves](horizon_curves.png)\n",
         ]
         plot_curves(by_group["horizon"], report / "horizon_curves.png", "horizon", study.escape_threshold)
+        if plot_predicted_vs_measured(by_group["horizon"], predictions, report / "horizon_predicted.png"):
+            parts.append("![the simulator's prediction against the language model](horizon_predicted.png)\n")
+        elif predictions:
+            parts.append("No cell has a measured ratio (both sides capped) to set against its prediction.\n")
     parts += ["## Learning-rate search (seed 0)\n", lr_search_table(cells, results, None), "\n"]
     (report / "report.md").write_text("\n".join(parts))
     (report / "summary.json").write_text(
