@@ -36,6 +36,26 @@ def run_tsallis(*args: str, cwd: Path | None = None, env: dict | None = None, ch
     return result
 
 
+def run_diagnose(data: Path, out: Path, *extra: str):
+    """``tsallis diagnose`` of the embedded model (random weights) on a few prompts of ``data``, cheaply."""
+    return run_tsallis(
+        "diagnose",
+        "--model",
+        "embedded:tiny",
+        "--data",
+        str(data),
+        "--m",
+        "2",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+        *extra,
+    )
+
+
 def torchrun(*args: str, env: dict | None = None, timeout: int = 900, nproc: int = 2) -> subprocess.CompletedProcess:
     """``tsallis`` on ``nproc`` (2) CPU processes with torch.distributed.run (gloo)."""
     full_env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env or {})}

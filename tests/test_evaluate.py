@@ -2,7 +2,7 @@ import json
 import math
 
 import pytest
-from conftest import run_tsallis
+from conftest import run_diagnose, run_tsallis
 
 from tsallis_core.evaluation.evaluate import (
     PromptResult,
@@ -102,21 +102,7 @@ def test_evaluate_and_diagnose_on_the_embedded_default(task_dir, base_model, tmp
     record = evaluate_model(str(base_model), task_dir / "test.jsonl", 4, limit=8, max_new_tokens=24)
     assert record["metrics"] == metrics and record["model"] == str(base_model) and record["verifier"] == "exact"
     diag = tmp_path / "diag.json"
-    result = run_tsallis(
-        "diagnose",
-        "--model",
-        "embedded:tiny",
-        "--data",
-        str(task_dir / "test.jsonl"),
-        "--m",
-        "2",
-        "--limit",
-        "4",
-        "--max-new-tokens",
-        "8",
-        "--out",
-        str(diag),
-    )
+    result = run_diagnose(task_dir / "test.jsonl", diag)
     assert json.loads(diag.read_text())["p0"] == 0.0  # random weights never answer
     assert "recommendation: estimator=garl q=0" in result.stdout  # no success: q cannot act
 

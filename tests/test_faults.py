@@ -80,20 +80,33 @@ def test_the_crafted_pickle_runs_code_when_loaded_unsafely(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("file", ["rng.pt", "engine.pt"])
-def test_resume_refuses_a_tampered_checkpoint_in_one_line_and_runs_nothing(finished_run, task_dir, tmp_path, file):
-    """A crafted object added to an otherwise valid rng.pt or engine.pt: refused, naming the file; no file created."""
+@pytest.mark.parametrize(
+    "file, payload, named",
+    [
+        ("rng.pt", "CreatesFile", "io.open"),
+        ("engine.pt", "CreatesFile", "io.open"),
+        ("rng.pt", "RunsShell", "posix.system"),
+    ],
+)
+def test_resume_refuses_a_tampered_checkpoint_in_one_line_runs_nothing_and_keeps_it(
+    finished_run, task_dir, tmp_path, file, payload, named
+):
+    """A crafted object (open(), or os.system, which torch words as "module posix is blocked") added to an otherwise
+    valid rng.pt or engine.pt: refused in one line naming the file and the global, nothing run, the file kept (no
+    fallback, no rotation), and no advice to load with weights_only=False."""
     run = copy_run(finished_run, tmp_path / "run")
     target = run / "checkpoints" / "step-000004" / file
     marker = tmp_path / "pwned"
     state = torch.load(target, weights_only=True)
-    state["extra"] = CreatesFile(marker)
+    state["extra"] = {"CreatesFile": CreatesFile, "RunsShell": RunsShell}[payload](marker)
     torch.save(state, target)
-    result = run_tsallis(*sft_args(task_dir, run, "steps=5", "checkpoint_every=1"), "--resume", check=False)
+    result = run_tsallis(*sft_args(task_dir, run, "steps=6", "checkpoint_every=1"), "--resume", check=False)
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert f"checkpoint file {target} was refused" in lines[0] and "(the global io.open)" in lines[0]
-    assert not marker.exists() and not (run / "model").exists()
+    assert f"checkpoint file {target} was refused" in lines[0] and f"(the global {named})" in lines[0]
+    assert "weights_only=False" not in result.stderr and "weights_only` set to `False" not in result.stderr
+    assert not marker.exists() and not (run / "model").exists() and target.is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
 
 
 def test_deepspeed_checkpoint_files_are_loaded_weights_only_before_deepspeed_reads_them(task_dir, tmp_path):
@@ -307,22 +320,6 @@ class RunsShell:
 
     def __reduce__(self):
         return os.system, (self.command,)
-
-
-def test_a_checkpoint_with_an_os_system_payload_is_refused_named_and_kept(finished_run, task_dir, tmp_path):
-    run = copy_run(finished_run, tmp_path / "run")
-    target = run / "checkpoints" / "step-000004" / "rng.pt"
-    marker = tmp_path / "pwned"
-    state = torch.load(target, weights_only=True)
-    state["extra"] = RunsShell(marker)
-    torch.save(state, target)
-    result = run_tsallis(*sft_args(task_dir, run, "steps=6", "checkpoint_every=1"), "--resume", check=False)
-    lines = error_lines(result)
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert f"checkpoint file {target} was refused" in lines[0] and "(the global posix.system)" in lines[0]
-    assert "weights_only=False" not in result.stderr and "weights_only` set to `False" not in result.stderr
-    assert not marker.exists() and target.is_file()  # kept: no fallback, no rotation deleted it
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
 
 
 def test_an_engine_pt_of_the_wrong_structure_is_unreadable_and_falls_back(finished_run, task_dir, tmp_path):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_tsallis
+from conftest import run_diagnose, run_tsallis
 
 from tsallis_core.config import ConfigError
 from tsallis_core.evaluation.evaluate import recommend
@@ -216,25 +216,7 @@ def test_diagnose_command_reports_the_map(task_dir, tmp_path):
     map_path = tmp_path / "map.json"
     map_path.write_text(json.dumps(MAP))
     out = tmp_path / "diag.json"
-    result = run_tsallis(
-        "diagnose",
-        "--model",
-        "embedded:tiny",
-        "--data",
-        str(task_dir / "test.jsonl"),
-        "--m",
-        "2",
-        "--limit",
-        "4",
-        "--max-new-tokens",
-        "8",
-        "--out",
-        str(out),
-        "--optimizer",
-        "adamw",
-        "--map",
-        str(map_path),
-    )
+    result = run_diagnose(task_dir / "test.jsonl", out, "--optimizer", "adamw", "--map", str(map_path))
     record = json.loads(out.read_text())
     assert record["p0"] == 0.0 and record["map"]["optimizer"] == "adamw" and not record["map"]["in_range"]
     assert "map: map cell adamw" in result.stdout and "not applied" in result.stdout

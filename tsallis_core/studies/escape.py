@@ -815,7 +815,8 @@ def horizon_cells(study: StudyConfig) -> list[Cell]:
 
 def predict_horizon(study: StudyConfig, start_success: float, out: Path) -> dict:
     """The simulator's prediction of each horizon regime before its runs: every setting against GRPO at the base's
-    start success, the runs' M and prompts per step, lrs tuned for the study's threshold. Cached in
+    start success, the runs' M and prompts per step (lrs tuned for the simulator's target), read at the study's
+    threshold. Cached in
     ``out/horizon_predictions.json`` (recomputed when any of those changes); {} when ``horizon.simulate`` is None."""
     from tsallis_core.studies.simulate import load_simulate, run_cell
 
@@ -841,13 +842,15 @@ def predict_horizon(study: StudyConfig, start_success: float, out: Path) -> dict
             f"run from the repository root) or horizon.simulate=null for no prediction"
         )
     estimators = [s for s in h.settings if s != baseline_estimator()]
+    # lrs are tuned for the simulator's own target (0.5): tuned for a threshold as low as 0.2, the bandit escapes in
+    # one or two giant steps that a language model would not survive; the ratio is read at the study's threshold
+    settings = load_simulate(h.simulate)
     cfg = load_simulate(
         h.simulate,
         [],
         prompts=study.run.prompts_per_step,
         seeds=h.predict_seeds,
-        target=study.escape_threshold,
-        thresholds=[study.escape_threshold],
+        thresholds=sorted({*settings.thresholds, study.escape_threshold}),
         p0s=[start_success],
     )
     regimes = dict(cached.get("regimes", {})) if cached.get("key") == key else {}
@@ -860,6 +863,8 @@ def predict_horizon(study: StudyConfig, start_success: float, out: Path) -> dict
             "optimizer": optimizer,
             "cap": record["cap"],
             "ratios": {name: r[f"{study.escape_threshold:g}"] for name, r in record["ratios"].items()},
+            "target": cfg.target,
+            "ratios_at_target": {name: r[f"{cfg.target:g}"] for name, r in record["ratios"].items()},
             "steps_to_escape": {name: e["steps_to_escape"] for name, e in record["estimators"].items()},
         }
         ratio = ", ".join(f"{n} {r['median_ratio']:.2f}" for n, r in regimes[regime]["ratios"].items())
