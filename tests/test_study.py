@@ -104,7 +104,8 @@ settings: [grpo, "garl:0.75"]
 run: {{steps: 3, group_size: 4, prompts_per_step: 2, max_new_tokens: 16}}
 factors: {{regimes: [adamw], settings: ["garl:0.75"], values: {{baseline: [none]}}, lr_offsets: [0]}}
 eval: {{prompts: 8, n: 2}}
-horizon: {{regimes: [adamw], settings: [grpo], lrs: {{adamw: {{grpo: 1.0e-3}}}}, steps: 8, stop_after: 0}}
+horizon: {{regimes: [adamw], settings: [grpo], lrs: {{adamw: {{grpo: 1.0e-3}}}}, steps: 8, stop_after: 0,
+          forms_prompts: 8, forms_samples: 2}}
 mechanism: {{regime: adamw, prompts_per_step: [4], batches: 1, state_steps: 2}}
 noise: {{base: {{name: noisy, task: {{min_terms: 2, max_terms: 3, p0: 0.6, label_noise: 0.5, num_train: 64, num_test: 16}},
          sft_steps: 40, measure_prompts: 8, measure_samples: 2}}, lrs: [1.0e-3], settings: ["garl:0", "garl:1"], steps: 2,
@@ -125,6 +126,10 @@ def test_a_tiny_study_runs_every_part_caches_its_runs_and_reports(tmp_path):
         curve = json.loads((run / "result.json").read_text())["curves"]["success_rate"]
         escaped = steps_to_escape(curve, 0.2)
         assert len(curve) == (escaped if escaped is not None else 8)
+    base_dir = tmp_path / "study" / "base-cold"
+    for where in [base_dir, *map(Path, horizon["run_dirs"])]:  # what the base and each final model's samples are
+        forms = json.loads((where / "forms.json").read_text())
+        assert forms["samples"] > 0 and sum(forms["forms"].values()) == pytest.approx(1.0)
     cells = {n: c for n, c in cells.items() if c["group"] != "horizon"}
     for name, cell in cells.items():
         assert cell["best_lr"] in cell["grid"], name
@@ -149,6 +154,8 @@ def test_a_tiny_study_runs_every_part_caches_its_runs_and_reports(tmp_path):
     ):
         assert heading in report
     assert (tmp_path / "report" / "core_curves.png").stat().st_size > 0
+    assert "The base's completions on the runs' training prompts: complete" in report
+    assert "unsound at the end, seeds |" in report
     # everything is cached: a second invocation trains nothing
     second = run_tsallis("study", "escape", "--params", str(params))
     assert "to do" not in second.stdout and "mechanism:" not in second.stdout
@@ -208,7 +215,7 @@ def test_the_horizon_report_sets_the_language_model_against_the_simulators_predi
     predictions = {"regimes": {"sgd": {"ratios": {"garl:1": {"median_ratio": 3.1, "low": 2.2, "high": 4.0}}}}}
     measured = [summary("grpo", [None, 400, None]), summary("garl:1", [100, 200, 100])]
     assert "| >=8.00 [" in horizon_table(measured, predictions)
-    assert horizon_table(measured, predictions).endswith("| 3.10 [2.20, 4.00] |")
+    assert horizon_table(measured, predictions).endswith("| 3.10 [2.20, 4.00] |  |")
     assert plot_predicted_vs_measured(measured, predictions, tmp_path / "predicted.png").stat().st_size > 0
     capped = [summary("grpo", [None] * 3), summary("garl:1", [None] * 3)]
     assert plot_predicted_vs_measured(capped, predictions, tmp_path / "none.png") is None  # no measured ratio

@@ -1,6 +1,12 @@
 import pytest
 
-from tsallis_core.data.synthetic import SyntheticTaskConfig, generate, worked_solution, write_splits
+from tsallis_core.data.synthetic import (
+    SyntheticTaskConfig,
+    generate,
+    reasoning_form,
+    worked_solution,
+    write_splits,
+)
 from tsallis_core.data.verify import exact_reward, extract_answer
 
 
@@ -17,6 +23,22 @@ def test_worked_solution_and_partial_totals():
     assert worked_solution([7, 8, 9, 6]) == ("7+8=15;15+9=24;24+6=30", "30")
     assert worked_solution([7, 8, 9, 6], 1) == ("7+8=15", "15")
     assert worked_solution([2, 6], 0) == ("", "02")
+
+
+def test_reasoning_form_names_the_corpus_forms_and_everything_else_unsound():
+    prompt = "Q: 7+8+9+6\n"
+    assert reasoning_form(prompt, "7+8=15;15+9=24;24+6=30\nAnswer: 30") == "complete"
+    assert reasoning_form(prompt, " 7+8=15;15+9=24;24+6=30\nAnswer: 30\n") == "complete"
+    assert reasoning_form(prompt, "7+8=15;15+9=24\nAnswer: 24") == "early_stop"
+    assert reasoning_form(prompt, "\nAnswer: 07") == "early_stop"
+    assert reasoning_form(prompt, "Answer: 30") == "unsound"  # the right answer with no sum behind it
+    assert reasoning_form(prompt, "7+8=15;15+9=25;25+6=31\nAnswer: 31") == "unsound"  # a wrong step
+    assert reasoning_form(prompt, "7+8=15;15+6=21\nAnswer: 21") == "unsound"  # a skipped term
+    assert reasoning_form(prompt, "7+8=15;15+9=24\nAnswer: 30") == "unsound"  # an answer its sum does not give
+    cfg = SyntheticTaskConfig(stop_hazard=0.5, num_pretrain=300)
+    for row in generate(cfg, "pretrain"):  # the corpus holds the two sound forms only, right iff complete
+        form = reasoning_form(row["prompt"], row["completion"])
+        assert form == ("complete" if row["completion"].endswith(f"Answer: {row['answer']}") else "early_stop")
 
 
 @pytest.mark.parametrize("p0", [0.01, 0.05, 0.2])

@@ -118,6 +118,22 @@ def worked_solution(digits: list[int], num_steps: int | None = None) -> tuple[st
     return ";".join(steps), f"{total:02d}"
 
 
+REASONING_FORMS = ("complete", "early_stop", "unsound")
+
+
+def reasoning_form(prompt: str, completion: str) -> str:
+    """What a completion is, in the corpus's terms: ``complete`` (the whole worked sum and its answer, the only
+    right one), ``early_stop`` (the corpus's own way to fail: a correct partial sum, answering its running total),
+    or ``unsound`` (anything else: a wrong step, a skipped term, an answer with no sum behind it). Leading and
+    trailing whitespace is ignored; the prompt must be one that ``make_prompt`` writes."""
+    digits = [int(d) for d in prompt.strip().removeprefix("Q:").strip().split("+")]
+    text = completion.strip()
+    if text == "{}\nAnswer: {}".format(*worked_solution(digits)):
+        return "complete"
+    partial = ("{}\nAnswer: {}".format(*worked_solution(digits, k)).strip() for k in range(len(digits) - 1))
+    return "early_stop" if text in partial else "unsound"
+
+
 def generate(config: SyntheticTaskConfig, split: str) -> list[dict]:
     """Rows of one split: ``pretrain`` (with completions, answers corrupted at rate 1 - c_n), ``train``, ``test``."""
     sizes = {"pretrain": config.num_pretrain, "train": config.num_train, "test": config.num_test}

@@ -6,7 +6,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ class PromptResult:
     rewards: list[float]
     em: list[float]
     f1: list[float]
+    texts: list[str] = field(default_factory=list)  # the completions as decoded
 
 
 def sample_and_score(
@@ -89,6 +90,7 @@ def sample_and_score(
                         rewards=[verify(t, row["answer"], row.get("aliases", [])) for t in texts],
                         em=[0.0 if a is None else max(exact_match_score(a, g) for g in golds) for a in answers],
                         f1=[0.0 if a is None else max(f1_score(a, g) for g in golds) for a in answers],
+                        texts=texts,
                     )
                 )
             bar.update(len(batch))

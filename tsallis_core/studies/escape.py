@@ -147,6 +147,13 @@ class HorizonSettings(Section):
         "base's start success, M and prompts per step (horizon_predictions.json); None: no prediction",
     )
     predict_seeds: int = Field(5, ge=3, description="simulator seeds per estimator of a prediction")
+    forms_prompts: int = Field(
+        128,
+        ge=1,
+        description="training prompts on which the base and each run's final model are sampled for the "
+        "shares of complete, early-stopped and unsound reasoning (forms.json beside each model)",
+    )
+    forms_samples: int = Field(8, ge=1, description="samples per prompt of that measurement")
 
 
 class StudyConfig(Section):
@@ -288,6 +295,21 @@ class EvalJob:
         return Path(self.run_out) / "eval.json"
 
 
+@dataclass(frozen=True)
+class FormsJob:
+    """What a model's sampled completions are (``synthetic.reasoning_form``) on the first training prompts."""
+
+    model_dir: str
+    train: str  # train.jsonl
+    prompts: int
+    samples: int
+    max_new_tokens: int
+
+    @property
+    def done_marker(self) -> Path:
+        return Path(self.model_dir).parent / "forms.json"
+
+
 def run_one(job: RunJob) -> dict:
     """Train one RL run (cached: its result.json is returned when present). Diverging is a result, not a crash."""
     out = Path(job.out)
@@ -423,6 +445,37 @@ def measure_start(spec: BaseSpec, model_dir: Path, data: Path, max_new_tokens: i
         "by_difficulty": {d: {"success": sum(v) / len(v), "samples": len(v)} for d, v in sorted(by.items())},
     }
     cached.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def measure_forms(job: FormsJob) -> dict:
+    """Success, and the shares of complete, early-stopped and unsound completions (cached in forms.json): whether
+    a model still reasons as its corpus taught it or found another way to its successes."""
+    if job.done_marker.is_file():
+        return json.loads(job.done_marker.read_text())
+    _worker_setup()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tsallis_core.data.records import load_records
+    from tsallis_core.data.synthetic import REASONING_FORMS, reasoning_form
+    from tsallis_core.evaluation.evaluate import sample_and_score
+
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    tokenizer.padding_side = "left"
+    rows = [r for r in load_records(job.train) if not r.get("noisy")][: job.prompts]
+    results = sample_and_score(
+        model, tokenizer, rows, job.samples, "exact", 1.0, job.max_new_tokens, seed=0, prompts_per_batch=16
+    )
+    forms = [reasoning_form(row["prompt"], text) for row, result in zip(rows, results) for text in result.texts]
+    rewards = [x for result in results for x in result.rewards]
+    record = {
+        "model": job.model_dir,
+        "samples": len(forms),
+        "success": sum(rewards) / len(rewards),
+        "forms": {form: forms.count(form) / len(forms) for form in REASONING_FORMS},
+    }
+    job.done_marker.write_text(json.dumps(record, indent=2))
     return record
 
 
@@ -905,6 +958,20 @@ def run_horizon(study: StudyConfig, paths: StudyPaths) -> None:
         if not pending:
             break
     write_cells(done, paths.out / "cells.json")
+    models = [paths.base] + [Path(d) / "model" for c in done for d in c.run_dirs]
+    h = study.horizon
+    _run_all(
+        [
+            FormsJob(
+                str(m), str(paths.data / "train.jsonl"), h.forms_prompts, h.forms_samples, study.run.max_new_tokens
+            )
+            for m in models
+            if (m / "model.safetensors").is_file()
+        ],
+        study.workers,
+        fn=measure_forms,
+        label="reasoning forms",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,23 @@ def _load(out: Path) -> tuple[dict, dict[tuple[str, float, int], dict]]:
     return cells, results
 
 
+def _read_forms(run_dir: Path) -> dict | None:
+    """A model's reasoning forms (escape.measure_forms), when measured."""
+    path = run_dir / "forms.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def forms_sentence(forms: dict | None, who: str) -> str:
+    """One line: the shares of complete, early-stopped and unsound completions of a model."""
+    if forms is None:
+        return ""
+    shares = forms["forms"]
+    return (
+        f"{who}: complete {shares['complete']:.1%}, early stop {shares['early_stop']:.1%}, unsound "
+        f"{shares['unsound']:.1%} of {forms['samples']} samples (success {forms['success']:.2%}).\n"
+    )
+
+
 def cell_summary(name: str, cell: dict, results: dict, study: StudyConfig) -> dict | None:
     """Seeds at the best lr of one cell: training success, escape steps, strata, held-out metrics with intervals."""
     if cell.get("best_lr") is None:
@@ -71,6 +88,7 @@ def cell_summary(name: str, cell: dict, results: dict, study: StudyConfig) -> di
         "curves": [r["curves"].get("success_rate", []) for r in runs],
         "steps": steps,
         "seconds": [r["job"] and r["seconds"] for r in runs],
+        "forms": [_read_forms(Path(r["job"]["out"])) for r in runs],
     }
     evals = [r["eval"] for r in runs if r["eval"]]
     if len(evals) == len(runs):
@@ -289,7 +307,8 @@ def horizon_table(summaries: list[dict], predictions: dict | None = None) -> str
     reference, predictions = baseline_estimator(), predictions or {}
     head = (
         "| regime | estimator | lr | steps to escape, seeds | min / median / max | "
-        f"median {reference} / estimator [95% CI] | simulator predicted |\n|---|---|---|---|---|---|---|"
+        f"median {reference} / estimator [95% CI] | simulator predicted | unsound at the end, seeds |"
+        "\n|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for s in summaries:
@@ -307,9 +326,10 @@ def horizon_table(summaries: list[dict], predictions: dict | None = None) -> str
         guess = (
             "" if predicted is None else _fmt_ci((predicted["median_ratio"], predicted["low"], predicted["high"]), 2)
         )
+        unsound = ", ".join("-" if f is None else f"{f['forms']['unsound']:.2f}" for f in s.get("forms", []))
         rows.append(
             f"| {s['regime']} | {s['setting']} | {s['best_lr']:.3g} | {shown} | "
-            f"{min(steps)} / {statistics.median(steps):g} / {max(steps)} | {ratio} | {guess} |"
+            f"{min(steps)} / {statistics.median(steps):g} / {max(steps)} | {ratio} | {guess} | {unsound} |"
         )
     return "\n".join(rows)
 
@@ -526,8 +546,10 @@ def write_study_report(study: StudyConfig, out_dir: str | Path) -> Path:
     if by_group["horizon"]:
         predictions_path = out / "horizon_predictions.json"
         predictions = json.loads(predictions_path.read_text()) if predictions_path.is_file() else {}
+        base_dir = out / f"base-{study.horizon.base.name}" if study.horizon.base else out / f"base-{study.base.name}"
         parts += [
             "## Horizon: runs until they escape\n",
+            forms_sentence(_read_forms(base_dir), "The base's completions on the runs' training prompts"),
             horizon_table(by_group["horizon"], predictions),
             "\n",
             "![horizon curves](horizon_curves.png)\n",
