@@ -1,4 +1,5 @@
 import pytest
+import torch
 from pydantic import TypeAdapter, ValidationError
 
 from tsallis_core.maths.schedules import AdaptiveQ, ConstantQ, CosineQ, LinearQ, QSchedule, StepQ, update_success_ema
@@ -46,3 +47,29 @@ def test_schedule_from_config_dict():
         adapter.validate_python({"kind": "adaptive", "success_low": 0.6, "success_high": 0.5})
     with pytest.raises(ValidationError, match="does not match any of the expected tags"):
         adapter.validate_python({"kind": "exponential"})
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize(("warmup", "total"), [(0, 1), (0, 40), (3, 10), (30, 600), (50, 40)])
+def test_lr_schedules_are_transformers_schedules_number_for_number(schedule, warmup, total):
+    from transformers import get_scheduler
+
+    from tsallis_core.config import OptimConfig
+    from tsallis_core.training.engines import _scheduler
+
+    def lrs(scheduler) -> list[float]:
+        out = []
+        for _ in range(total + 3):
+            out.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return out
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+
+    name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
+    theirs = get_scheduler(name, optimizer(), num_warmup_steps=warmup, num_training_steps=total)
+    ours = _scheduler(optimizer(), OptimConfig(lr=3e-3, lr_schedule=schedule, warmup_steps=warmup), total)
+    assert lrs(ours) == lrs(theirs)  # exact: a resumed or refactored run keeps its numbers
+    assert ours.state_dict() == theirs.state_dict()  # so a checkpoint of either resumes with the other

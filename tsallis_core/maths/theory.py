@@ -13,7 +13,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.integrate import quad, solve_ivp
 
 from tsallis_core.maths.losses import check_q
 
@@ -54,6 +53,8 @@ def escape_time(q: float, p0: float, num_answers: int | None = None, target: flo
 
     reached.terminal = True
     horizon = 10.0 * escape_time_integral(q, p0, k, target) + 10.0
+    from scipy.integrate import solve_ivp  # here, not at import: scipy costs every `tsallis` command half a second
+
     sol = solve_ivp(flow, (0.0, horizon), [gap0], method="LSODA", events=reached, rtol=1e-10, atol=1e-12)
     if not sol.t_events[0].size:
         raise RuntimeError(f"gradient flow did not reach p={target} by t={horizon:g} (q={q}, p0={p0})")
@@ -66,6 +67,8 @@ def escape_time_integral(q: float, p0: float, num_answers: int, target: float = 
     def integrand(log_p: float) -> float:
         p = math.exp(log_p)
         return p ** (q - 1.0) / (1.0 - p) ** 2
+
+    from scipy.integrate import quad
 
     value, _ = quad(integrand, math.log(p0), math.log(target), epsabs=0.0, epsrel=1e-11, limit=200)
     return (num_answers - 1) / num_answers * value
@@ -153,6 +156,8 @@ def noise_flow(q: float, noise_share: float, horizon: float = 1000.0, num_answer
             e[index] = 1.0
             grad += weight * p ** (1.0 - q) * (e - probs)
         return grad
+
+    from scipy.integrate import solve_ivp
 
     sol = solve_ivp(flow, (0.0, horizon), np.zeros(num_answers), method="LSODA", rtol=1e-9, atol=1e-12)
     theta = sol.y[:, -1]

@@ -8,12 +8,13 @@ contract), returning the gradient norm there and None elsewhere.
 from __future__ import annotations
 
 import json
+import math
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import get_scheduler
 
 from tsallis_core.config import ConfigError, OptimConfig
 from tsallis_core.distributed import world
@@ -44,9 +45,24 @@ def _optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Opt
     )
 
 
-def _scheduler(optimizer, cfg: OptimConfig, total_steps: int):
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """The lr multiplier at an optimiser step: a linear warm-up from 0 over ``warmup_steps``, then 1 (constant), a
+    linear decay to 0 at ``total_steps`` (linear) or a half cosine to 0 there (cosine). These are transformers'
+    ``get_scheduler`` schedules number for number (a test holds them equal); importing that function costs a
+    process a second (it imports peft), which every stage of the pipeline paid."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def _scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    factor = partial(lr_factor, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def deepspeed_config(config_path: str) -> dict:
