@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,15 @@ def test_a_tiny_study_runs_every_part_caches_its_runs_and_reports(tmp_path):
     second = run_tsallis("study", "escape", "--params", str(params))
     assert "to do" not in second.stdout and "mechanism:" not in second.stdout
     assert len(json.loads((tmp_path / "study" / "study.json").read_text())["sessions"]) == 2
+    # a study copied elsewhere (docs/escape/horizon-*) reports from where its runs are now
+    shutil.copytree(tmp_path / "study", tmp_path / "copy", ignore=shutil.ignore_patterns("model", "*.safetensors"))
+    shutil.rmtree(tmp_path / "study")
+    run_tsallis(
+        "study", "report", "--params", str(params), "--out", str(tmp_path / "copy-report"), f"out={tmp_path / 'copy'}"
+    )
+    horizon = (tmp_path / "copy-report" / "report.md").read_text().split("## Horizon")[1].split("\n## ")[0]
+    row = next(line for line in horizon.splitlines() if line.startswith("| adamw | grpo |"))
+    assert re.search(r"\| [01]\.\d\d, [01]\.\d\d \|$", row), row  # each seed's unsound share, read in the copy
 
 
 def test_bad_study_params_are_one_line_errors(tmp_path):
