@@ -419,11 +419,9 @@ def make_base(spec: BaseSpec, out: Path) -> tuple[Path, Path]:
     return run / "model", data
 
 
-def measure_start(spec: BaseSpec, model_dir: Path, data: Path, max_new_tokens: int) -> dict:
-    """The base's sampled success on training prompts at temperature 1, overall and by difficulty (cached)."""
-    cached = model_dir.parent / "start.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
+def sample_training_prompts(model_dir: str | Path, train: str | Path, prompts: int, samples: int, max_new_tokens: int):
+    """(rows, results): ``samples`` completions at temperature 1 (seed 0) on each of the first ``prompts`` clean
+    training rows, verified by exact match: how the study measures a base's start and a model's reasoning forms."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tsallis_core.data.records import load_records
@@ -431,9 +429,19 @@ def measure_start(spec: BaseSpec, model_dir: Path, data: Path, max_new_tokens: i
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
-    rows = [r for r in load_records(data / "train.jsonl") if not r.get("noisy")][: spec.measure_prompts]
-    results = sample_and_score(
-        model, tokenizer, rows, spec.measure_samples, "exact", 1.0, max_new_tokens, seed=0, prompts_per_batch=16
+    rows = [r for r in load_records(train) if not r.get("noisy")][:prompts]
+    return rows, sample_and_score(
+        model, tokenizer, rows, samples, "exact", 1.0, max_new_tokens, seed=0, prompts_per_batch=16
+    )
+
+
+def measure_start(spec: BaseSpec, model_dir: Path, data: Path, max_new_tokens: int) -> dict:
+    """The base's sampled success on training prompts at temperature 1, overall and by difficulty (cached)."""
+    cached = model_dir.parent / "start.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    rows, results = sample_training_prompts(
+        model_dir, data / "train.jsonl", spec.measure_prompts, spec.measure_samples, max_new_tokens
     )
     by: dict[str, list[float]] = {}
     for row, result in zip(rows, results):
@@ -454,19 +462,9 @@ def measure_forms(job: FormsJob) -> dict:
     if job.done_marker.is_file():
         return json.loads(job.done_marker.read_text())
     _worker_setup()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tsallis_core.data.records import load_records
     from tsallis_core.data.synthetic import REASONING_FORMS, reasoning_form
-    from tsallis_core.evaluation.evaluate import sample_and_score
 
-    model = AutoModelForCausalLM.from_pretrained(job.model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
-    tokenizer.padding_side = "left"
-    rows = [r for r in load_records(job.train) if not r.get("noisy")][: job.prompts]
-    results = sample_and_score(
-        model, tokenizer, rows, job.samples, "exact", 1.0, job.max_new_tokens, seed=0, prompts_per_batch=16
-    )
+    rows, results = sample_training_prompts(job.model_dir, job.train, job.prompts, job.samples, job.max_new_tokens)
     forms = [reasoning_form(row["prompt"], text) for row, result in zip(rows, results) for text in result.texts]
     rewards = [x for result in results for x in result.rewards]
     record = {
