@@ -88,7 +88,7 @@ def rss_mb() -> float:
 # ------------------------------------------------------------------------------- contenders
 
 
-def run_ours(estimator: str, work: Path, steps: int, threads: int, timers: Timers) -> None:
+def run_ours(estimator: str, work: Path, steps: int, threads: int, timers: Timers, overrides: list[str]) -> None:
     from tsallis_core.config import load_config
     from tsallis_core.rollout.eager import HFRollout
     from tsallis_core.training import rl as rl_module
@@ -130,6 +130,7 @@ def run_ours(estimator: str, work: Path, steps: int, threads: int, timers: Timer
                 f"engine.threads={threads}",
                 "tracking.enabled=false",
                 "checkpoint_every=0",
+                *overrides,
             ],
         )
     )
@@ -209,7 +210,7 @@ def run_trl(work: Path, steps: int, threads: int, timers: Timers) -> None:
     trainer.train()
 
 
-def worker(name: str, work: Path, steps: int, threads: int, result: Path) -> None:
+def worker(name: str, work: Path, steps: int, threads: int, result: Path, overrides: list[str]) -> None:
     """One contender in this (fresh) process; writes its per-step records and peak RSS to ``result``."""
     import torch
 
@@ -220,7 +221,7 @@ def worker(name: str, work: Path, steps: int, threads: int, result: Path) -> Non
     if name == "trl-grpo":
         run_trl(work, steps, threads, timers)
     else:
-        run_ours(name.removeprefix("ours-"), work, steps, threads, timers)
+        run_ours(name.removeprefix("ours-"), work, steps, threads, timers, overrides)
     result.write_text(json.dumps({"steps": timers.steps, "peak_rss_mb": rss_mb(), "import_rss_mb": import_rss}))
 
 
@@ -261,12 +262,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per contender")
     parser.add_argument("--out", default="outputs/throughput.json", help="JSON results")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for our contenders, e.g. --set rollout.compile=true (repeatable)",
+    )
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, Path(args.work), args.steps, args.threads, Path(args.result))
+        return worker(args.worker, Path(args.work), args.steps, args.threads, Path(args.result), args.set)
 
     env = {
         **os.environ,
@@ -294,6 +302,7 @@ def main() -> None:
                     str(args.threads),
                     "--result",
                     str(result),
+                    *(f"--set={override}" for override in args.set),
                 ]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
                 if done.returncode:
@@ -339,6 +348,7 @@ def main() -> None:
         "steps": args.steps,
         "repeats": args.repeats,
         "model": "embedded:tiny, random init (seed 0), float32",
+        "our_overrides": args.set,
     }
     report = {"settings": settings, "medians": medians, "ratios_vs_trl": ratios, "runs": runs}
 

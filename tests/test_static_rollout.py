@@ -4,13 +4,16 @@ fails, the models it refuses, ZeRO-3 without graphs, and its bounded set of buck
 import gc
 import json
 import logging
+import shutil
 import weakref
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from tsallis_core.config import ConfigError, ModelConfig, RolloutConfig, load_config
+from tsallis_core.rollout import static as static_module
+from tsallis_core.rollout.direct import direct_unsupported_reason
 from tsallis_core.rollout.eager import HFRollout, row_seed
 from tsallis_core.rollout.static import StaticDecoder, unsupported_reason
 from tsallis_core.training.models import load_model, load_tokenizer
@@ -53,6 +56,7 @@ def test_static_decode_samples_the_tokens_of_the_eager_loop(policy, temperature,
     static = HFRollout(model, tok, temperature, 40, check_every=check_every, settings=STATIC)
     assert_same(eager, static.generate(GROUPS, seeds))
     assert isinstance(static._static, StaticDecoder)  # the static decoder ran, not the eager loop
+    assert static._static.direct  # with the written-out step (direct.py)
     if temperature:
         assert (
             0 < int((eager.completion_mask.sum(1) < 40).sum()) < len(GROUPS)
@@ -195,12 +199,103 @@ def test_cuda_graphs_true_under_zero3_is_refused_before_the_model_loads(tmp_path
         RLRecipe(config)
 
 
+def tiny(config_class, model_class, tok, **kwargs):
+    """A random two-layer model of another family over the embedded tokenizer's vocabulary."""
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **kwargs,
+    )
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_the_written_out_step_samples_the_eager_tokens_on_other_families(policy, family):
+    """Qwen3 adds q/k norms, Qwen2 biases on q/k/v: the written-out step (direct.py) must give their logits."""
+    _, tok = policy
+    if family == "qwen2":
+        model = tiny(Qwen2Config, Qwen2ForCausalLM, tok)
+    else:
+        model = tiny(Qwen3Config, Qwen3ForCausalLM, tok, head_dim=8)
+    assert direct_unsupported_reason(model) is None
+    seeds = [row_seed(1, i) for i in range(len(GROUPS))]
+    static = HFRollout(model, tok, 1.0, 24, settings=STATIC)
+    assert_same(HFRollout(model, tok, 1.0, 24, settings=EAGER).generate(GROUPS, seeds), static.generate(GROUPS, seeds))
+    assert static._static.direct
+
+
+def test_a_written_out_step_that_differs_from_the_model_is_not_used(policy, caplog, monkeypatch):
+    model, tok = policy
+    real = static_module.direct_logits
+    monkeypatch.setattr(static_module, "direct_logits", lambda *args: real(*args) + 1e-3)
+    seeds = [row_seed(0, i) for i in range(len(GROUPS))]
+    static = HFRollout(model, tok, 1.0, 12, settings=STATIC)
+    with caplog.at_level(logging.INFO, logger="tsallis_core.rollout.static"):
+        for _ in range(2):
+            assert_same(
+                HFRollout(model, tok, 1.0, 12, settings=EAGER).generate(GROUPS, seeds), static.generate(GROUPS, seeds)
+            )
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "differ from the model's forward by up to 0.001" in lines[0], lines
+    assert static._static.direct is False
+    model.config.model_type, kept = "gpt2", model.config.model_type
+    try:
+        assert "model_type 'gpt2' is not one of llama" in direct_unsupported_reason(model)
+    finally:
+        model.config.model_type = kept
+
+
+def test_a_failing_compile_warns_once_then_decodes_uncompiled(policy, caplog):
+    model, tok = policy
+    rollout = HFRollout(model, tok, 1.0, 12, settings=RolloutConfig(static_cache=True, compile=True))
+    decoder = static_decoder(rollout, compile=True)
+    calls = []
+
+    def compiled(state):
+        calls.append(1)
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\nlong log")
+
+    decoder.compiled = compiled  # what torch.compile raises at the first call when inductor cannot build
+    seeds = [row_seed(0, i) for i in range(len(GROUPS))]
+    with caplog.at_level(logging.WARNING, logger="tsallis_core.rollout.static"):
+        for _ in range(2):
+            assert_same(
+                HFRollout(model, tok, 1.0, 12, settings=EAGER).generate(GROUPS, seeds), rollout.generate(GROUPS, seeds)
+            )
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "RuntimeError: InductorError: CppCompileError" in warnings[0], warnings
+    assert "long log" not in warnings[0] and len(calls) == 1 and decoder.compiled is None
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+def test_the_compiled_decode_step_samples_the_eager_tokens(policy, caplog):
+    """A real torch.compile (inductor, C++) of the decode step: tokens equal to the eager loop's in fp32."""
+    model, tok = policy
+    seeds = [row_seed(3, i) for i in range(len(GROUPS))]
+    rollout = HFRollout(model, tok, 1.0, 16, settings=RolloutConfig(static_cache=True, compile=True))
+    with caplog.at_level(logging.WARNING):
+        for prompts in (GROUPS, GROUPS[:8]):  # a second batch size: the same compiled (dynamic) step
+            eager = HFRollout(model, tok, 1.0, 16, settings=EAGER).generate(prompts, seeds[: len(prompts)])
+            assert_same(eager, rollout.generate(prompts, seeds[: len(prompts)]))
+    assert rollout._static.compiled is not None, caplog.text  # compiled, not fallen back
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_rollout_settings_are_validated():
     assert load_config(None, ["rollout.static_cache=false", "rollout.cuda_graphs=false"]).rollout.static_cache is False
     with pytest.raises(ConfigError, match="rollout.static_cache: must be auto, true or false; got 'sometimes'"):
         load_config(None, ["rollout.static_cache=sometimes"])
     with pytest.raises(ConfigError, match="rollout: cuda_graphs=true graphs the static-cache decode step"):
         load_config(None, ["rollout.static_cache=false", "rollout.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="rollout: compile=true compiles the static-cache decode step"):
+        load_config(None, ["rollout.static_cache=false", "rollout.compile=true"])
 
 
 def test_evaluation_takes_the_rollout_settings(tmp_path, capsys):

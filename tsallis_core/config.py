@@ -191,7 +191,9 @@ class RolloutConfig(Section):
 
     static_cache: bool | Literal["auto"] = Field(
         "auto",
-        description="decode over a static KV cache (tsallis_core/rollout/static.py); auto: on CUDA. A model "
+        description="decode over a static KV cache (tsallis_core/rollout/static.py); auto: on CUDA, and on CPU "
+        "for a Llama, Mistral or Qwen2/3 model outside DeepSpeed ZeRO-3 (its decode step written out in "
+        "tsallis_core/rollout/direct.py, about 1.2x the eager loop). A model "
         "whose attention it cannot run exactly (sliding-window or chunked attention, a kernel other than eager or "
         "sdpa) decodes with the eager loop, with one log line saying why",
     )
@@ -200,6 +202,14 @@ class RolloutConfig(Section):
         description="replay each static-cache decode step as a CUDA graph; auto: on CUDA without DeepSpeed "
         "ZeRO-3 (never graphed: it gathers weights in every forward). A capture or replay error logs one warning, "
         "then rollouts decode with the eager loop for the rest of the run",
+    )
+    compile: bool = Field(
+        False,
+        description="run each ungraphed static-cache decode step (on CPU, or with cuda_graphs=false) under "
+        "torch.compile: about 1.5x faster decoding of the embedded model on CPU than the eager loop "
+        "(docs/benchmarks.md) for a first compile of 10-25 s per process (inductor needs a C++ compiler on CPU), "
+        "so it pays for runs of a few hundred steps or more. A compile error logs one warning, then the step runs "
+        "uncompiled",
     )
     max_buckets: int = Field(
         4,
@@ -222,6 +232,8 @@ class RolloutConfig(Section):
                 "cuda_graphs=true graphs the static-cache decode step: set static_cache=true or auto, "
                 "or cuda_graphs=false"
             )
+        if self.compile and self.static_cache is False:
+            raise ValueError("compile=true compiles the static-cache decode step: set static_cache=true or auto")
         return self
 
 

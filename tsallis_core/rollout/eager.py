@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicLayer
 from tsallis_core.config import RolloutConfig
 from tsallis_core.distributed import all_ranks
 from tsallis_core.rollout.decode import DecodeLoop, next_tokens
+from tsallis_core.rollout.direct import direct_unsupported_reason
 from tsallis_core.rollout.sampling import Prefill, cache_kwarg, hashed_uniform, row_seed, sample_tokens, unwrap_model  # noqa: F401 - public here too
 from tsallis_core.rollout.static import GraphFailure, StaticDecoder, unsupported_reason
 
@@ -158,14 +159,18 @@ class HFRollout:
         return self._decode_eager(prefill)
 
     def _static_decoder(self, device: torch.device) -> StaticDecoder | None:
-        """The static-cache decoder if ``rollout.static_cache`` (auto: on CUDA) and the model allow it; chosen once,
-        with one info line when the model rules it out."""
+        """The static-cache decoder if ``rollout.static_cache`` (auto: on CUDA, and on CPU where direct.py's step runs
+        the model outside ZeRO-3) and the model allow it; chosen once, with one info line when the model rules it out."""
         if self._chosen:
             return self._static
         self._chosen = True
         settings = self.settings
-        # auto: on CUDA only (on CPU the static step was no faster than the eager loop: docs/benchmarks.md)
-        wanted = device.type == "cuda" if settings.static_cache == "auto" else settings.static_cache
+        # auto: on CUDA, and on CPU with the written-out step (direct.py: about 1.2x the eager loop, docs/benchmarks.md)
+        wanted = (
+            device.type == "cuda" or (direct_unsupported_reason(self.model) is None and not self.zero3)
+            if settings.static_cache == "auto"
+            else settings.static_cache
+        )
         reason = unsupported_reason(self.model) if wanted else None
         if reason:
             log.info("rollouts decode with the eager loop: the static KV cache cannot run this model (%s)", reason)
@@ -174,6 +179,9 @@ class HFRollout:
         graphs = device.type == "cuda" if settings.cuda_graphs == "auto" else settings.cuda_graphs
         if graphs and self.zero3:
             log.info("static-cache rollouts run without CUDA graphs: DeepSpeed ZeRO-3 gathers weights in every forward")
+        graphs = graphs and not self.zero3 and device.type == "cuda"
+        if settings.compile and graphs:
+            log.info("rollout.compile is for ungraphed decode steps: this run replays each step as a CUDA graph")
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self._static = StaticDecoder(
             self.model,
@@ -181,8 +189,10 @@ class HFRollout:
             pad,
             self.temperature,
             self.loop,
-            cuda_graphs=graphs and not self.zero3,
+            cuda_graphs=graphs,
             max_buckets=settings.max_buckets,
+            compile=settings.compile and not graphs,
+            direct=not self.zero3,
         )
         return self._static
 

@@ -16,6 +16,7 @@ on CPU in our tests; in bf16 on GPU a near-tie token can differ, as between any 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 
@@ -24,8 +25,12 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tsallis_core.distributed import all_ranks
 from tsallis_core.rollout.decode import DecodeLoop, next_tokens
+from tsallis_core.rollout.direct import direct_logits, direct_unsupported_reason
 from tsallis_core.rollout.sampling import Prefill, cache_kwarg, unwrap_model
+
+log = logging.getLogger(__name__)
 
 STATIC_MASK_ATTENTION = ("eager", "sdpa")  # attention implementations that take our additive [N, 1, 1, capacity] mask
 LOCAL_ATTENTION_ATTRIBUTES = (
@@ -116,6 +121,11 @@ class StaticDecoder:
     capacity (prompt + max_new_tokens) is rounded up to a multiple of ``bucket`` (default 64 on CUDA, else 1) so
     that prompts of other lengths reuse the graph. At most ``max_buckets`` are kept, the least recently
     used evicted (its memory released). A capture or replay error is raised as ``GraphFailure``.
+
+    A step's forward is the written-out step of direct.py where it gives the model's logits bit for bit (checked at
+    the first rollout; ``direct=False``: never, as under ZeRO-3, whose hooks trace the model's own forward), else
+    the model's forward. ``compile``: the ungraphed step's forward and sampling run under
+    ``torch.compile`` (one compile for every shape); a compile error logs one warning and the step runs uncompiled.
     """
 
     def __init__(
@@ -129,10 +139,14 @@ class StaticDecoder:
         bucket: int | None = None,
         *,
         max_buckets: int,
+        compile: bool = False,
+        direct: bool = True,
     ):
         self.model, self.eos, self.pad, self.temperature, self.loop = model, eos, pad, temperature, loop
         self.cuda_graphs, self.bucket, self.max_buckets = cuda_graphs, bucket, max_buckets
         self.buckets: OrderedDict[tuple, Bucket] = OrderedDict()
+        self.direct: bool | None = None if direct else False  # the written-out forward; decided at the first rollout
+        self.compiled = torch.compile(self._next_tokens, dynamic=True) if compile else None
 
     def _graphed(self, device: torch.device) -> bool:
         return self.cuda_graphs and device.type == "cuda" and self.loop.max_new_tokens > 3  # warm-up runs two steps
@@ -147,6 +161,9 @@ class StaticDecoder:
         entry = self._bucket((n, capacity, prefill.layers[0][0].dtype, device), prefill, capacity)
         state = entry.state
         self._load(state, prefill)
+        if self.direct is None:  # every rank decides the same where ranks decode in step
+            matches = self._direct_matches(state)
+            self.direct = all_ranks(matches, device) if self.loop.sync_ranks else matches
 
         def first() -> Tensor:
             self._sample(state, logits)  # token 0, from the prefill's logits
@@ -215,27 +232,74 @@ class StaticDecoder:
 
     def _sample(self, state: DecodeState, logits: Tensor) -> None:
         """Sample token ``step`` from logits [N, V] and record it (in place, no host sync)."""
-        tokens = next_tokens(logits, state.seeds, state.step, self.temperature, state.finished, self.pad)  # [N]
+        self._record(state, next_tokens(logits, state.seeds, state.step, self.temperature, state.finished, self.pad))
+
+    def _record(self, state: DecodeState, tokens: Tensor) -> None:
+        """Token ``step`` of every row [N] into the output columns and the finished flags."""
         column = state.step.view(1)
         state.out_alive.index_copy_(1, column, (~state.finished).unsqueeze(1))
         state.out_tokens.index_copy_(1, column, tokens.unsqueeze(1))
         state.finished.logical_or_(tokens == self.eos)
         state.tokens.copy_(tokens)
 
-    def _step(self, state: DecodeState) -> None:
-        """One decode step on the buffers: forward of the last token (written at ``write_at``), sample the next."""
-        state.mask.index_fill_(3, state.write_at, 0.0)  # the new token's slot becomes visible
-        logits = self.model(
+    def _model_logits(self, state: DecodeState) -> Tensor:
+        """The model's forward of the last tokens [N] (keys and values written at ``write_at``) -> logits [N, V]."""
+        return self.model(
             input_ids=state.tokens.unsqueeze(1),
             attention_mask=state.mask,
             position_ids=state.position,
             use_cache=True,
             **{cache_kwarg(self.model): state.cache},
-        ).logits[:, -1]  # [N, V]
+        ).logits[:, -1]
+
+    def _logits(self, state: DecodeState) -> Tensor:
+        if self.direct:
+            return direct_logits(self.model, state.tokens, state.position, state.mask, state.cache.layers)
+        return self._model_logits(state)
+
+    def _direct_matches(self, state: DecodeState) -> bool:
+        """Whether the written-out forward gives the model's logits bit for bit on this rollout's first step (its
+        keys and values land in the slot that the step itself writes next); one info line when not."""
+        reason = direct_unsupported_reason(self.model)
+        if reason is None:
+            expected, got = (
+                self._model_logits(state),
+                direct_logits(self.model, state.tokens, state.position, state.mask, state.cache.layers),
+            )
+            if torch.equal(expected, got):
+                return True
+            reason = f"its logits differ from the model's forward by up to {(expected - got).abs().max().item():.3g}"
+        log.info("static-cache decode steps call the model's forward: the written-out step does not fit (%s)", reason)
+        return False
+
+    def _next_tokens(self, state: DecodeState) -> Tensor:
+        """Token ``step + 1`` of every row [N]: the last token's forward, then the sample. Its only writes (the
+        token's keys and values at ``write_at``, its mask slot opened) are the same when redone."""
+        state.mask.index_fill_(3, state.write_at, 0.0)  # the new token's slot becomes visible
+        logits = self._logits(state)  # [N, V]
+        return next_tokens(logits, state.seeds, state.step + 1, self.temperature, state.finished, self.pad)
+
+    def _step(self, state: DecodeState) -> None:
+        """One decode step on the buffers: forward of the last token (written at ``write_at``), sample the next."""
+        tokens = self._compiled_next_tokens(state) if self.compiled is not None else self._next_tokens(state)
         state.step.add_(1)
-        self._sample(state, logits)
+        self._record(state, tokens)
         state.write_at.add_(1)
         state.position.add_(1)
+
+    def _compiled_next_tokens(self, state: DecodeState) -> Tensor:
+        """``_next_tokens`` under ``torch.compile``; an error warns once and the step runs uncompiled from then on."""
+        try:
+            return self.compiled(state)
+        except Exception as error:  # noqa: BLE001 - dynamo and inductor raise many types; the step reruns uncompiled
+            log.warning(
+                "torch.compile of the decode step failed (%s: %s); rollouts decode uncompiled for the rest of the "
+                "run (rollout.compile=false skips it)",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            self.compiled = None
+            return self._next_tokens(state)
 
     def _replay(self, entry: Bucket) -> None:
         """One step as the bucket's CUDA graph (captured on first use); any error of either is a ``GraphFailure``."""
